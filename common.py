@@ -1,0 +1,215 @@
+"""Small helpers every stage shares: one-line errors, atomic writes, image listing and loading,
+the archive format, DDP setup and provenance. Importing this file does no work.
+
+The archive format (written by build_archive.py, read by pseudo_label.py and dataset.py):
+
+    {"arch": "ViT-L/14@336px", "k": 500,
+     "index_dirs": ["../data/ImageNet2012/train", ...],    # relative to the JSON's folder when possible
+     "categories": ["background", "aeroplane", ...],        # label id = list index
+     "archive": {"aeroplane": [{"path": "n02690373/n02690373_1.JPEG", "dir": 0, "score": 0.31}, ...]}}
+
+A pseudo-mask lives at <masks_dir>/<dir index>_<index dir basename>/<path without extension>.png
+(`mask_relpath`), one single-channel PNG (0/255) at the image's original size.
+"""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- errors
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, no traceback, exit code 2."""
+
+
+def run_main(main):
+    """Run a script's main(); UserError and Ctrl-C become one clear line and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is on disk; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def require_dir(path, what, layout_hint=""):
+    if not os.path.isdir(path):
+        hint = f" Expected layout: {layout_hint}" if layout_hint else ""
+        raise UserError(f"{what} not found: {path!r}.{hint} (see README, 'Data layout')")
+    return path
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; on success it is renamed onto `path` in one step,
+    so a killed run never leaves a half-written file under the final name."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_json(obj, path, indent=1):
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+
+
+def save_torch(obj, path):
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_npy(arr, path):
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+
+
+def save_image(arr_or_pil, path, **kw):
+    from PIL import Image
+    img = arr_or_pil if isinstance(arr_or_pil, Image.Image) else Image.fromarray(arr_or_pil)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(os.path.splitext(path)[1].lower(), "PNG")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt, **kw)
+
+
+# ----------------------------------------------------------------------------- images
+
+def list_images(root):
+    """All image files below `root`, recursively, as sorted paths relative to `root`."""
+    out = []
+    for d, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        out += [os.path.relpath(os.path.join(d, f), root) for f in files
+                if f.lower().endswith(IMG_EXTS) and not f.startswith(".")]
+    return sorted(out)
+
+
+def load_rgb(path):
+    """Open an image as RGB (grayscale, palette and RGBA are converted). Raises OSError or
+    ValueError on unreadable files; callers skip and log those."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()  # force decoding now so truncated files fail here, not later
+        return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- archive
+
+def load_archive(path, index_dirs=None):
+    """Read an archive JSON and resolve its index dirs to absolute paths (or use `index_dirs`)."""
+    if not os.path.isfile(path):
+        raise UserError(f"archive not found: {path!r} (run build_archive.py first)")
+    with open(path, encoding="utf-8") as f:
+        arc = json.load(f)
+    for key in ("index_dirs", "categories", "archive"):
+        if key not in arc:
+            raise UserError(f"{path!r} is not a zutis archive (no {key!r}); convert official "
+                            "archives with build_archive.py --import_archive")
+    base = os.path.dirname(os.path.abspath(path))
+    if index_dirs is not None:  # the data moved without the archive: the user says where
+        arc["index_dirs"] = [os.path.abspath(d) for d in index_dirs]
+    else:
+        arc["index_dirs"] = [os.path.normpath(os.path.join(base, d)) for d in arc["index_dirs"]]
+    return arc
+
+
+def mask_relpath(archive, entry):
+    """Where the pseudo-mask of an archive entry lives, relative to the masks dir."""
+    d = entry["dir"]
+    key = f"{d}_{os.path.basename(os.path.normpath(archive['index_dirs'][d]))}"
+    return os.path.join(key, os.path.splitext(entry["path"])[0] + ".png")
+
+
+def image_path(archive, entry):
+    return os.path.join(archive["index_dirs"][entry["dir"]], entry["path"])
+
+
+def unique_entries(archive):
+    """Each (dir, path) once, in archive order: an image retrieved for several categories
+    needs one mask."""
+    seen, out = set(), []
+    for cat in archive["archive"]:
+        for e in archive["archive"][cat]:
+            if (e["dir"], e["path"]) not in seen:
+                seen.add((e["dir"], e["path"]))
+                out.append(e)
+    return out
+
+
+# ----------------------------------------------------------------------------- distributed
+
+class Dist:
+    """rank/world/device from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a
+    single process. `device='auto'` picks cuda:LOCAL_RANK when CUDA exists, else cpu."""
+
+    def __init__(self, device="auto"):
+        import torch
+        import torch.distributed as dist
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.ddp = self.world > 1
+        if device == "auto":
+            device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and self.ddp:
+            device = f"cuda:{self.local_rank}"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.ddp and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+
+    def barrier(self):
+        import torch.distributed as dist
+        if self.ddp:
+            dist.barrier()
+
+    def print0(self, *a, **kw):
+        if self.is_main:
+            print(*a, **kw, flush=True)
+
+    def close(self):
+        import torch.distributed as dist
+        if self.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def git_info():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=here, capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", False
+    return {"git_sha": sha or "unknown", "git_dirty": dirty}
+
+
+def print_config(config):
+    w = max(len(k) for k in config)
+    for k, v in config.items():
+        print(f"  {k:<{w}} = {v}")
