@@ -1,0 +1,593 @@
+"""Stage 4: evaluate a ZUTIS checkpoint (or the training-free MaskCLIP baseline) on the paper's
+benchmarks, time it, or segment your own images with your own class names.
+
+Reads a benchmark tree (benchmarks.py lists the layouts) and a checkpoint (train.py's ckpt.pt, an
+official ZUTIS file, or official:<name>). Writes to --out_dir (default out/eval_<bench>_<model>):
+    metrics.json    mIoU, pixel accuracy (percent), mask AP/AP50/AP75 class-aware and class-agnostic
+                    (`_agn`), ImageNet-S size buckets S/MS/ML/L, CUB foreground IoU, config, git sha
+    instances.json  COCO results format (image_id, category_id, segmentation RLE, score)
+    vis/            the first --save_vis images: image | ground truth | semantic | instances
+    skipped.txt     unreadable images, if any
+
+    python evaluate.py --bench voc                                     # after train.py: newest out/**/ckpt.pt
+    python evaluate.py --bench coco2017 --ckpt official:coco_vit_b_16 --data_root data/coco2017
+    python evaluate.py --bench voc --model maskclip --arch ViT-B/16    # the MaskCLIP baseline row
+    python evaluate.py --bench imagenet_s919 --split test --ckpt CKPT   # server-format PNGs in OUT/test/
+    python evaluate.py --images photos/ --classes "cat,dog,red bicycle" --ckpt CKPT   # your images
+    python evaluate.py --bench voc --throughput --ckpt CKPT             # img/s, protocol printed
+    python evaluate.py --bench voc --device cpu --max_images 20         # tiny CPU run
+    torchrun --nproc_per_node 4 evaluate.py --bench coco2017 --ckpt CKPT  # images sharded by rank
+
+References: paper section 4 and Tables 1-7; zutis_facts.md sections 8-10 (inference rules, per-benchmark
+protocols, throughput); official trainer.py `evaluate`, utils/running_score.py, coco20k_eval.py
+(behaviour); MaskCLIP (Zhou et al. 2022) for the baseline; pycocotools COCOeval for AP.
+"""
+import argparse
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import benchmarks as B
+import categories as C
+import common
+from common import UserError
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", default="voc", help=f"benchmark: {', '.join(B.BENCHES)}")
+    p.add_argument("--data_root", default=None, help="benchmark folder or a parent with its standard tree (default data/<standard folder>)")
+    p.add_argument("--split", default=None, help="voc: trainval|train|val; imagenet_s919: val|test; cub: test|train")
+    p.add_argument("--model", default="zutis", help="zutis (a checkpoint) or maskclip (training-free baseline)")
+    p.add_argument("--ckpt", default=None, help="train.py ckpt.pt, an official ZUTIS file, or official:<name> (default: newest out/**/ckpt.pt)")
+    p.add_argument("--arch", default=None, help="zutis: must match the checkpoint if given; maskclip: CLIP name or path (default ViT-B/16)")
+    p.add_argument("--classes", default=None, help="class names replacing the benchmark's: 'a,b,c' or a text file (background is added)")
+    p.add_argument("--images", default=None, help="segment these images (a folder or a file) instead of a benchmark")
+    p.add_argument("--out_dir", default=None, help="output folder (default out/eval_<bench>_<model>, or out/demo with --images)")
+    p.add_argument("--max_images", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--save_vis", type=int, default=8, help="write overlays of the first N images (0: none)")
+    p.add_argument("--nms", default="hard", help="hard (class-wise mask NMS, official) or none")
+    p.add_argument("--nms_iou", type=float, default=0.3, help="mask IoU above which a lower-scored mask of the same class is dropped")
+    p.add_argument("--t", type=float, default=0.5, help="mask proposal threshold (official 0.5)")
+    p.add_argument("--class_prob", default="sigmoid", help="instance class probability: sigmoid (official, sigmoid(5*cos)) or softmax")
+    p.add_argument("--coco_gt", default="stuffthings", help="coco2017 semantic GT: stuffthings (COCO-Stuff maps, official) or instances")
+    p.add_argument("--coco20k_list", default=None, help="LOST's coco_20k_filenames.txt (default: in the data root)")
+    p.add_argument("--unseen", action="store_true", help="coco20k: evaluate the 15 unseen classes of the 65/15 split (Table 7)")
+    p.add_argument("--cub_text", default="bird", help="cub: the text 'bird' or each image's breed name ('breed')")
+    p.add_argument("--max_size", type=int, default=None, help="cap the longer side of the model input (default 1024 for imagenet_s919 and --images)")
+    p.add_argument("--norm", default="auto", help="input normalisation: auto (checkpoint's, else imagenet; clip for maskclip), imagenet, clip")
+    p.add_argument("--throughput", action="store_true", help="measure img/s of full inference at batch 1 instead of evaluating")
+    p.add_argument("--throughput_images", type=int, default=50, help="images timed by --throughput")
+    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations of --throughput")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+# ----------------------------------------------------------------------------- models
+
+class ZutisSegmenter:
+    """model.py's ZUTIS behind one call: (x [1, 3, h, w] normalised, original (H, W)) -> dict with
+    semantic [H, W] and, if asked, masks [N, H, W], labels [N], scores [N] (all on the CPU). Logits
+    and mask probabilities are upsampled to the original size (the ImageNet-S rule for capped inputs)."""
+    kind = "zutis"
+
+    def __init__(self, model, norm="imagenet", t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid"):
+        self.model, self.norm = model.eval(), norm
+        self.device = next(model.parameters()).device
+        self.kw = dict(t=t, nms=nms, nms_iou=nms_iou, class_prob=class_prob)
+        self._cache = {}
+
+    @property
+    def categories(self):
+        return list(self.model.categories)
+
+    def set_categories(self, names):
+        """Re-embed only on a new list; CUB's breed mode revisits lists, so embeddings are cached."""
+        names = list(names)
+        if names == self.categories:
+            return
+        key = tuple(names)
+        if key in self._cache:
+            self.model.text_emb, self.model.categories = self._cache[key].to(self.device), names
+        else:
+            self.model.set_categories(names)
+            self._cache[key] = self.model.text_emb.detach().cpu()
+
+    @torch.no_grad()
+    def __call__(self, x, out_size, instances=True):
+        import model as M
+        if not instances:
+            return {"semantic": M.predict_semantic(self.model, x, size=out_size).cpu()}
+        return {k: v.cpu() for k, v in M.predict(self.model, x, size=out_size, **self.kw).items()}
+
+
+class MaskCLIPSegmenter:
+    """Training-free MaskCLIP (Zhou et al. 2022): value-path dense CLIP features, cosine with the
+    85-template text embeddings, "background" a text class like any other. Instances (the paper's
+    Table 3 baseline) are the connected components of each predicted class, scored by the mean
+    softmax probability (CLIP's own temperature) of that class inside the component."""
+    kind = "maskclip"
+
+    def __init__(self, clip, categories, norm="clip", max_instances=100):
+        self.clip, self.norm, self.max_instances = clip.eval(), norm, max_instances
+        self.scale = float(clip.logit_scale.exp())
+        self.device = next(clip.parameters()).device
+        self._cache, self.categories = {}, []
+        self.set_categories(categories)
+
+    def set_categories(self, names):
+        import clip_model
+        key = tuple(names)
+        if key not in self._cache:  # CUB breed mode switches names per image: embed each list once
+            self._cache[key] = clip_model.text_embeddings(self.clip, list(names))
+        self.text, self.categories = self._cache[key], list(names)
+
+    @torch.no_grad()
+    def __call__(self, x, out_size, instances=True):
+        p = self.clip.visual.patch_size
+        H, W = x.shape[-2:]
+        size = (max(1, round(H / p)) * p, max(1, round(W / p)) * p)
+        if size != (H, W):  # forward_maskclip needs multiples of the patch size
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        f = F.normalize(self.clip.visual.forward_maskclip(x).float(), dim=-1)  # [1, h, w, D]
+        logits = torch.einsum("bhwd,kd->bkhw", f, self.text.to(f))  # cosines [1, K, h, w]
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)[0]  # [K, H, W]
+        sem = logits.argmax(0)
+        out = {"semantic": sem.cpu()}
+        if instances:
+            # p(class | pixel) without a [K, H, W] softmax copy: exp(s*l_c - logsumexp_k(s*l_k))
+            lse = torch.logsumexp(logits * self.scale, dim=0)  # [H, W]
+            out.update(component_instances(sem, lambda c: torch.exp(logits[c] * self.scale - lse).cpu().numpy(),
+                                           self.max_instances))
+        return out
+
+
+def component_instances(sem, prob_of, max_n=100):
+    """Connected components (8-connectivity) of every non-background class of `sem` [H, W] as
+    instances, scored by the mean of prob_of(c) [H, W] over the component; the best max_n kept."""
+    from scipy import ndimage
+    s = sem.cpu().numpy()
+    cand = []  # (score, class, component labels, component index)
+    for c in np.unique(s):
+        if c == 0:
+            continue
+        lab, n = ndimage.label(s == c, structure=np.ones((3, 3)))
+        scores = ndimage.mean(prob_of(int(c)), labels=lab, index=np.arange(1, n + 1))
+        cand += [(float(sc), int(c), lab, i + 1) for i, sc in enumerate(np.atleast_1d(scores))]
+    cand = sorted(cand, key=lambda z: -z[0])[:max_n]
+    H, W = s.shape
+    masks = torch.from_numpy(np.stack([lab == i for _, _, lab, i in cand])) if cand else torch.zeros((0, H, W), dtype=torch.bool)
+    return {"masks": masks, "labels": torch.tensor([c for _, c, _, _ in cand], dtype=torch.long),
+            "scores": torch.tensor([sc for sc, _, _, _ in cand], dtype=torch.float)}
+
+
+def newest_checkpoint(root="out"):
+    found = glob.glob(os.path.join(root, "**", "ckpt.pt"), recursive=True)
+    if not found:
+        raise UserError(f"no checkpoint found under {root}/ (train one with train.py, or pass --ckpt FILE "
+                        "or --ckpt official:<name>)")
+    return max(found, key=os.path.getmtime)
+
+
+def checkpoint_config(path):
+    """The `config` dict of a train.py checkpoint ({} for official files and names)."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # official pickles, rng states: not a train.py checkpoint we can read cheaply
+        return {}
+    return ck.get("config", {}) if isinstance(ck, dict) and isinstance(ck.get("config"), dict) else {}
+
+
+def build_segmenter(args, categories, device):
+    """--model zutis|maskclip -> a segmenter with `categories` (None: the checkpoint's own)."""
+    if args.model == "maskclip":
+        import clip_model
+        clip, _ = clip_model.load(args.arch or "ViT-B/16", device=device)
+        return MaskCLIPSegmenter(clip, categories or list(C.VOC), norm="clip" if args.norm == "auto" else args.norm)
+    if args.model != "zutis":
+        raise UserError(f"unknown --model {args.model!r}: use zutis or maskclip")
+    import clip_model
+    import model as M
+    spec = args.ckpt or newest_checkpoint()
+    if not spec.startswith("official:") and not os.path.isfile(spec):
+        raise UserError(f"checkpoint not found: {spec!r}")
+    cfg = checkpoint_config(spec)
+    same = lambda a: a is None or a == args.arch or clip_model.arch_tag(a) == clip_model.arch_tag(args.arch)
+    if args.arch and not same(cfg.get("arch")):  # checked before building: a wrong arch fails fast
+        raise UserError(f"{spec} is a {cfg['arch']} checkpoint, not --arch {args.arch}")
+    net = M.load_checkpoint(spec, categories=categories, device=device)
+    arch = getattr(net, "arch", None)
+    if args.arch and not same(arch):
+        raise UserError(f"{spec} is a {arch} checkpoint, not --arch {args.arch}")
+    norm = cfg.get("norm", "imagenet") if args.norm == "auto" else args.norm
+    print(f"loaded {spec} ({arch or cfg.get('arch', '?')}, input norm {norm})")
+    return ZutisSegmenter(net, norm, t=args.t, nms=args.nms, nms_iou=args.nms_iou, class_prob=args.class_prob)
+
+
+# ----------------------------------------------------------------------------- inference
+
+def to_input(img_u8, norm, device, max_size=None):
+    """uint8 [3, H, W] -> normalised float [1, 3, h, w] on `device`, the longer side capped at
+    max_size (bilinear, aspect kept; ImageNet-S protocol)."""
+    import clip_model
+    mean, std = {"imagenet": (common.IMAGENET_MEAN, common.IMAGENET_STD),
+                 "clip": (clip_model.CLIP_MEAN, clip_model.CLIP_STD)}[norm]
+    x = img_u8.to(device, non_blocking=True).float().div_(255)
+    x = ((x - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None])[None]
+    H, W = x.shape[-2:]
+    if max_size and max(H, W) > max_size:
+        s = max_size / max(H, W)
+        x = F.interpolate(x, size=(max(1, round(H * s)), max(1, round(W * s))), mode="bilinear", align_corners=False)
+    return x
+
+
+def infer(seg, img_u8, max_size=None, instances=True):
+    """Full inference on one image: uint8 [3, H, W] -> prediction dict at (H, W)."""
+    return seg(to_input(img_u8, seg.norm, seg.device, max_size), tuple(img_u8.shape[-2:]), instances=instances)
+
+
+def image_tensor(pil):
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def detections(p, image_id, cat_ids):
+    """Prediction dict -> COCO results (category_id via cat_ids[label]); background/unmapped dropped."""
+    out = []
+    for m, lab, sc in zip(p["masks"].numpy(), p["labels"].tolist(), p["scores"].tolist()):
+        if lab <= 0 or lab >= len(cat_ids) or not m.any():
+            continue
+        out.append({"image_id": image_id, "category_id": int(cat_ids[lab]), "segmentation": B.mask_to_rle(m),
+                    "score": round(float(sc), 5)})
+    return out
+
+
+# ----------------------------------------------------------------------------- visualisation
+
+def palette(n):
+    """VOC's colour map (bits of the label spread over R, G, B from the top bit down), any n."""
+    pal = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def overlay(img, label_map, colours, alpha=0.55, ignore=None):
+    """Blend a label map [H, W] (0 = background, left unpainted) over an image [H, W, 3]."""
+    out = img.astype(np.float32).copy()
+    m = label_map > 0
+    if ignore is not None:
+        m &= label_map != ignore
+    out[m] = (1 - alpha) * out[m] + alpha * colours[np.clip(label_map[m], 0, len(colours) - 1)]
+    return out.astype(np.uint8)
+
+
+def with_legend(img, entries, width=None):
+    """Append a legend strip below an image: entries = [(rgb, text)], one swatch per line."""
+    from PIL import Image, ImageDraw
+    W = width or img.shape[1]
+    lines = max(1, len(entries))
+    strip = Image.new("RGB", (W, 12 * lines + 4), (255, 255, 255))
+    d = ImageDraw.Draw(strip)
+    for k, (rgb, text) in enumerate(entries):
+        d.rectangle([2, 2 + 12 * k, 11, 11 + 12 * k], fill=tuple(int(v) for v in rgb))
+        d.text((15, 1 + 12 * k), text, fill=(0, 0, 0))
+    return np.concatenate([img, np.asarray(strip)], axis=0)
+
+
+def render_semantic(img, sem, names, ignore=None):
+    pal = palette(max(len(names), 256))
+    present = [int(c) for c in np.unique(sem) if 0 < c < len(names)]
+    return with_legend(overlay(img, sem, pal, ignore=ignore), [(pal[c], names[c]) for c in present])
+
+
+def render_instances(img, p, names):
+    pal = palette(len(p["labels"]) + 2)[1:]
+    lab = np.zeros(img.shape[:2], np.int64)
+    for i in np.argsort(p["scores"].numpy()):  # best last, drawn on top
+        lab[p["masks"][i].numpy()] = i + 1
+    entries = [(pal[i + 1], f"{names[l]} {s:.2f}") for i, (l, s) in enumerate(zip(p["labels"].tolist(), p["scores"].tolist()))]
+    return with_legend(overlay(img, lab, pal), entries[:20])
+
+
+def save_vis(path, img, gt, p, names, ignore):
+    """image | ground truth | semantic prediction | instances, each with its legend."""
+    panels = [img] + ([render_semantic(img, gt, names, ignore)] if gt is not None else [])
+    panels.append(render_semantic(img, p["semantic"].numpy(), names))
+    if "masks" in p:
+        panels.append(render_instances(img, p, names))
+    h = max(q.shape[0] for q in panels)
+    panels = [np.pad(q, ((0, h - q.shape[0]), (0, 4), (0, 0)), constant_values=255) for q in panels]
+    common.save_image(np.concatenate(panels, axis=1), path, quality=90)
+
+
+# ----------------------------------------------------------------------------- benchmark loop
+
+class _Single:
+    rank, world, is_main, ddp = 0, 1, True, False
+
+
+def bench_categories(classes, bench):
+    """--classes (names, a file or a list) replacing the benchmark's names. Label ids stay positional,
+    so the count must match, except on VOC-layout data whose ids are just indices into the list."""
+    if classes is None:
+        return list(bench.categories)
+    try:
+        names = C.get_categories(classes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if len(names) != len(bench.categories) and bench.name != "voc":
+        raise UserError(f"--classes has {len(names)} names with background; {bench.name} needs {len(bench.categories)} "
+                        "(label ids are positional: --classes renames the benchmark's classes)")
+    return names
+
+
+def _gather(dist, obj):
+    import torch.distributed as tdist
+    if not dist.ddp:
+        return [obj]
+    out = [None] * dist.world
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def _all_reduce(dist, arr):
+    import torch.distributed as tdist
+    if not dist.ddp:
+        return arr
+    t = torch.from_numpy(arr).to(getattr(dist, "device", "cpu"))
+    tdist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8, max_size=None, config=None):
+    """Run `seg` over the benchmark's images (sharded by rank), accumulate confusion matrices and
+    detections, gather them, and on rank 0 compute and write the metrics. Returns the metrics dict."""
+    from tqdm import tqdm
+    dist = dist or _Single()
+    samples = bench.samples[:max_images] if max_images else bench.samples
+    names, cat_ids = list(seg.categories), bench.cat_ids or list(range(len(seg.categories)))
+    K, max_size = len(names), max_size or bench.max_size
+    need_inst = bench.load_instances is not None or bench.coco_gt is not None
+    conf = np.zeros((K, K), np.int64)
+    buckets = np.zeros((4, K, K), np.int64) if bench.size_buckets else None
+    dets, gt_imgs, gt_anns, done, skipped, fg_ious = [], [], [], [], [], []
+    write_test = bench.load_semantic is None and bench.name == "imagenet_s919"
+    t0 = time.time()
+    for i, s in enumerate(tqdm(samples[dist.rank::dist.world], disable=not dist.is_main, desc=bench.name)):
+        try:
+            pil = common.load_rgb(s["image"])
+            gt = bench.load_semantic(s) if bench.load_semantic else None
+            if gt is not None and gt.shape != (pil.height, pil.width):
+                raise ValueError(f"ground truth {gt.shape} does not match image {(pil.height, pil.width)}")
+        except (OSError, ValueError) as e:
+            skipped.append(f"{s['image']}\t{type(e).__name__}: {e}")
+            continue
+        if bench.per_image_text:  # CUB breed mode: this image's own breed name is the only class
+            seg.set_categories(["background", s["text"]])
+        p = infer(seg, image_tensor(pil), max_size, instances=need_inst)
+        pred = p["semantic"].numpy()
+        done.append(s["id"])
+        if gt is not None:
+            conf += B.confusion(gt, pred, K)
+            if buckets is not None:
+                B.size_bucket_update(buckets, gt, pred, K)
+            if bench.name == "cub":
+                u = ((gt == 1) | (pred > 0)).sum()
+                fg_ious.append(((gt == 1) & (pred > 0)).sum() / u if u else 1.0)
+        if need_inst:
+            dets += detections(p, s["id"], cat_ids)
+        if bench.load_instances is not None:
+            gt_imgs.append({"id": s["id"], "height": pil.height, "width": pil.width, "file_name": s["name"]})
+            gt_anns += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in bench.load_instances(s, gt) if l < K]
+        if write_test:  # ImageNet-S server format: class I as RGB (I % 256, I // 256, 0), one PNG per image
+            rgb = np.stack([pred % 256, pred // 256, np.zeros_like(pred)], -1).astype(np.uint8)
+            common.save_image(rgb, os.path.join(out_dir, "test", s["name"] + ".png"))
+        if dist.is_main and out_dir and i < n_vis:
+            save_vis(os.path.join(out_dir, "vis", s["name"].replace("/", "__") + ".jpg"), np.asarray(pil), gt, p,
+                     list(seg.categories), bench.ignore_index)
+    wall = time.time() - t0
+    conf = _all_reduce(dist, conf)
+    buckets = _all_reduce(dist, buckets) if buckets is not None else None
+    parts = _gather(dist, (dets, gt_imgs, gt_anns, done, skipped, fg_ious))
+    if not dist.is_main:
+        return {}
+    dets, gt_imgs, gt_anns, done, skipped, fg_ious = [sum((q[k] for q in parts), []) for k in range(6)]
+    m = {"bench": bench.name, "n_images": len(done), "n_skipped": len(skipped), "wall_s": round(wall, 1)}
+    if bench.load_semantic is not None:
+        m.update(B.semantic_metrics(conf, names if not bench.per_image_text else ["background", "bird"]))
+    if buckets is not None:
+        m.update({k: B.bucket_miou(buckets[b]) for b, k in enumerate(("S", "MS", "ML", "L"))})
+    if bench.name == "cub":  # foreground IoU: dataset-level (headline) and the mean over images
+        m["fg_iou"] = float(B.iou_per_class(conf)[1] * 100)
+        m["fg_iou_per_image"] = float(np.mean(fg_ious) * 100) if fg_ious else None
+    if need_inst:
+        m.update(instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, done))
+    m["notes"] = bench.notes
+    if out_dir:
+        common.save_json({**m, "config": config or {}, **common.git_info()}, os.path.join(out_dir, "metrics.json"))
+        if need_inst:
+            common.save_json(dets, os.path.join(out_dir, "instances.json"), indent=None)
+        if skipped:
+            with common.atomic_path(os.path.join(out_dir, "skipped.txt")) as tmp, open(tmp, "w") as f:
+                f.write("\n".join(skipped) + "\n")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images" + (f" (list in {out_dir}/skipped.txt)" if out_dir else ""))
+    return m
+
+
+def instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, img_ids):
+    """Class-aware and class-agnostic (useCats=0) mask AP/AP50/AP75 with COCOeval."""
+    if bench.coco_gt is not None:
+        keep = set(img_ids)
+        gt = {**bench.coco_gt, "images": [im for im in bench.coco_gt["images"] if im["id"] in keep],
+              "annotations": [a for a in bench.coco_gt["annotations"] if a["image_id"] in keep]}
+    else:
+        gt = {"images": gt_imgs, "annotations": [{**a, "id": k + 1} for k, a in enumerate(gt_anns)],
+              "categories": [{"id": cat_ids[c], "name": names[c]} for c in range(1, len(names))]}
+    if bench.eval_cat_ids is not None:  # --unseen: only these classes' GT and predictions count
+        ok = set(bench.eval_cat_ids)
+        gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in ok]
+        dets = [d for d in dets if d["category_id"] in ok]
+    out = {}
+    for agn in (False, True):
+        stats = B.coco_segm_ap(gt, dets, img_ids, use_cats=not agn, cat_ids=bench.eval_cat_ids)
+        for k, v in zip(("AP", "AP50", "AP75"), stats):
+            out[k + ("_agn" if agn else "")] = v
+    out["n_detections"], out["n_gt_instances"] = len(dets), len(gt["annotations"])
+    return out
+
+
+def run_benchmark(model, bench, data_root, out_dir=None, split=None, max_images=None, dist=None, **kw):
+    """For train.py --eval_bench: evaluate `model` (a ZUTIS module or a segmenter) on `bench`.
+    kw: classes (default: the model's own categories), norm, t, nms, nms_iou, class_prob, coco_gt,
+    unseen, cub_text, coco20k_list, max_size, save_vis. Returns the metrics dict (empty off rank 0)."""
+    b = B.read_bench(bench, data_root, split, coco_gt=kw.get("coco_gt", "stuffthings"), unseen=kw.get("unseen", False),
+                     cub_text=kw.get("cub_text", "bird"), coco20k_list=kw.get("coco20k_list"), cache_dir=out_dir)
+    seg = model if hasattr(model, "kind") else ZutisSegmenter(
+        model, kw.get("norm", "imagenet"), t=kw.get("t", 0.5), nms=kw.get("nms", "hard"),
+        nms_iou=kw.get("nms_iou", 0.3), class_prob=kw.get("class_prob", "sigmoid"))
+    seg.set_categories(bench_categories(kw.get("classes") or seg.categories, b))
+    if b.per_image_text:
+        seg.set_categories(["background", "bird"])
+    with torch.no_grad():
+        return evaluate_bench(seg, b, out_dir, dist, max_images, kw.get("save_vis", 4), kw.get("max_size"), kw)
+
+
+# ----------------------------------------------------------------------------- throughput and demo
+
+def measure_throughput(seg, pils, max_size=None, warmup=10, instances=True):
+    """img/s of full inference at batch 1 on decoded images (disk I/O excluded), after warm-up,
+    with a device synchronisation after every image."""
+    imgs = [image_tensor(p) for p in pils]
+    dev = seg.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    for i in range(warmup):
+        infer(seg, imgs[i % len(imgs)], max_size, instances)
+    sync()
+    lat, t0 = [], time.perf_counter()
+    for im in imgs:
+        t = time.perf_counter()
+        infer(seg, im, max_size, instances)
+        sync()
+        lat.append(time.perf_counter() - t)
+    total = time.perf_counter() - t0
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {"img_per_s": len(imgs) / total, "median_ms": float(np.median(lat) * 1e3), "n_images": len(imgs),
+            "warmup": warmup, "device": name, "batch": 1, "dtype": "fp32", "max_size": max_size,
+            "mean_hw": [float(np.mean([p.height for p in pils])), float(np.mean([p.width for p in pils]))],
+            "protocol": "batch 1, fp32, original resolution (longer side capped at max_size), images decoded in "
+                        "memory beforehand (no disk I/O or JPEG decoding timed); timed per image: host-to-device "
+                        "copy, normalisation, encoder, decoder, semantic argmax at full resolution, instance "
+                        "post-processing incl. NMS, results copied back; synchronised after each image; "
+                        f"{warmup} untimed warm-up runs first"}
+
+
+def run_images(seg, src, out_dir, max_size=1024):
+    """--images: per image <stem>_semantic.png, <stem>_instances.png (overlays with a legend) and
+    <stem>_labels.png (label ids), plus predictions.json (COCO format, category id = label id)."""
+    if os.path.isfile(src):
+        base, rels = os.path.dirname(src), [os.path.basename(src)]
+    elif os.path.isdir(src):
+        base, rels = src, common.list_images(src)
+    else:
+        raise UserError(f"--images not found: {src!r}")
+    if not rels:
+        raise UserError(f"no images in {src!r}")
+    names = list(seg.categories)
+    coco = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for i, n in enumerate(names) if i > 0]}
+    skipped = []
+    for i, rel in enumerate(rels):
+        try:
+            pil = common.load_rgb(os.path.join(base, rel))
+        except (OSError, ValueError) as e:
+            skipped.append(f"{rel}\t{e}")
+            continue
+        p = infer(seg, image_tensor(pil), max_size, instances=True)
+        img, stem = np.asarray(pil), os.path.join(out_dir, os.path.splitext(rel)[0])
+        sem = p["semantic"].numpy()
+        common.save_image(render_semantic(img, sem, names), stem + "_semantic.png")
+        common.save_image(render_instances(img, p, names), stem + "_instances.png")
+        common.save_image(sem.astype(np.uint8 if len(names) <= 256 else np.uint16), stem + "_labels.png")
+        coco["images"].append({"id": i, "file_name": rel, "height": pil.height, "width": pil.width})
+        for d in detections(p, i, list(range(len(names)))):
+            from pycocotools import mask as mask_util
+            coco["annotations"].append({**d, "id": len(coco["annotations"]) + 1, "area": float(mask_util.area(d["segmentation"])),
+                                        "bbox": [float(v) for v in mask_util.toBbox(d["segmentation"])], "iscrowd": 0})
+    common.save_json(coco, os.path.join(out_dir, "predictions.json"))
+    print(f"segmented {len(coco['images'])} images ({len(coco['annotations'])} instances) -> {out_dir}"
+          + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
+    return coco
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    args = get_args_parser().parse_args()
+    for flag, ok in (("nms", ("hard", "none")), ("model", ("zutis", "maskclip")), ("norm", ("auto", "imagenet", "clip")),
+                     ("class_prob", ("sigmoid", "softmax"))):
+        if getattr(args, flag) not in ok:
+            raise UserError(f"--{flag} must be one of {', '.join(ok)}, got {getattr(args, flag)!r}")
+    if args.images is None and args.bench not in B.BENCHES:
+        raise UserError(f"unknown benchmark {args.bench!r}: use one of {', '.join(B.BENCHES)}")
+    dist = common.Dist(args.device)
+    torch.set_grad_enabled(False)
+    config = {**vars(args), **common.git_info()}
+    dist.print0("config:")
+    if dist.is_main:
+        common.print_config(config)
+    if args.images is not None:
+        try:
+            names = C.get_categories(args.classes) if args.classes else None
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if names is None and args.model == "maskclip":
+            raise UserError("--images with --model maskclip needs --classes")
+        if not os.path.exists(args.images):
+            raise UserError(f"--images not found: {args.images!r}")
+        seg = build_segmenter(args, names, dist.device)
+        run_images(seg, args.images, args.out_dir or "out/demo", args.max_size or 1024)
+        return dist.close()
+    out_dir = args.out_dir or f"out/eval_{args.bench}_{args.model}"
+    bench = B.read_bench(args.bench, args.data_root, args.split, coco_gt=args.coco_gt, unseen=args.unseen,
+                         cub_text=args.cub_text, coco20k_list=args.coco20k_list, cache_dir=out_dir,
+                         **({"max_size": args.max_size} if args.bench == "imagenet_s919" and args.max_size else {}))
+    names = bench_categories(args.classes, bench)
+    seg = build_segmenter(args, names, dist.device)
+    seg.set_categories(["background", "bird"] if bench.per_image_text else names)
+    max_size = args.max_size or bench.max_size
+    dist.print0(f"{bench.name}: {len(bench.samples)} images, {len(names)} classes" + "".join(f"; {n}" for n in bench.notes))
+    if args.throughput:
+        pils = [common.load_rgb(s["image"]) for s in bench.samples[:args.throughput_images]]
+        r = measure_throughput(seg, pils, max_size, args.warmup, instances=True)
+        print(f"throughput: {r['img_per_s']:.1f} img/s (median {r['median_ms']:.1f} ms) on {r['device']}, "
+              f"{r['n_images']} {bench.name} images\nprotocol: {r['protocol']}")
+        if dist.is_main:
+            common.save_json({**r, "config": config}, os.path.join(out_dir, "throughput.json"))
+        return dist.close()
+    m = evaluate_bench(seg, bench, out_dir, dist, args.max_images, args.save_vis, max_size, config)
+    if dist.is_main:
+        keys = ("mIoU", "pixel_acc", "S", "MS", "ML", "L", "fg_iou", "fg_iou_per_image", "AP", "AP50", "AP75",
+                "AP_agn", "AP50_agn", "AP75_agn")
+        print(" ".join(f"{k} {m[k]:.2f}" for k in keys if m.get(k) is not None) + f" ({m['n_images']} images) -> {out_dir}")
+    dist.close()
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,324 @@
+"""Tests for evaluate.py and benchmarks.py: every reader on a tiny dataset written here in the exact
+on-disk layout, the metrics on hand-computed cases, the pipeline with an oracle, MaskCLIP and a tiny
+ZUTIS end to end, the --images demo, --throughput, and the one-line errors.
+
+    cd /work/main && .venv/bin/python -m pytest -q test_evaluate.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import benchmarks as B
+import categories as C
+import evaluate as E
+from common import UserError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- writers
+
+def save_palette_png(arr, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im = Image.fromarray(arr.astype(np.uint8), mode="P")
+    im.putpalette(E.palette(256).ravel().tolist())
+    im.save(path)
+
+
+def save_jpg(path, h, w, seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, quality=95)
+
+
+def voc_scene(k):
+    """[32, 48] class and object maps: one or two objects with 255 borders (VOC's void outline)."""
+    cls, obj = np.zeros((32, 48), np.uint8), np.zeros((32, 48), np.uint8)
+    cls[4:16, 4:20], obj[4:16, 4:20] = 15, 1  # person
+    if k % 2 == 0:
+        cls[18:30, 24:44], obj[18:30, 24:44] = 12, 2  # dog
+    for a in (cls, obj):  # 1-pixel void border around every object, as VOC draws them
+        edge = np.zeros_like(a, bool)
+        edge[3, 3:21] = edge[16, 3:21] = edge[3:17, 3] = edge[3:17, 20] = True
+        a[edge] = 255
+    return cls, obj
+
+
+def write_voc(root, n_train=2, n_val=2):
+    names = [f"2007_{i:06d}" for i in range(n_train + n_val)]
+    os.makedirs(f"{root}/ImageSets/Segmentation", exist_ok=True)
+    with open(f"{root}/ImageSets/Segmentation/train.txt", "w") as f:
+        f.write("\n".join(names[:n_train]) + "\n")
+    with open(f"{root}/ImageSets/Segmentation/val.txt", "w") as f:
+        f.write("\n".join(names[n_train:]) + "\n")
+    for k, n in enumerate(names):
+        save_jpg(f"{root}/JPEGImages/{n}.jpg", 32, 48, k)
+        cls, obj = voc_scene(k)
+        save_palette_png(cls, f"{root}/SegmentationClass/{n}.png")
+        save_palette_png(obj, f"{root}/SegmentationObject/{n}.png")
+    return names
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "VOCdevkit" / "VOC2012"
+    write_voc(str(root))
+    return str(root)
+
+
+# ----------------------------------------------------------------------------- readers
+
+def test_voc_reader(voc_root):
+    b = B.read_bench("voc", voc_root)
+    assert len(b.samples) == 4 and b.categories == C.VOC and b.ignore_index == 255
+    assert len(B.read_bench("voc", voc_root, split="val").samples) == 2
+    parent = os.path.dirname(os.path.dirname(voc_root))  # the folder holding VOCdevkit/VOC2012
+    assert [s["name"] for s in B.read_bench("voc", parent, split="train").samples] == ["2007_000000", "2007_000001"]
+    s = b.samples[0]
+    sem = b.load_semantic(s)
+    assert sem.shape == (32, 48) and set(np.unique(sem)) == {0, 12, 15, 255}
+    inst = b.load_instances(s, sem)
+    assert sorted(l for _, l in inst) == [12, 15] and sum(m.sum() for m, _ in inst) == 12 * 16 + 12 * 20
+    assert len(b.load_instances(b.samples[1], b.load_semantic(b.samples[1]))) == 1
+
+
+def test_coco2017_reader(tmp_path):
+    root = tmp_path / "coco2017"
+    save_jpg(f"{root}/val2017/000000000139.jpg", 20, 30)
+    m = np.full((20, 30), 255, np.uint8)  # unlabeled
+    m[:5] = 0        # person (COCO id 1 -> PNG 0) -> label 1
+    m[5:10] = 12     # stop sign (COCO id 13 -> PNG 12) -> contiguous 12
+    m[10:15] = 122   # a stuff class -> background
+    m[15:18] = 89    # toothbrush (COCO id 90) -> 80
+    os.makedirs(f"{root}/stuffthingmaps_trainval2017/val2017")
+    Image.fromarray(m).save(f"{root}/stuffthingmaps_trainval2017/val2017/000000000139.png")
+    b = B.read_bench("coco2017", str(tmp_path))
+    assert len(b.samples) == 1 and b.samples[0]["id"] == 139 and b.coco_gt is None
+    sem = b.load_semantic(b.samples[0])
+    assert (sem[:5] == 1).all() and (sem[5:10] == 12).all() and (sem[10:15] == 0).all() and (sem[15:18] == 80).all()
+    assert (sem[18:] == 255).all() and C.COCO[12] == "stop sign" and C.COCO[80] == "toothbrush"
+    # --coco_gt instances: a polygon dog over a crowd person region, crowd elsewhere ignored
+    gt = {"images": [{"id": 139, "file_name": "000000000139.jpg", "height": 20, "width": 30}],
+          "categories": [{"id": i, "name": n} for i, n in zip(C.COCO_IDS[1:], C.COCO[1:])],
+          "annotations": [
+              {"id": 1, "image_id": 139, "category_id": 18, "iscrowd": 0, "area": 50,
+               "segmentation": [[2, 2, 12, 2, 12, 7, 2, 7]]},
+              {"id": 2, "image_id": 139, "category_id": 1, "iscrowd": 1, "area": 300,
+               "segmentation": B.mask_to_rle(np.pad(np.ones((10, 30), bool), ((10, 0), (0, 0))))}]}
+    os.makedirs(f"{root}/annotations")
+    with open(f"{root}/annotations/instances_val2017.json", "w") as f:
+        json.dump(gt, f)
+    b = B.read_bench("coco2017", str(root), coco_gt="instances")
+    sem = b.load_semantic(b.samples[0])
+    assert sem[4, 6] == C.COCO.index("dog") and sem[0, 0] == 0 and (sem[10:] == 255).all()
+    assert b.coco_gt is not None and b.cat_ids[C.COCO.index("dog")] == 18
+
+
+def test_coco20k_reader(tmp_path, monkeypatch):
+    root = tmp_path / "coco"
+    ims = [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 8, "width": 8} for i in (9, 25, 30)]
+    rle = B.mask_to_rle(np.ones((8, 8), bool))
+    anns = [{"id": k, "image_id": i, "category_id": c, "segmentation": rle, "area": 64, "bbox": [0, 0, 8, 8], "iscrowd": 0}
+            for k, (i, c) in enumerate([(9, 1), (25, 17), (30, 1)], 1)]  # 17 = cat, an unseen class
+    os.makedirs(f"{root}/annotations")
+    with open(f"{root}/annotations/instances_train2014.json", "w") as f:
+        json.dump({"images": ims, "annotations": anns, "categories": [{"id": 1, "name": "person"}, {"id": 17, "name": "cat"}]}, f)
+    with open(f"{root}/coco_20k_filenames.txt", "w") as f:
+        f.write("train2014/COCO_train2014_000000000009.jpg\ntrain2014/COCO_train2014_000000000025.jpg\n")
+    os.makedirs(f"{root}/train2014")
+    b = B.read_bench("coco20k", str(tmp_path))
+    assert [s["id"] for s in b.samples] == [9, 25] and len(b.coco_gt["annotations"]) == 2
+    assert os.path.isfile(f"{root}/annotations/instances_train2014_sel20k.json")
+    monkeypatch.setattr(B, "build_sel20k", lambda *a: pytest.fail("sel20k rebuilt"))
+    u = B.read_bench("coco20k", str(root), unseen=True)  # built once: read back, not rebuilt
+    assert len(u.categories) == 16 and "cat" in u.categories and "person" not in u.categories
+    assert [s["id"] for s in u.samples] == [25] and 17 in u.eval_cat_ids
+
+
+def test_coca_reader(tmp_path):
+    root = tmp_path / "coca"
+    for cat, n in (("Accordion", 2), ("Yellow duck", 1)):
+        for i in range(n):
+            save_jpg(f"{root}/image/{cat}/{i}.jpg", 10, 12, i)
+            m = np.zeros((10, 12), np.uint8)
+            m[2:6, 3:9] = 255
+            os.makedirs(f"{root}/binary/{cat}", exist_ok=True)
+            Image.fromarray(m).save(f"{root}/binary/{cat}/{i}.png")
+    b = B.read_bench("coca", str(tmp_path))
+    assert len(b.samples) == 3 and len(b.categories) == 81
+    sem = b.load_semantic(b.samples[2])
+    assert set(np.unique(sem)) == {0, C.COCA.index("Yellow duck")} and (sem > 0).sum() == 24
+    os.makedirs(f"{root}/image/not a class")
+    with pytest.raises(UserError, match="not a CoCA category"):
+        B.read_bench("coca", str(root))
+
+
+def test_imagenet_s_reader(tmp_path):
+    root = tmp_path / "ImageNet-S" / "ImageNetS919"
+    save_jpg(f"{root}/validation/n01440764/ILSVRC2012_val_00000293.JPEG", 10, 10)
+    save_jpg(f"{root}/test/n01440764/ILSVRC2012_val_00000001.JPEG", 10, 10)
+    rgb = np.zeros((10, 10, 3), np.uint8)
+    rgb[:4, :, 0], rgb[:4, :, 1] = 600 % 256, 600 // 256      # class 600
+    rgb[8:, :, 0], rgb[8:, :, 1] = 1000 % 256, 1000 // 256    # ignore
+    os.makedirs(f"{root}/validation-segmentation/n01440764")
+    Image.fromarray(rgb).save(f"{root}/validation-segmentation/n01440764/ILSVRC2012_val_00000293.png")
+    b = B.read_bench("imagenet_s919", str(tmp_path))
+    assert len(b.samples) == 1 and b.ignore_index == 1000 and b.max_size == 1024 and len(b.categories) == 920
+    sem = b.load_semantic(b.samples[0])
+    assert (sem[:4] == 600).all() and (sem[4:8] == 0).all() and (sem[8:] == 1000).all()
+    t = B.read_bench("imagenet_s919", str(root), split="test")
+    assert len(t.samples) == 1 and t.load_semantic is None
+
+
+def test_cub_reader(tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    rels = ["001.Black_footed_Albatross/a_1.jpg", "001.Black_footed_Albatross/a_2.jpg", "002.Laysan_Albatross/b_1.jpg"]
+    for k, r in enumerate(rels):
+        save_jpg(f"{root}/images/{r}", 12, 12, k)
+        m = np.zeros((12, 12), np.uint8)
+        m[3:9, 3:9], m[0, 0] = 255, 100  # a soft annotator-disagreement pixel stays background
+        os.makedirs(os.path.dirname(f"{tmp_path}/segmentations/{r}"), exist_ok=True)
+        Image.fromarray(m).save(f"{tmp_path}/segmentations/{r[:-4]}.png")
+    with open(f"{root}/images.txt", "w") as f:
+        f.write("".join(f"{i + 1} {r}\n" for i, r in enumerate(rels)))
+    with open(f"{root}/train_test_split.txt", "w") as f:
+        f.write("1 0\n2 1\n3 0\n")
+    b = B.read_bench("cub", str(tmp_path), cub_text="breed")
+    assert [s["id"] for s in b.samples] == [1, 3] and b.per_image_text
+    assert b.samples[1]["text"] == "Laysan Albatross" and b.categories == ["background", "bird"]
+    sem = b.load_semantic(b.samples[0])
+    assert sem.sum() == 36 and sem[0, 0] == 0
+    assert len(B.read_bench("cub", str(root), split="train").samples) == 1
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown benchmark"):
+        B.read_bench("kitti", str(tmp_path))
+    with pytest.raises(UserError, match="data root not found.*JPEGImages"):
+        B.read_bench("voc", str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="voc data not found"):
+        B.read_bench("voc", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_miou_hand_computed():
+    gt = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 3, 3]])
+    conf = B.confusion(gt, pred, 5)
+    assert conf.sum() == 6  # the two 255 pixels are ignored, whatever was predicted there
+    # class 0: tp 1, gt 2, pred 2 -> 1/3; class 1: tp 2, gt 2, pred 3 -> 2/3; class 2: tp 1, gt 2, pred 1 -> 1/2
+    # class 3 is predicted only on ignored pixels and class 4 never appears: both absent -> excluded
+    m = B.semantic_metrics(conf, ["a", "b", "c", "d", "e"])
+    assert m["mIoU"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert m["pixel_acc"] == pytest.approx(100 * 4 / 6)
+    assert m["per_class_iou"]["d"] is None and m["per_class_iou"]["e"] is None
+    # a class predicted but absent from GT counts with IoU 0
+    conf2 = B.confusion(np.array([0, 0]), np.array([0, 1]), 2)
+    assert B.semantic_metrics(conf2, ["a", "b"])["mIoU"] == pytest.approx(100 * (0.5 + 0) / 2)
+
+
+def test_size_buckets():
+    K = 4
+    gt = np.zeros((10, 10), np.int64)
+    gt[0, :3] = 1       # 3% -> S
+    gt[1:3, :] = 2      # 20% -> MS
+    gt[5:, :] = 3       # 50% -> ML
+    confs = np.zeros((4, K, K), np.int64)
+    B.size_bucket_update(confs, gt, gt.copy(), K)
+    assert [B.bucket_miou(c) for c in confs] == [100.0, 100.0, 100.0, None]
+    assert confs[0][1, 1] == 3 and confs[0][2, 2] == 0 and confs[0][0, 0] == (gt == 0).sum()
+    pred = gt.copy()
+    pred[0, :3] = 0  # the small object missed: S = mean(bg IoU, class-1 IoU 0)
+    confs = np.zeros((4, K, K), np.int64)
+    B.size_bucket_update(confs, gt, pred, K)
+    bg = (gt == 0).sum()
+    assert B.bucket_miou(confs[0]) == pytest.approx(100 * (bg / (bg + 3) + 0) / 2)
+
+
+def coco_gt_from(masks, labels, h, w):
+    return {"images": [{"id": 1, "height": h, "width": w}],
+            "annotations": [B.gt_annotation(m, l, 1, k + 1) for k, (m, l) in enumerate(zip(masks, labels))],
+            "categories": [{"id": c, "name": str(c)} for c in range(1, 6)]}
+
+
+def test_ap_perfect_and_shuffled():
+    masks = []
+    for k in range(5):
+        m = np.zeros((40, 40), bool)
+        m[k * 8:k * 8 + 6, k * 7:k * 7 + 9] = True
+        masks.append(m)
+    labels = [1, 2, 3, 4, 5]
+    gt = coco_gt_from(masks, labels, 40, 40)
+    dets = [{"image_id": 1, "category_id": l, "segmentation": B.mask_to_rle(m), "score": 0.9} for m, l in zip(masks, labels)]
+    assert B.coco_segm_ap(gt, dets, [1]) == [pytest.approx(100.0)] * 3
+    wrong = [{**d, "category_id": labels[(k + 1) % 5]} for k, d in enumerate(dets)]
+    assert B.coco_segm_ap(gt, wrong, [1])[0] == pytest.approx(0.0)
+    assert B.coco_segm_ap(gt, wrong, [1], use_cats=False) == [pytest.approx(100.0)] * 3  # class-agnostic
+    assert B.coco_segm_ap(gt, [], [1]) == [0.0] * 3
+
+
+def test_mask_nms_in_the_zutis_path():
+    """The zutis path (ZutisSegmenter -> model.predict) drops duplicates with model.mask_nms."""
+    import model as M
+    a = torch.zeros(4, 10, 10, dtype=torch.bool)
+    a[0, :5] = a[1, :5] = a[2, :5] = True  # 0 and 1 duplicates of class 3; 2 the same mask but class 4
+    a[1, 5] = True
+    a[3, 6:] = True
+    keep = M.mask_nms(a, torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([3, 3, 4, 3]), iou=0.3)
+    assert sorted(keep.tolist()) == [0, 2, 3]
+
+
+def test_maskclip_components():
+    sem = torch.zeros(6, 8, dtype=torch.long)
+    sem[0:2, 0:2] = 1
+    sem[4:6, 5:8] = 1  # a second component of class 1
+    sem[3, 0] = 2
+    prob = {1: np.full((6, 8), 0.7), 2: np.full((6, 8), 0.2)}
+    r = E.component_instances(sem, lambda c: prob[c])
+    assert r["labels"].tolist() == [1, 1, 2] and r["masks"].sum((1, 2)).tolist() in ([4, 6, 1], [6, 4, 1])
+    assert r["scores"].tolist() == pytest.approx([0.7, 0.7, 0.2])
+
+
+# ----------------------------------------------------------------------------- the pipeline with an oracle
+
+class Oracle:
+    """Returns the ground truth of the image it is given (looked up by pixel content), optionally
+    with labels permuted: checks the loop, gathering and COCOeval wiring without a model."""
+    kind, norm, device = "oracle", "imagenet", torch.device("cpu")
+
+    def __init__(self, bench, perm=None):
+        self.categories, self.perm, self.table = list(bench.categories), perm, {}
+        for s in bench.samples:
+            sem = bench.load_semantic(s)
+            img = E.image_tensor(Image.open(s["image"]).convert("RGB"))
+            self.table[img.float().sum().item()] = (sem, bench.load_instances(s, sem))
+
+    def set_categories(self, names):
+        self.categories = list(names)
+
+    def __call__(self, x, out_size, instances=True):
+        sem, inst = next(v for k, v in self.table.items() if abs(k - self.key) < 1e-3)
+        f = (lambda l: self.perm[l]) if self.perm else (lambda l: l)
+        sem = torch.from_numpy(np.vectorize(lambda v: f(v) if v != 255 else 0)(sem))
+        return {"semantic": sem, "masks": torch.from_numpy(np.stack([m for m, _ in inst])),
+                "labels": torch.tensor([f(l) for _, l in inst]), "scores": torch.ones(len(inst))}
+
+
+def test_oracle_gives_100_and_shuffled_low(voc_root, tmp_path, monkeypatch):
+    b = B.read_bench("voc", voc_root)
+    orig = E.infer
+    monkeypatch.setattr(E, "infer", lambda seg, img, *a, **k: (setattr(seg, "key", img.float().sum().item()), orig(seg, img, *a, **k))[1])
+    m = E.evaluate_bench(Oracle(b), b, str(tmp_path / "o"), n_vis=1)
+    assert m["mIoU"] == pytest.approx(100) and m["AP"] == pytest.approx(100) and m["AP50_agn"] == pytest.approx(100)
+    assert m["n_images"] == 4 and m["n_gt_instances"] == 6
+    assert os.listdir(tmp_path / "o" / "vis") and json.load(open(tmp_path / "o" / "metrics.json"))["mIoU"] == pytest.approx(100)
+    perm = {0: 0, 12: 15, 15: 12}
+    m = E.evaluate_bench(Oracle(b, perm), b, None)
+    assert m["mIoU"] < 50 and m["AP"] == pytest.approx(0) and m["AP_agn"] == pytest.approx(100)
