@@ -1,0 +1,154 @@
+"""Tests of train.py on CPU with a tiny random CLIP and a generated archive + pseudo-masks.
+
+    cd /work/main && .venv/bin/python -m pytest -q test_train.py
+
+Covered: the poly schedule, the deterministic data stream, exact resume (4 steps straight == 2 steps,
+interruption, --resume, 2 steps), the script as a subprocess writing a checkpoint that
+model.load_checkpoint reloads, a non-finite loss stopping the run, and a 2-process torchrun (gloo) run.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    import dataset
+    return dataset.make_fake_archive(str(tmp_path_factory.mktemp("arc")), n_categories=2, per_category=4,
+                                     size=(48, 40))
+
+
+def tiny_argv(clip_path, data, out_dir, iters, *extra):
+    archive, masks = data
+    return ["--arch", clip_path, "--archive", archive, "--masks_dir", masks, "--out_dir", str(out_dir),
+            "--device", "cpu", "--iters", str(iters), "--batch_size", "2", "--crop", "32", "--max_n", "3",
+            "--n_queries", "5", "--n_layers", "2", "--n_heads", "2", "--dim_ffn", "32", "--mlp_hidden", "16",
+            "--num_workers", "0", "--log_every", "1", "--save_every", "2", "--lr", "1e-3",
+            "--lr_encoder", "1e-3", *extra]
+
+
+def test_poly_schedule():
+    assert train.poly_lr(5e-5, 0, 100) == 5e-5
+    assert train.poly_lr(5e-5, 50, 100) == pytest.approx(5e-5 * 0.5 ** 0.9)
+    assert train.poly_lr(5e-5, 99, 100) == 1e-6  # 5e-5 * 0.01^0.9 = 7.9e-7 is below the floor
+    assert train.poly_lr(5e-6, 50, 100) == pytest.approx(5e-6 * 0.5 ** 0.9)  # 2.68e-6
+    assert train.poly_lr(5e-6, 90, 100) == 1e-6  # the floor applies to the encoder group too
+    # set_lr drives both groups from their own base lr
+    args = train.parse_args(["--iters", "100"])
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [a], "base_lr": 5e-6}, {"params": [b], "base_lr": 5e-5}])
+    train.set_lr(opt, 50, args)
+    assert [g["lr"] for g in opt.param_groups] == [train.poly_lr(5e-6, 50, 100), train.poly_lr(5e-5, 50, 100)]
+
+
+def test_data_stream_is_a_function_of_step_and_rank():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+    full = take(train.StepBatches(3, 0, 1), 5)
+    assert take(train.StepBatches(3, 0, 1, start_step=2), 3) == full[2:]  # resume replays the stream
+    ranks = [take(train.StepBatches(2, r, 3), 4) for r in range(3)]
+    flat = [i for rk in ranks for b in rk for i in b]
+    assert len(flat) == len(set(flat)) == 24  # every (step, rank, position) gets its own scene
+
+
+def test_resume_is_exact(tiny_clip_path, data, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train.main(tiny_argv(tiny_clip_path, data, straight, 4))
+
+    # the same run, killed after the step-2 checkpoint (while fetching step 3's batch), then resumed
+    resumed = tmp_path / "resumed"
+    calls = {"n": 0}
+    real = train.to_device
+
+    def dying(batch, device):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(batch, device)
+    monkeypatch.setattr(train, "to_device", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_argv(tiny_clip_path, data, resumed, 4))
+    monkeypatch.setattr(train, "to_device", real)
+    assert torch.load(resumed / "ckpt.pt", weights_only=False)["step"] == 2
+    with pytest.raises(common.UserError, match="--resume"):  # never overwrite a run silently
+        train.main(tiny_argv(tiny_clip_path, data, resumed, 4))
+    train.main(tiny_argv(tiny_clip_path, data, resumed, 4, "--resume"))
+
+    a = torch.load(straight / "ckpt.pt", weights_only=False)
+    b = torch.load(resumed / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert not torch.equal(a["model"]["encoder.proj"], torch.load(tiny_clip_path)["visual.proj"])  # it trained
+    ma = [json.loads(ln) for ln in open(straight / "metrics.jsonl")]
+    mb = [json.loads(ln) for ln in open(resumed / "metrics.jsonl")]
+    assert [r["step"] for r in mb] == [r["step"] for r in ma] == [1, 2, 3, 4]
+    assert [r["loss"] for r in mb] == [r["loss"] for r in ma]
+    # a finished run resumed again has nothing to do
+    assert train.main(tiny_argv(tiny_clip_path, data, resumed, 4, "--resume")) is None
+
+
+def test_script_writes_a_checkpoint_model_reloads(tiny_clip_path, data, tmp_path):
+    import model as M
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"),
+                        *tiny_argv(tiny_clip_path, data, out, 2, "--dtype", "bfloat16")],
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "step      2/2 | loss" in r.stdout and "it/s" in r.stdout and "ETA" in r.stdout
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert set(ck) == {"model", "optimizer", "scaler", "step", "config", "rng"}
+    assert ck["step"] == 2 and ck["config"]["categories"] == ["background", "thing0", "thing1"]
+    net = M.load_checkpoint(str(out / "ckpt.pt"))
+    sd = net.state_dict()
+    assert sd.keys() == ck["model"].keys() and all(torch.equal(sd[k], ck["model"][k]) for k in sd)
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["git_sha"] and cfg["n_queries"] == 5 and cfg["stop_grad"] is True
+    assert len(open(out / "metrics.jsonl").readlines()) == 2
+
+
+def test_non_finite_loss_stops_the_run(tiny_clip_path, data, tmp_path, monkeypatch):
+    import model as M
+    real = M.criterion
+
+    def poisoned(outputs, batch, **kw):  # as if the forward pass overflowed at the second step
+        losses = real(outputs, batch, **kw)
+        if poisoned.calls == 1:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        poisoned.calls += 1
+        return losses
+    poisoned.calls = 0
+    monkeypatch.setattr(M, "criterion", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(common.UserError, match=r"non-finite loss at step 1: .*loss=nan"):
+        train.main(tiny_argv(tiny_clip_path, data, out, 4, "--save_every", "1"))
+    # the step-1 checkpoint is intact and the bad step never touched it
+    assert torch.load(out / "ckpt.pt", weights_only=False)["step"] == 1
+    poisoned.calls = 0
+    with pytest.raises(SystemExit) as e:  # as a script: one line on stderr, non-zero exit
+        common.run_main(lambda: train.main(tiny_argv(tiny_clip_path, data, tmp_path / "nan2", 4)))
+    assert e.value.code == 2
+
+
+def test_init_loads_weights_strictly(tiny_clip_path, data, tmp_path):
+    src = tmp_path / "src"
+    train.main(tiny_argv(tiny_clip_path, data, src, 1))
+    # zero learning rate and decay: after one step the weights are still exactly the --init file's
+    frozen = ("--lr", "0", "--lr_encoder", "0", "--min_lr", "0", "--weight_decay", "0")
+    net = train.main(tiny_argv(tiny_clip_path, data, tmp_path / "dst", 1, "--init", str(src / "ckpt.pt"), *frozen))
+    a, b = torch.load(src / "ckpt.pt", weights_only=False)["model"], net.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(common.UserError):  # a different architecture is an error, not a partial load
+        train.main(tiny_argv(tiny_clip_path, data, tmp_path / "bad", 1, "--init", str(src / "ckpt.pt"),
+                             "--n_queries", "7"))

@@ -1,0 +1,662 @@
+"""
+Train the ZUTIS segmenter on copy-paste scenes made from the retrieval archive and its pseudo-masks
+(paper sections 3.2-3.3 and 4.1; zutis_facts.md sections 4-7). nanoGPT-style: one flat script, one loop.
+
+Reads:  --archive (build_archive.py), --masks_dir (pseudo_label.py), the CLIP weights named by --arch.
+Writes: <out_dir>/ckpt.pt      {model, optimizer, scaler, step, config, rng}, atomically, every
+                               --save_every steps and at the end (model.load_checkpoint reads it)
+        <out_dir>/config.json  every flag, the categories, the model hyper-parameters, git sha, world size
+        <out_dir>/metrics.jsonl one JSON object per log line (and per evaluation with --eval_bench)
+        (default out_dir: out/train_<arch tag>, e.g. out/train_ViT-B-16)
+
+Commands (defaults = the official recipe: ViT-B/16, crop 384, batch 8, 20k iterations, fp32):
+  1 GPU:     python train.py
+  N GPUs:    torchrun --standalone --nproc_per_node 8 train.py        (--batch_size is the global batch)
+  2 nodes:   torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py
+  CPU tiny:  python train.py --device cpu --arch toy_out/clip/tiny_clip.pt --crop 64 --batch_size 8 \
+                 --iters 200 --n_layers 2 --dim_ffn 256 --num_workers 0 --logit_scale 10 --lr_encoder 1e-4
+  faster:    python train.py --dtype bfloat16 --compile
+  resume:    the same command plus --resume (exact: same weights as an uninterrupted run)
+  fine-tune: python train.py --init official:<name>   (or --init path/to/ckpt.pt)
+  speed:     python train.py --benchmark       (it/s, peak memory, time shares; float32 vs bfloat16)
+
+References: official trainer.py (loop, evaluation every 1000 iterations), utils/utils.py
+(get_optimiser: AdamW, two groups, weight decay 0.05 everywhere), utils/scheduler.py (PolyLR 0.9, floor 1e-6).
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import resource
+import threading
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import common
+from common import UserError
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data
+    p.add_argument("--arch", default="ViT-B/16", help="CLIP name (clip_model.available_models()) or a path to CLIP weights")
+    p.add_argument("--archive", default="out/archive.json", help="archive JSON written by build_archive.py")
+    p.add_argument("--masks_dir", default="out/masks", help="pseudo-masks written by pseudo_label.py")
+    p.add_argument("--index_dirs", nargs="+", default=None, help="where the archive's images live now, if they moved")
+    p.add_argument("--categories", default=None, help="builtin name, text file or comma list; default: the archive's")
+    p.add_argument("--crop", type=int, default=384, help="training crop size in pixels (official 384)")
+    p.add_argument("--max_n", type=int, default=10, help="max images pasted into one scene (official 10)")
+    p.add_argument("--scale_min", type=float, default=0.1, help="each image is scaled by U(scale_min, 1) (official 0.1)")
+    p.add_argument("--norm", default="imagenet", choices=["imagenet", "clip"], help="input normalisation (official: imagenet)")
+    # model
+    p.add_argument("--n_queries", type=int, default=100, help="number of learned instance queries")
+    p.add_argument("--n_layers", type=int, default=6, help="transformer decoder layers")
+    p.add_argument("--n_heads", type=int, default=8, help="decoder attention heads")
+    p.add_argument("--dim_ffn", type=int, default=2048, help="decoder feed-forward width")
+    p.add_argument("--mlp_hidden", type=int, default=256, help="hidden width of the ffn1/ffn2 MLPs")
+    p.add_argument("--logit_scale", type=float, default=1.0, help="semantic logits = scale x cosine (official 1 = raw cosines)")
+    p.add_argument("--text_templates", default="none", choices=["none", "85"], help="bare names (official) or the paper's 85 templates")
+    p.add_argument("--pos_interp", default="bicubic", choices=["bicubic", "official"], help="position-embedding interpolation (official = DINO's scale-factor form)")
+    p.add_argument("--no_stop_grad", action="store_true", help="ablation: let the mask loss reach the encoder")
+    # loss
+    p.add_argument("--loss_norm", default="official", choices=["official", "num_masks"], help="mask loss: sum over instances / B (official) or / number of masks (Mask2Former)")
+    p.add_argument("--lambda_mask", type=float, default=1.0, help="weight of the mask loss (CE weight is 1)")
+    # optimisation
+    p.add_argument("--iters", type=int, default=20000, help="training iterations (official 20k COCO/CoCA, 80k ImageNet-S)")
+    p.add_argument("--batch_size", type=int, default=8, help="GLOBAL batch size, split over torchrun ranks (official 8)")
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of decoder, queries, ffn1, ffn2")
+    p.add_argument("--lr_encoder", type=float, default=5e-6, help="learning rate of the CLIP visual encoder incl. its proj")
+    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay, on every parameter (official)")
+    p.add_argument("--poly_power", type=float, default=0.9, help="poly schedule power")
+    p.add_argument("--min_lr", type=float, default=1e-6, help="lr floor of both groups (official 1e-6)")
+    # system
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype (losses stay fp32); official float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in float32 on Ampere+ GPUs (faster, not the official numerics)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--num_workers", type=int, default=8, help="DataLoader workers per rank (0 = load in the main process)")
+    p.add_argument("--seed", type=int, default=0, help="seed of model init and of the data stream")
+    # I/O
+    p.add_argument("--out_dir", default=None, help="output folder (default out/train_<arch tag>)")
+    p.add_argument("--save_every", type=int, default=1000, help="save ckpt.pt every N iterations (and at the end)")
+    p.add_argument("--log_every", type=int, default=50, help="print and log losses every N iterations")
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt if it exists (exactly)")
+    p.add_argument("--init", default=None, help="start from these weights: our ckpt.pt, an official file, or official:<name>")
+    p.add_argument("--eval_bench", default=None, help="evaluate on this benchmark every --eval_every iterations (voc, coco, ...)")
+    p.add_argument("--eval_data_root", default=None, help="data root of --eval_bench")
+    p.add_argument("--eval_every", type=int, default=1000, help="evaluation period in iterations (and at the end)")
+    p.add_argument("--eval_max_images", type=int, default=None, help="evaluate on the first N images only (quick checks)")
+    p.add_argument("--benchmark", action="store_true", help="measure speed (float32 vs bfloat16) instead of training")
+    p.add_argument("--bench_iters", type=int, default=10, help="timed iterations per dtype in --benchmark (after 2 warm-up)")
+    return p.parse_args(argv)
+
+
+# the ZUTIS constructor arguments: saved in the checkpoint config, taken from it on --resume
+MODEL_KEYS = ("arch", "categories", "n_queries", "n_layers", "n_heads", "dim_ffn", "mlp_hidden",
+              "logit_scale", "text_templates", "stop_grad", "pos_interp")
+
+# ----------------------------------------------------------------------------- schedule, optimiser
+
+
+def poly_lr(base_lr, step, iters, power=0.9, min_lr=1e-6):
+    """Official PolyLR, stepped every iteration: max(base * (1 - step/iters)^power, min_lr).
+    The floor applies to every group, so the encoder (base 5e-6) ends at 1e-6 too."""
+    return max(base_lr * (1 - step / iters) ** power, min_lr)
+
+
+def make_optimizer(model, args):
+    """AdamW, two groups: the CLIP visual encoder (incl. proj, pos-emb, ln_post) and the rest
+    (ffn1, decoder, queries, ffn2). Weight decay on everything, biases and norms included (official)."""
+    enc, rest = [], []
+    for name, prm in model.named_parameters():
+        if prm.requires_grad:
+            (enc if name.startswith("encoder.") else rest).append(prm)
+    if not enc:
+        raise RuntimeError("model has no encoder.* parameters: the two-group optimiser needs them")
+    groups = [{"params": enc, "lr": args.lr_encoder, "base_lr": args.lr_encoder, "name": "encoder"},
+              {"params": rest, "lr": args.lr, "base_lr": args.lr, "name": "rest"}]
+    return torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
+def set_lr(optimizer, step, args):
+    for g in optimizer.param_groups:
+        g["lr"] = poly_lr(g["base_lr"], step, args.iters, args.poly_power, args.min_lr)
+
+
+# ----------------------------------------------------------------------------- data
+
+class StepBatches(torch.utils.data.Sampler):
+    """An infinite stream of index batches that is a pure function of (step, rank, position):
+    item index = (step * world + rank) * b + i. The dataset derives each scene's randomness from
+    (seed, index), so the stream is the same whatever the worker count, and resuming at step s
+    replays exactly what an uninterrupted run would have seen."""
+
+    def __init__(self, b, rank, world, start_step=0):
+        self.b, self.rank, self.world, self.start = b, rank, world, start_step
+
+    def __iter__(self):
+        for step in itertools.count(self.start):
+            first = (step * self.world + self.rank) * self.b
+            yield list(range(first, first + self.b))
+
+    def __len__(self):  # infinite; DataLoader only asks for len() if someone calls len(loader)
+        raise TypeError("StepBatches is infinite")
+
+
+def make_loader(args, categories, dist, start_step, local_batch):
+    import dataset as ds
+    n_items = (args.iters + 1) * args.batch_size  # every (step, rank, i) gets its own index
+    data = ds.ArchiveDataset(args.archive, args.masks_dir, categories=categories, crop=args.crop,
+                             scale_range=(args.scale_min, 1.0), max_n=args.max_n, norm=args.norm,
+                             seed=args.seed, length=max(n_items, 1), index_dirs=args.index_dirs)
+    sampler = StepBatches(local_batch, dist.rank, dist.world, start_step)
+    return torch.utils.data.DataLoader(
+        data, batch_sampler=sampler, collate_fn=ds.collate_fn, num_workers=args.num_workers,
+        pin_memory=dist.device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if args.num_workers > 0 else None)
+
+
+def to_device(batch, device):
+    nb = device.type == "cuda"
+    out = dict(batch)
+    for k in ("image", "semantic"):
+        out[k] = batch[k].to(device, non_blocking=nb)
+    out["instance_masks"] = [m.to(device, non_blocking=nb) for m in batch["instance_masks"]]
+    out["category_ids"] = [torch.as_tensor(c).to(device, non_blocking=nb) for c in batch["category_ids"]]
+    return out
+
+
+# ----------------------------------------------------------------------------- model, losses
+
+def model_config(args, categories):
+    """Everything model.ZUTIS needs, with the constructor's names (stored in the checkpoint)."""
+    return {"arch": args.arch, "categories": list(categories), "n_queries": args.n_queries,
+            "n_layers": args.n_layers, "n_heads": args.n_heads, "dim_ffn": args.dim_ffn,
+            "mlp_hidden": args.mlp_hidden, "logit_scale": args.logit_scale,
+            "text_templates": args.text_templates, "stop_grad": not args.no_stop_grad,
+            "pos_interp": args.pos_interp}
+
+
+def build_model(mcfg, init, device, print0):
+    """ZUTIS from the flags; with --init the file's weights go into a model built with our flags, so a
+    shape mismatch is a clear error, never a partial load. Updates mcfg["arch"] to the loaded one."""
+    import model as M
+    cfg = {k: v for k, v in mcfg.items() if k not in ("arch", "categories")}
+    if not init:
+        return M.ZUTIS(mcfg["arch"], mcfg["categories"], **cfg).to(device)
+    net = M.load_checkpoint(init, categories=mcfg["categories"], device="cpu", **cfg)
+    if net.arch != mcfg["arch"]:
+        print0(f"note: --init {init} is a {net.arch} model; using that instead of --arch {mcfg['arch']}")
+        mcfg["arch"] = net.arch
+    print0(f"initialised all weights from {init}")
+    return net.train().to(device)
+
+
+def compute_losses(net, batch, ctx, args):
+    """Forward under autocast, losses in fp32 outside it (the matcher and BCE want fp32)."""
+    import model as M
+    with ctx:
+        out = net(batch["image"])
+    out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
+    with torch.autocast(batch["image"].device.type, enabled=False):
+        losses = M.criterion(out, batch, lambda_mask=args.lambda_mask, loss_norm=args.loss_norm)
+    return losses
+
+
+def reduce_losses(losses, dist):
+    """Mean of every loss term over ranks as python floats. One tiny all-reduce per step; the
+    matcher syncs with the CPU every step anyway, so checking finiteness each step is free."""
+    names = sorted(losses)
+    vec = torch.stack([losses[k].detach().float() for k in names])
+    if dist.ddp:
+        import torch.distributed as tdist
+        tdist.all_reduce(vec)
+        vec /= dist.world
+    return dict(zip(names, vec.tolist()))
+
+
+def check_finite(vals, step, ckpt_path):
+    if not all(math.isfinite(v) for v in vals.values()):
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
+        raise UserError(f"non-finite loss at step {step}: {shown}; nothing was updated at this step, the last "
+                        f"good checkpoint is {ckpt_path} (try a lower --lr, --dtype float32 or another --seed)")
+
+
+# ----------------------------------------------------------------------------- checkpoints, logs
+
+def rng_state():
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_resume(path, args, dist):
+    """Read <out_dir>/ckpt.pt; the model-defining config comes from it (as nanoGPT's resume)."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    for k in ("model", "optimizer", "step", "config"):
+        if k not in ck:
+            raise UserError(f"{path} is not a train.py checkpoint (no {k!r}); use --init to start from its weights")
+    saved = ck["config"]
+    for k in ("iters", "batch_size", "lr", "lr_encoder", "seed", "crop", "dtype"):
+        if k in saved and saved[k] != getattr(args, k):
+            dist.print0(f"note: --{k} {getattr(args, k)} differs from the checkpoint's {saved[k]}: "
+                        "the resumed run will not match an uninterrupted one")
+    return ck
+
+
+def trim_metrics(path, step):
+    """Drop log lines written after the checkpoint we resume from (they will be re-logged)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with common.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def log_jsonl(path, rec):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_eval(raw_model, args, step, dist, out_dir):
+    """Evaluate with evaluate.run_benchmark, then put the training categories back (the benchmark
+    may re-embed its own class names into the model)."""
+    import evaluate
+    cats = list(raw_model.categories) if hasattr(raw_model, "categories") else None
+    text_emb = raw_model.text_emb.clone()
+    was_training = raw_model.training
+    raw_model.eval()
+    try:
+        res = evaluate.run_benchmark(raw_model, args.eval_bench, args.eval_data_root,
+                                     out_dir=os.path.join(out_dir, f"eval_{args.eval_bench}_step{step}"),
+                                     max_images=args.eval_max_images, dist=dist)
+    finally:
+        if cats is not None and list(raw_model.categories) != cats:
+            raw_model.set_categories(cats)
+        raw_model.text_emb.copy_(text_emb)
+        raw_model.train(was_training)
+    return res
+
+
+def save_checkpoint(path, raw_model, optimizer, scaler, step, config, dist):
+    """One file, written atomically by rank 0 from the unwrapped, uncompiled model (no prefixes).
+    Every rank's RNG state goes in (a list indexed by rank) so --resume restores each rank exactly."""
+    rngs = [rng_state()]
+    if dist.ddp:
+        import torch.distributed as tdist
+        rngs = [None] * dist.world
+        tdist.all_gather_object(rngs, rng_state())
+    if dist.is_main:
+        common.save_torch({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict(), "step": step, "config": config, "rng": rngs}, path)
+
+
+def check_masks(data, out_dir):
+    """Count (and list) archive entries without a pseudo-mask: the dataset treats them as empty masks,
+    as the official code does; all missing means pseudo_label.py has not run."""
+    missing = data.check_masks()
+    if missing and len(missing) == len(data.entries):
+        raise UserError(f"none of the {len(missing)} archive images has a pseudo-mask in {data.masks_dir!r} "
+                        "(run pseudo_label.py first, or pass --masks_dir)")
+    if missing:
+        path = os.path.join(out_dir, "missing_masks.txt")
+        with common.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(f"{e['dir']}\t{e['path']}\n" for e in missing)
+        print(f"warning: {len(missing)} of {len(data.entries)} archive images have no pseudo-mask "
+              f"(used as empty masks); list in {path}")
+
+
+def resolve_categories(args):
+    import categories as C
+    if args.categories:
+        try:
+            return C.get_categories(args.categories)
+        except ValueError as e:
+            raise UserError(str(e))
+    return common.load_archive(args.archive, args.index_dirs)["categories"]
+
+
+def check_args(args):
+    for k in ("iters", "batch_size", "crop", "save_every", "log_every", "eval_every", "bench_iters", "max_n"):
+        if getattr(args, k) <= 0:
+            raise UserError(f"--{k} must be positive, got {getattr(args, k)}")
+    if args.num_workers < 0:
+        raise UserError("--num_workers must be >= 0")
+    if not 0 < args.scale_min <= 1:
+        raise UserError(f"--scale_min must be in (0, 1], got {args.scale_min}")
+    if args.eval_bench and not args.eval_data_root:
+        raise UserError("--eval_bench needs --eval_data_root (the benchmark's data folder)")
+    if args.eval_bench:
+        common.require_dir(args.eval_data_root, f"--eval_data_root of {args.eval_bench}")
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_ctx(device, dtype):
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def setup_run(args, dist):
+    """Resolve out_dir, the checkpoint to resume and the model config."""
+    import clip_model
+    out_dir = args.out_dir or os.path.join("out", f"train_{clip_model.arch_tag(args.arch)}")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ck = None
+    if os.path.exists(ckpt_path):
+        if not args.resume:
+            raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out_dir")
+        ck = load_resume(ckpt_path, args, dist)
+    elif args.resume:
+        dist.print0(f"--resume: no {ckpt_path} yet, starting from scratch")
+    if ck is not None:
+        mcfg = {k: ck["config"][k] for k in MODEL_KEYS}  # the architecture is the checkpoint's
+        if args.init:
+            dist.print0(f"--resume: ignoring --init {args.init} (the checkpoint already holds the weights)")
+    else:
+        mcfg = model_config(args, resolve_categories(args))
+    return out_dir, ckpt_path, ck, mcfg
+
+
+def write_config(args, mcfg, out_dir, dist):
+    """Every flag, the model hyper-parameters and categories, the run's world and git state."""
+    config = {**vars(args), **mcfg, "out_dir": out_dir, "world_size": dist.world,
+              "local_batch_size": args.batch_size // dist.world, "device": str(dist.device),
+              "torch": torch.__version__, **common.git_info()}
+    config.pop("no_stop_grad")  # stored as stop_grad (the ZUTIS argument)
+    if dist.is_main:
+        print("config:")
+        common.print_config(config)
+        os.makedirs(out_dir, exist_ok=True)
+        common.save_json(config, os.path.join(out_dir, "config.json"))
+    return config
+
+
+def train(args, dist):
+    if args.batch_size % dist.world:
+        raise UserError(f"--batch_size {args.batch_size} (global) must be divisible by the {dist.world} ranks")
+    out_dir, ckpt_path, ck, mcfg = setup_run(args, dist)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    start = ck["step"] if ck is not None else 0
+    if start >= args.iters:
+        dist.print0(f"{ckpt_path} is already at step {start} >= --iters {args.iters}: nothing to do")
+        return
+    device = dist.device
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # model: the same init on every rank (DDP also broadcasts rank 0's weights)
+    seed_all(args.seed)
+    raw_model = build_model(mcfg, None if ck is not None else args.init, device, dist.print0)
+    raw_model.train()
+    config = write_config(args, mcfg, out_dir, dist)
+    optimizer = make_optimizer(raw_model, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
+    seed_all(args.seed + dist.rank)  # nanoGPT's seed offset: ranks differ in anything random below
+    if ck is not None:
+        raw_model.load_state_dict(ck["model"], strict=True)
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        rngs = ck.get("rng") or []
+        if len(rngs) == dist.world:
+            set_rng_state(rngs[dist.rank])
+        else:
+            dist.print0(f"note: checkpoint has RNG states for {len(rngs)} ranks, running {dist.world}: "
+                        "RNG not restored (the data stream still is)")
+        if dist.is_main:
+            trim_metrics(metrics_path, start)
+        dist.print0(f"resumed from {ckpt_path} at step {start}")
+        del ck
+    n_enc = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith("encoder."))
+    n_all = sum(p.numel() for p in raw_model.parameters())
+    dist.print0(f"parameters: {n_all / 1e6:.2f}M ({n_enc / 1e6:.2f}M CLIP visual encoder)")
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if dist.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ctx = autocast_ctx(device, args.dtype)
+    loader = make_loader(args, mcfg["categories"], dist, start, args.batch_size // dist.world)
+    if dist.is_main:
+        check_masks(loader.dataset, out_dir)
+    batches = iter(loader)
+
+    # the loop, top to bottom
+    sums, n_sum, t_data = {}, 0, 0.0
+    t_log = t_run = time.time()
+    for step in range(start, args.iters):
+        set_lr(optimizer, step, args)
+        t0 = time.time()
+        batch = to_device(next(batches), device)
+        t_data += time.time() - t0
+        losses = compute_losses(model, batch, ctx, args)
+        vals = reduce_losses(losses, dist)
+        check_finite(vals, step, ckpt_path)  # before any update: the weights stay the last good ones
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        done = step + 1
+        for k, v in vals.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_sum += 1
+
+        if done % args.log_every == 0 or done == args.iters or done == start + 1:
+            dt = time.time() - t_log
+            rec = {"step": done, **{k: v / n_sum for k, v in sums.items()},
+                   "lr": optimizer.param_groups[1]["lr"], "lr_encoder": optimizer.param_groups[0]["lr"],
+                   "it_s": n_sum / dt, "data_frac": t_data / dt, "time": time.time() - t_run}
+            terms = " ".join(f"{k.removeprefix('loss_')} {v / n_sum:.4f}" for k, v in sums.items()
+                             if k != "loss" and not k[-1].isdigit())  # per-layer terms: metrics.jsonl only
+            dist.print0(f"step {done:>6}/{args.iters} | loss {rec['loss']:.4f} ({terms}) | lr {rec['lr']:.2e} "
+                        f"enc {rec['lr_encoder']:.2e} | {rec['it_s']:.2f} it/s | data {100 * rec['data_frac']:.0f}% "
+                        f"| ETA {fmt_time((args.iters - done) / rec['it_s'])}")
+            if dist.is_main:
+                log_jsonl(metrics_path, rec)
+            sums, n_sum, t_data, t_log = {}, 0, 0.0, time.time()
+        t_save = time.time()
+        if done % args.save_every == 0 or done == args.iters:
+            save_checkpoint(ckpt_path, raw_model, optimizer, scaler, done, config, dist)
+            t_log += time.time() - t_save  # saving is not training speed
+        if args.eval_bench and (done % args.eval_every == 0 or done == args.iters):
+            res = run_eval(raw_model, args, done, dist, out_dir)
+            dist.print0(f"eval {args.eval_bench} at step {done}: " + json.dumps(res)[:500])
+            if dist.is_main:
+                log_jsonl(metrics_path, {"step": done, "eval": args.eval_bench, **res})
+            t_log = time.time()  # evaluation time is not training speed
+    dist.print0(f"done: {args.iters} iterations in {fmt_time(time.time() - t_run)}; checkpoint {ckpt_path}")
+    return raw_model
+
+
+# ----------------------------------------------------------------------------- --benchmark
+
+class PhaseTimer:
+    """Wall time per phase; on CUDA each boundary synchronises, so the shares are honest (and the
+    benchmark is a little slower than training)."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.t, self.marks = {}, {}
+
+    def start(self, k):
+        self.sync()
+        self.marks[k] = time.perf_counter()
+
+    def stop(self, k):
+        self.sync()
+        self.t[k] = self.t.get(k, 0.0) + time.perf_counter() - self.marks.pop(k)
+
+
+def instrument(raw_model, timer):
+    """Time the encoder (conv1 .. ln_post of the CLIP ViT) with hooks and the matcher by wrapping
+    model.py's HungarianMatcher.assign; the rest of the forward counts as 'decoder'."""
+    import model as M
+    enc = raw_model.encoder
+    hooks = [enc.conv1.register_forward_pre_hook(lambda m, a: timer.start("encoder")),
+             enc.ln_post.register_forward_hook(lambda m, a, o: timer.stop("encoder"))]
+    orig = M.HungarianMatcher.assign  # the device->host copy and scipy; the costs are the loss itself
+
+    def timed(cost):
+        timer.start("matcher")
+        try:
+            return orig(cost)
+        finally:
+            timer.stop("matcher")
+    M.HungarianMatcher.assign = staticmethod(timed)
+
+    def undo():
+        M.HungarianMatcher.assign = staticmethod(orig)
+        for h in hooks:
+            h.remove()
+    return undo
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA allocator peak, or on CPU the process RSS sampled every 5 ms."""
+
+    def __init__(self, device):
+        self.cuda, self.peak, self.run = device.type == "cuda", 0, False
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.run = True
+            self.th = threading.Thread(target=self._poll, daemon=True)
+            self.th.start()
+        return self
+
+    def _poll(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while self.run:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.run = False
+            self.th.join()
+
+
+def bench_dtype(model, optimizer, batches, args, dtype, device):
+    timer = PhaseTimer(device)
+    raw = model._orig_mod if hasattr(model, "_orig_mod") else model
+    undo = instrument(raw, timer)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    ctx = autocast_ctx(device, dtype)
+    try:
+        with PeakMemory(device) as mem:
+            for i in range(2 + args.bench_iters):
+                if i == 2:  # warm-up done (allocator, compile, worker start-up)
+                    timer.t.clear()
+                    t0 = time.perf_counter()
+                timer.start("data")
+                batch = to_device(next(batches), device)
+                timer.stop("data")
+                timer.start("forward")
+                with ctx:
+                    out = model(batch["image"])
+                timer.stop("forward")
+                timer.start("criterion")
+                import model as M
+                with torch.autocast(device.type, enabled=False):
+                    losses = M.criterion({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, batch,
+                                         lambda_mask=args.lambda_mask, loss_norm=args.loss_norm)
+                timer.stop("criterion")
+                timer.start("backward+step")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                timer.stop("backward+step")
+            total = time.perf_counter() - t0
+    finally:
+        undo()
+    t = timer.t
+    parts = {"data": t["data"], "encoder": t.get("encoder", 0.0),
+             "decoder": t["forward"] - t.get("encoder", 0.0), "matcher": t.get("matcher", 0.0),
+             "loss": t["criterion"] - t.get("matcher", 0.0), "backward+step": t["backward+step"]}
+    return {"dtype": dtype, "it_s": args.bench_iters / total, "peak_mem_mb": mem.peak / 2 ** 20,
+            "share": {k: v / total for k, v in parts.items()}}
+
+
+def benchmark(args):
+    """Train-step speed for float32 vs bfloat16 on the current device, with the real data loader,
+    model, matcher and loss. `--arch random:ViT-B/16` times a randomly initialised CLIP of that shape
+    (speed only; no weights needed)."""
+    import tempfile
+    import clip_model
+    dist = common.Dist(args.device)
+    device = dist.device
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.arch.startswith("random:"):
+        name = args.arch.split(":", 1)[1]
+        print(f"WARNING: --arch {args.arch}: a RANDOMLY INITIALISED CLIP {name}, for timing only")
+        args.arch = os.path.join(tempfile.mkdtemp(prefix="zutis_bench_"), name.replace("/", "-") + ".pt")
+        torch.save(clip_model.random_model(name).state_dict(), args.arch)
+    categories = resolve_categories(args)
+    seed_all(args.seed)
+    raw_model = build_model(model_config(args, categories), args.init, device, print).train()
+    optimizer = make_optimizer(raw_model, args)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    batches = iter(make_loader(args, categories, dist, 0, args.batch_size))
+    print(f"benchmark: {device} ({torch.get_num_threads()} threads), arch {args.arch}, crop {args.crop}, "
+          f"batch {args.batch_size}, decoder {args.n_layers}x{args.n_queries}q, workers {args.num_workers}, "
+          f"compile {args.compile}, {args.bench_iters} timed iterations after 2 warm-up")
+    dtypes = ["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])
+    rows = [bench_dtype(model, optimizer, batches, args, dt, device) for dt in dtypes]
+    for r in rows:
+        shares = "  ".join(f"{k} {100 * v:4.1f}%" for k, v in r["share"].items())
+        print(f"{r['dtype']:>9}: {r['it_s']:7.3f} it/s  peak {r['peak_mem_mb']:8.0f} MiB  | {shares}")
+    print("(CPU peak = whole-process RSS; CUDA peak = torch allocator)" if device.type != "cuda" else
+          f"bfloat16 / float32 speed-up: {rows[1]['it_s'] / rows[0]['it_s']:.2f}x")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    if args.benchmark:
+        return benchmark(args)
+    dist = common.Dist(args.device)
+    try:
+        return train(args, dist)
+    finally:
+        dist.close()
+
+
+if __name__ == "__main__":
+    common.run_main(main)
