@@ -1,0 +1,454 @@
+"""Copy-paste training scenes from a retrieval archive and its pseudo-masks (ZUTIS stage 3 data).
+
+Reads  <archive.json> (common.py format) and <masks_dir>/<dir>_<basename>/<rel path>.png (pseudo_label.py).
+Writes nothing when imported. As a script it benchmarks the loader or saves a preview sheet:
+
+    python dataset.py --benchmark --crop 384                 # scenes/s on 1 core, generated JPEGs
+    python dataset.py --benchmark --crop 64 --num_threads 1
+    python dataset.py --archive out/archive.json --masks_dir out/masks --preview out/scenes.jpg
+
+One scene (zutis_facts.md section 4; the official datasets/index_dataset.py behaviour):
+  n ~ randint(1, max_n) images (canvas included); with p_same all from one random category's archive,
+  else uniform over all archive entries (duplicates included). Each image: scale s ~ U(scale_range) of its
+  original size (image bilinear, mask nearest), pad (image: its mean colour, mask: ignore_index) and random
+  crop to crop x crop, h-flip p=0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur
+  p=0.5. Image 1 is the canvas; the object pixels of images 2..n are pasted at uniform random offsets, later
+  pastes occluding earlier ones. Targets: semantic map (0 bg / label / ignore) and one boolean mask per image
+  (instance id = paste order, all-zero masks kept, ignore counts as background), as the official code does.
+
+Reproducibility: every random number of item i comes from one numpy Generator seeded with
+(seed, rank, epoch, i) -- no global RNG, no torch RNG -- so a scene depends only on those four numbers,
+never on the worker count or on which worker builds it. Two ways to drive it from train.py:
+  * index-addressable (recommended, exact resume): length = iters * batch_size * world and a sampler that is
+    a plain range, e.g. `sampler = range(start_step * B * world + rank, len(ds), world)` with shuffle off;
+    rank=0 then, so global item i is the same scene for any world size.
+  * epochs: call set_epoch(e) before iterating; with persistent_workers=True workers keep their old copy of
+    the dataset, so set_epoch would not reach them (use persistent_workers=False or the first way).
+
+Speed (why the code looks the way it does): JPEGs are decoded with PIL draft() at 1/2..1/8 scale when the
+target is small; when no padding is needed only the crop window is resized (PIL resize box=, identical to
+resize-then-crop); masks are sampled by index arithmetic inside the crop window; a pasted image whose
+object is cut away skips its photometric ops, and after the last global op (contrast, which needs the whole
+image's mean) a pasted image is processed only inside its object's box (+ blur radius), which gives the
+same pixels. Photometric ops are torchvision's PIL kernels (what the official ColorJitter ran on); the blur
+is an exact Gaussian (scipy, mirror border = cv2's default) truncated at 4 sigma and at the official
+kernel size int(0.1 * crop) // 2 * 2 + 1.
+
+References: paper section 3.3 and 4.1; official datasets/index_dataset.py, datasets/augmentations/
+{copy_paste,geometric_transforms,gaussian_blur}.py (behaviour only; no code copied).
+"""
+import collections
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageStat
+
+import common
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NORMS = {"imagenet": (common.IMAGENET_MEAN, common.IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+
+# Probability of padding (left+top, left+bottom, right+top, right+bottom) when the scaled image is smaller
+# than the crop. The official random_crop re-draws random() in each elif, which skews the sides to
+# 1/4, 3/16, 9/64, 27/64 (zutis_facts.md section 12, pitfall 11); we keep that default.
+# For uniform sides change this one line to (0.25, 0.25, 0.25, 0.25).
+PAD_SIDE_PROBS = (0.25, 0.1875, 0.140625, 0.421875)
+
+MAX_REDRAWS = 100  # unreadable images in a row before we give up on the archive
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+# ----------------------------------------------------------------------------- photometric ops
+
+def jitter_params(rng, strength=(0.8, 0.8, 0.8, 0.2)):
+    """torchvision ColorJitter(b, c, s, h)'s random parameters, drawn from `rng`: factors in
+    [1 - x, 1 + x] (hue in [-h, h]) and the four ops in a random order. Returns (order, factors)."""
+    b, c, s, h = strength
+    factors = {"brightness": rng.uniform(max(0.0, 1 - b), 1 + b), "contrast": rng.uniform(max(0.0, 1 - c), 1 + c),
+               "saturation": rng.uniform(max(0.0, 1 - s), 1 + s), "hue": rng.uniform(-h, h)}
+    order = [("brightness", "contrast", "saturation", "hue")[k] for k in rng.permutation(4)]
+    return order, factors
+
+
+def apply_op(img, op, factor=None):
+    import torchvision.transforms.v2.functional as TF  # lazy: keeps `import dataset` cheap
+    if op == "brightness":
+        return TF.adjust_brightness(img, factor)
+    if op == "contrast":  # the only op that needs the whole image: it blends towards its mean grey
+        return TF.adjust_contrast(img, factor)
+    if op == "saturation":
+        return TF.adjust_saturation(img, factor)
+    if op == "hue":
+        return TF.adjust_hue(img, factor)
+    if op == "gray":
+        return TF.rgb_to_grayscale(img, num_output_channels=3)
+    raise ValueError(op)
+
+
+def gaussian_blur(arr, sigma, ksize):
+    """Exact Gaussian blur of a uint8 [H, W, 3] array, rounded like cv2.GaussianBlur. The official kernel
+    (39 taps at 384) is wider than the 4-sigma support for sigma <= 2, so the taps beyond 4 sigma
+    (< 1e-3 of the mass) are dropped; at small crops the official kernel size is the tighter bound."""
+    from scipy import ndimage
+    radius = max(1, min(ksize // 2, int(4.0 * sigma + 0.5)))
+    out = ndimage.gaussian_filter(arr.astype(np.float32), (sigma, sigma, 0), mode="mirror",
+                                  radius=(radius, radius, 0))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+class ArchiveDataset(torch.utils.data.Dataset):
+    """Copy-paste scenes. Item: {"image": float [3, crop, crop] (normalised), "semantic": long [crop, crop]
+    (0 bg, label id, ignore_index), "instance_masks": bool [n, crop, crop], "category_ids": long [n]}.
+
+    categories: None (the archive's), a list, or a categories.get_categories spec; label id = index.
+    rank: mixed into the seed; leave 0 when ranks read disjoint indices (see the module docstring).
+    `stats` counts images, scenes, missing/empty/unreadable masks and unreadable images (per process:
+    with DataLoader workers each worker counts its own; `check_masks()` lists missing masks up front)."""
+
+    def __init__(self, archive_json, masks_dir, categories=None, crop=384, scale_range=(0.1, 1.0), max_n=10,
+                 p_same=0.5, ignore_index=255, norm="imagenet", seed=0, length=None, index_dirs=None, rank=0):
+        if norm not in NORMS:
+            raise common.UserError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
+        lo, hi = (float(v) for v in scale_range)
+        if not (0 < lo <= hi) or crop < 1 or max_n < 1 or not 0 <= p_same <= 1 or ignore_index < 1:
+            raise common.UserError(f"bad dataset settings: crop={crop} scale_range={scale_range} "
+                                   f"max_n={max_n} p_same={p_same} ignore_index={ignore_index}")
+        self.archive = common.load_archive(archive_json, index_dirs)
+        self.masks_dir = common.require_dir(masks_dir, "masks dir", "<masks_dir>/<dir>_<basename>/<path>.png")
+        self.categories = self._resolve_categories(categories)
+        self.crop, self.scale_range, self.max_n, self.p_same = int(crop), (lo, hi), int(max_n), float(p_same)
+        self.ignore_index, self.seed, self.rank, self.epoch = int(ignore_index), int(seed), int(rank), 0
+        self.mean, self.std = NORMS[norm]
+        self._build_pools()
+        self.length = int(length) if length is not None else len(self.flat)
+        self.stats = collections.Counter()
+        self.unreadable = set()  # image paths that failed to decode (per process)
+
+    def _resolve_categories(self, categories):
+        import categories as cats
+        if categories is None:
+            categories = self.archive["categories"]
+        try:
+            names = cats.get_categories(categories)
+        except ValueError as e:
+            raise common.UserError(str(e)) from None
+        missing = [c for c in names[1:] if c not in self.archive["archive"]]
+        if missing:
+            raise common.UserError(f"{len(missing)} categories have no archive entry (e.g. {missing[:3]}); "
+                                   "rebuild the archive with these categories or pass --categories")
+        return names
+
+    def _build_pools(self):
+        """Entries once each; per-category pools and the flat pool as indices into them (duplicates kept,
+        as official: an image retrieved for 2 categories is twice as likely to be drawn). Label of an
+        entry = the LAST category (in `categories` order) whose archive holds it (official dict overwrite,
+        facts section 12 pitfall 8)."""
+        self.entries, self.labels, key_to_idx = [], [], {}
+        self.pools = []  # one list of entry indices per non-background category (may be empty)
+        for label, name in enumerate(self.categories[1:], start=1):
+            pool = []
+            for e in self.archive["archive"][name]:
+                key = (int(e["dir"]), e["path"])
+                if key not in key_to_idx:
+                    key_to_idx[key] = len(self.entries)
+                    self.entries.append({"dir": key[0], "path": key[1]})
+                    self.labels.append(label)
+                self.labels[key_to_idx[key]] = label  # later category overwrites
+                pool.append(key_to_idx[key])
+            self.pools.append(pool)
+        self.flat = [i for pool in self.pools for i in pool]
+        self.nonempty = [k for k, pool in enumerate(self.pools) if pool]
+        if not self.flat:
+            raise common.UserError("the archive has no entries for the chosen categories")
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.length
+
+    def check_masks(self):
+        """Entries whose pseudo-mask file is missing (one stat per entry; call once, in the main process)."""
+        return [e for e in self.entries if not os.path.isfile(self._mask_path(e))]
+
+    def _mask_path(self, entry):
+        return os.path.join(self.masks_dir, common.mask_relpath(self.archive, entry))
+
+    def rng(self, index):
+        # SeedSequence of the 4 numbers: independent streams per item, same scene for any worker layout
+        return np.random.default_rng([self.seed, self.rank, self.epoch, int(index)])
+
+    # ------------------------------------------------------------------------- one scene
+
+    def __getitem__(self, index):
+        rng = self.rng(index)
+        n = int(rng.integers(1, self.max_n + 1))
+        pool = self.flat
+        if rng.random() < self.p_same:  # all images from one category: several instances of a class
+            pool = self.pools[self.nonempty[rng.integers(len(self.nonempty))]]
+        layers = [self._draw(pool, rng, is_canvas=(i == 0)) for i in range(n)]
+        self.stats["scenes"] += 1
+        return self._compose(layers, rng)
+
+    def _draw(self, pool, rng, is_canvas):
+        """One augmented image; an unreadable image is counted and replaced by a new draw from `pool`."""
+        for _ in range(MAX_REDRAWS):
+            idx = pool[rng.integers(len(pool))]
+            layer = self._augment(idx, rng, is_canvas)
+            if layer is not None:
+                self.stats["images"] += 1
+                return layer
+        raise common.UserError(f"{MAX_REDRAWS} unreadable images in a row (e.g. {sorted(self.unreadable)[:2]}); "
+                               "check the archive's index_dirs")
+
+    def _augment(self, idx, rng, is_canvas):
+        """Scale, pad/crop, flip and photometric ops of entry `idx`. Returns a dict with "rgb" uint8
+        [c, c, 3], "obj" bool [c, c] (object pixels), "valid" (y0, y1, x0, x1) (non-pad window), "label";
+        or None if the image cannot be decoded."""
+        c, entry = self.crop, self.entries[idx]
+        path = common.image_path(self.archive, entry)
+        s = rng.uniform(*self.scale_range)
+        pad_side = rng.choice(4, p=PAD_SIDE_PROBS)  # 0 left+top, 1 left+bottom, 2 right+top, 3 right+bottom
+        try:
+            rgb, geom = self._load_scaled_crop(path, s, pad_side, rng)
+        except PIL_ERRORS:
+            self.stats["unreadable_image"] += 1
+            self.unreadable.add(path)
+            return None
+        obj = self._load_mask_crop(entry, geom)
+        y0, x0, lh, lw = geom["dst"]
+        if rng.random() < 0.5:  # horizontal flip of image, mask and non-pad window together
+            rgb, obj, x0 = rgb.transpose(Image.FLIP_LEFT_RIGHT), obj[:, ::-1], c - x0 - lw
+        box = None if is_canvas else paste_box(obj)
+        if not is_canvas and box is None:  # nothing of it will be pasted: skip the photometric work
+            return {"rgb": None, "obj": obj, "box": None, "valid": (y0, y0 + lh, x0, x0 + lw), "label": self.labels[idx]}
+        rgb = self._photometric(rgb, rng, box)
+        return {"rgb": rgb, "obj": obj, "box": box, "valid": (y0, y0 + lh, x0, x0 + lw), "label": self.labels[idx]}
+
+    def _load_scaled_crop(self, path, s, pad_side, rng):
+        """Decode, scale by s, pad with the mean colour and crop to c x c. Returns (PIL RGB c x c, geometry)
+        with geometry = {"size": (th, tw) scaled size, "src": (sy, sx) crop origin in the scaled image,
+        "dst": (dy, dx, lh, lw) where the window lands in the crop}."""
+        c = self.crop
+        with Image.open(path) as im:
+            w0, h0 = im.size
+            tw, th = max(1, int(w0 * s)), max(1, int(h0 * s))
+            im.draft("RGB", (tw, th))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= the target size
+            im.load()
+            im = im if im.mode == "RGB" else im.convert("RGB")
+        (sy, dy, lh), (sx, dx, lw) = (crop_window(th, c, pad_side in (0, 2), rng),
+                                      crop_window(tw, c, pad_side in (0, 1), rng))
+        geom = {"size": (th, tw), "src": (sy, sx), "dst": (dy, dx, lh, lw)}
+        if tw >= c and th >= c:  # no padding: resize only the window (same pixels as resize-then-crop)
+            fx, fy = im.width / tw, im.height / th
+            return im.resize((c, c), Image.BILINEAR, box=(sx * fx, sy * fy, (sx + c) * fx, (sy + c) * fy)), geom
+        im = im.resize((tw, th), Image.BILINEAR)
+        fill = tuple(int(v) for v in ImageStat.Stat(im).mean)  # mean colour (from histograms), truncated
+        out = Image.new("RGB", (c, c), fill)
+        out.paste(im.crop((sx, sy, sx + lw, sy + lh)), (dx, dy))
+        return out, geom
+
+    def _load_mask_crop(self, entry, geom):
+        """Object pixels (bool [c, c]) of the pseudo-mask inside the crop window; a missing, unreadable or
+        empty mask is an empty mask (as official), counted in stats."""
+        c = self.crop
+        obj = np.zeros((c, c), dtype=bool)
+        path = self._mask_path(entry)
+        try:
+            with Image.open(path) as m:
+                m = np.asarray(m if m.mode == "L" else m.convert("L")) > 127  # [H0, W0] bool
+        except FileNotFoundError:
+            self.stats["missing_mask"] += 1
+            return obj
+        except PIL_ERRORS:
+            self.stats["unreadable_mask"] += 1
+            return obj
+        if not m.any():
+            self.stats["empty_mask"] += 1
+            return obj
+        (th, tw), (sy, sx), (dy, dx, lh, lw) = geom["size"], geom["src"], geom["dst"]
+        # nearest resize, pixel centres aligned (as PIL's bilinear resize of the image): only the window
+        rows = np.minimum(((np.arange(sy, sy + lh) + 0.5) * (m.shape[0] / th)).astype(np.int64), m.shape[0] - 1)
+        cols = np.minimum(((np.arange(sx, sx + lw) + 0.5) * (m.shape[1] / tw)).astype(np.int64), m.shape[1] - 1)
+        obj[dy:dy + lh, dx:dx + lw] = m[rows[:, None], cols[None, :]]
+        return obj
+
+    def _photometric(self, img, rng, box):
+        """ColorJitter p=0.8, grayscale p=0.2, blur p=0.5 on a PIL image -> uint8 [c, c, 3]. For a pasted
+        image (box = its paste box) everything after the last whole-image op (contrast) runs on the box
+        plus the blur radius only; the pixels inside the box are the same as processing the whole image."""
+        c = self.crop
+        ops = []
+        if rng.random() < 0.8:
+            order, factors = jitter_params(rng)
+            ops += [(op, factors[op]) for op in order]
+        if rng.random() < 0.2:
+            ops.append(("gray", None))
+        sigma = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else None
+        ksize = int(0.1 * min(c, c)) // 2 * 2 + 1  # official: 39 at 384
+        last_global = max([k for k, (op, _) in enumerate(ops) if op == "contrast"], default=-1)
+        for op, f in ops[:last_global + 1]:
+            img = apply_op(img, op, f)
+        y0, y1, x0, x1 = 0, c, 0, c
+        if box is not None:  # cut to the box + blur margin (clipped: at the image border mirror is right)
+            r = max(1, min(ksize // 2, int(4.0 * sigma + 0.5))) if sigma is not None else 0
+            y0, y1, x0, x1 = max(0, box[0] - r), min(c, box[1] + r), max(0, box[2] - r), min(c, box[3] + r)
+            img = img.crop((x0, y0, x1, y1))
+        for op, f in ops[last_global + 1:]:
+            img = apply_op(img, op, f)
+        arr = np.asarray(img)
+        if sigma is not None:
+            arr = gaussian_blur(arr, sigma, ksize)
+        if box is None:
+            return np.ascontiguousarray(arr)
+        full = np.zeros((c, c, 3), dtype=np.uint8)  # outside the box nothing is ever read
+        full[y0:y1, x0:x1] = arr
+        return full
+
+    def _compose(self, layers, rng):
+        """Copy-paste: layer 0 is the canvas (kept whole, pad = ignore); each later layer's object pixels
+        inside its paste box go to a uniform random offset, overwriting what is there."""
+        c, ign = self.crop, self.ignore_index
+        rgb = layers[0]["rgb"].copy()  # [c, c, 3] uint8
+        sem = np.full((c, c), ign, dtype=np.int64)
+        inst = np.full((c, c), ign, dtype=np.int64)
+        y0, y1, x0, x1 = layers[0]["valid"]
+        sem[y0:y1, x0:x1] = layers[0]["obj"][y0:y1, x0:x1] * layers[0]["label"]
+        inst[y0:y1, x0:x1] = layers[0]["obj"][y0:y1, x0:x1]
+        for i, layer in enumerate(layers[1:], start=2):
+            if layer["box"] is None:
+                continue
+            by0, by1, bx0, bx1 = layer["box"]
+            bh, bw = by1 - by0, bx1 - bx0
+            oy, ox = int(rng.integers(0, c - bh + 1)), int(rng.integers(0, c - bw + 1))
+            sel = layer["obj"][by0:by1, bx0:bx1]  # [bh, bw] bool
+            rgb[oy:oy + bh, ox:ox + bw][sel] = layer["rgb"][by0:by1, bx0:bx1][sel]
+            sem[oy:oy + bh, ox:ox + bw][sel] = layer["label"]
+            inst[oy:oy + bh, ox:ox + bw][sel] = i
+        n = len(layers)
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255)  # [c, c, 3] -> [3, c, c]
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        inst_t = torch.from_numpy(inst)
+        masks = inst_t[None] == torch.arange(1, n + 1)[:, None, None]  # [n, c, c]; ignore != any id
+        return {"image": image.sub_(mean).div_(std), "semantic": torch.from_numpy(sem), "instance_masks": masks,
+                "category_ids": torch.tensor([layer["label"] for layer in layers], dtype=torch.long)}
+
+
+def crop_window(t, c, pad_before, rng):
+    """One axis of pad-then-random-crop: a scaled length t into a crop of length c. Returns (src, dst, len):
+    pixels [src, src+len) of the scaled image land at [dst, dst+len) of the crop. If t < c the axis is
+    padded (before or after the image) and the crop offset is 0; else the offset is uniform."""
+    if t < c:
+        return 0, (c - t) if pad_before else 0, t
+    return int(rng.integers(0, t - c + 1)), 0, c
+
+
+def paste_box(obj):
+    """(y0, y1, x0, x1) of the object's box with the official EXCLUSIVE max (ymin:ymax, xmin:xmax), so
+    the last object row and column are never pasted and 1-pixel-thin objects not at all (facts section 12
+    pitfall 12). None when nothing would be pasted."""
+    rows, cols = np.flatnonzero(obj.any(1)), np.flatnonzero(obj.any(0))
+    if rows.size == 0 or rows[-1] == rows[0] or cols[-1] == cols[0]:
+        return None
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+def collate_fn(items):
+    """Batch items: {"image": [B, 3, H, W], "semantic": [B, H, W], "instance_masks": list of bool
+    [n_b, H, W], "category_ids": list of long [n_b]} (instance counts vary per scene)."""
+    return {"image": torch.stack([it["image"] for it in items]),
+            "semantic": torch.stack([it["semantic"] for it in items]),
+            "instance_masks": [it["instance_masks"] for it in items],
+            "category_ids": [it["category_ids"] for it in items]}
+
+
+# ----------------------------------------------------------------------------- benchmark / preview
+
+def make_fake_archive(root, n_categories=3, per_category=20, size=(500, 375), seed=0):
+    """A generated archive (smooth random JPEGs with elliptic 0/255 PNG masks) for tests and benchmarks.
+    Returns (archive_json, masks_dir)."""
+    rng = np.random.default_rng(seed)
+    img_dir, masks_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+    arc = {"arch": "fake", "k": per_category, "index_dirs": ["images"],
+           "categories": ["background"] + [f"thing{k}" for k in range(n_categories)], "archive": {}}
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for k in range(n_categories):
+        arc["archive"][f"thing{k}"] = []
+        for j in range(per_category):
+            rel = f"c{k}/img{j}.jpg"
+            low = rng.integers(0, 256, (h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)  # blocky-smooth content
+            img = Image.fromarray(low).resize((w, h), Image.BILINEAR)
+            os.makedirs(os.path.join(img_dir, f"c{k}"), exist_ok=True)
+            img.save(os.path.join(img_dir, rel), quality=90)
+            cy, cx, ry, rx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, h / 4, w / 4
+            mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1).astype(np.uint8) * 255
+            entry = {"path": rel, "dir": 0, "score": 0.3}
+            common.save_image(mask, os.path.join(masks_dir, common.mask_relpath(
+                {"index_dirs": [img_dir]}, entry)))
+            arc["archive"][f"thing{k}"].append(entry)
+    path = os.path.join(root, "archive.json")
+    common.save_json(arc, path)
+    return path, masks_dir
+
+
+def benchmark(args):
+    import tempfile
+    import time
+    torch.set_num_threads(args.num_threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        arc, masks = make_fake_archive(tmp)
+        ds = ArchiveDataset(arc, masks, crop=args.crop, seed=args.seed, norm=args.norm)
+        ds[0]  # warm up imports
+        t0 = time.perf_counter()
+        n_inst = sum(ds[i]["instance_masks"].shape[0] for i in range(1, args.n_scenes + 1))
+        dt = time.perf_counter() - t0
+    print(f"crop {args.crop}: {args.n_scenes / dt:.1f} scenes/s, {n_inst / dt:.1f} images/s "
+          f"({1e3 * dt / args.n_scenes:.1f} ms/scene, {args.num_threads} thread(s), 500x375 JPEGs)")
+
+
+def preview(args):
+    ds = ArchiveDataset(args.archive, args.masks_dir, crop=args.crop, seed=args.seed, norm=args.norm,
+                        index_dirs=args.index_dirs)
+    mean, std = torch.tensor(ds.mean).view(3, 1, 1), torch.tensor(ds.std).view(3, 1, 1)
+    tiles = []
+    for i in range(args.n_scenes):
+        item = ds[i]
+        img = (item["image"] * std + mean).clamp(0, 1).mul(255).byte().permute(1, 2, 0).numpy()  # [c, c, 3]
+        ids = item["instance_masks"].float().argmax(0) + 1  # [c, c] instance id, 0 where none
+        ids[~item["instance_masks"].any(0)] = 0
+        colours = np.random.default_rng(0).integers(0, 256, (ds.max_n + 1, 3))
+        colours[0] = 0
+        overlay = colours[ids.numpy()].astype(np.uint8)
+        overlay[item["semantic"].numpy() == ds.ignore_index] = 128  # grey: ignore (padding)
+        tiles.append(np.concatenate([img, overlay], 0))
+    common.save_image(np.concatenate(tiles, 1), args.preview, quality=90)
+    print(f"wrote {args.preview} ({args.n_scenes} scenes; stats {dict(ds.stats)})")
+
+
+def main():
+    import argparse
+    # --- CLI ---
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--benchmark", action="store_true", help="time scene generation on generated 500x375 JPEGs")
+    p.add_argument("--archive", default="out/archive.json", help="archive JSON (for --preview)")
+    p.add_argument("--masks_dir", default="out/masks", help="pseudo-mask dir (for --preview)")
+    p.add_argument("--index_dirs", nargs="*", default=None, help="override the archive's index dirs")
+    p.add_argument("--preview", default="out/scenes.jpg", help="where to save a sheet of scenes (top: image, "
+                   "bottom: instances, grey = ignore)")
+    p.add_argument("--crop", type=int, default=384, help="scene size in pixels")
+    p.add_argument("--norm", default="imagenet", choices=sorted(NORMS), help="image normalisation")
+    p.add_argument("--n_scenes", type=int, default=50, help="scenes to time (benchmark) or show (preview)")
+    p.add_argument("--num_threads", type=int, default=1, help="torch threads (benchmark)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed")
+    args = p.parse_args()
+    common.print_config(vars(args))
+    benchmark(args) if args.benchmark else preview(args)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,315 @@
+"""Tests for dataset.py (copy-paste scenes). Run: cd /work/main && .venv/bin/python -m pytest -q test_dataset.py
+
+Every archive here is generated in a tmp dir: small JPEGs whose object (an ellipse) is white on black, so
+image/mask alignment can be checked, plus masks that are missing, empty or belong to unreadable images.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import dataset
+from dataset import ArchiveDataset, collate_fn
+
+CROP = 48
+
+
+def write_archive(root, spec, size=(120, 90)):
+    """spec: {category: [(name, kind)]}, kind in "ok", "missing", "empty", "corrupt" (unreadable image),
+    "dup:<cat>/<name>" (the same image as another category's entry). Returns (archive_json, masks_dir)."""
+    img_dir, masks_dir = os.path.join(root, "images"), os.path.join(root, "masks")
+    os.makedirs(img_dir, exist_ok=True)
+    arc = {"arch": "test", "k": 0, "index_dirs": ["images"], "categories": ["background"] + list(spec),
+           "archive": {}}
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(0)
+    for cat, items in spec.items():
+        arc["archive"][cat] = []
+        for name, kind in items:
+            rel = kind[4:] + ".jpg" if kind.startswith("dup:") else f"{cat}/{name}.jpg"
+            entry = {"path": rel, "dir": 0, "score": 0.5}
+            arc["archive"][cat].append(entry)
+            if kind.startswith("dup:"):
+                continue
+            os.makedirs(os.path.join(img_dir, cat), exist_ok=True)
+            cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
+            mask = (((yy - cy) / (h / 4)) ** 2 + ((xx - cx) / (w / 4)) ** 2 < 1).astype(np.uint8) * 255
+            if kind == "corrupt":
+                with open(os.path.join(img_dir, rel), "wb") as f:
+                    f.write(b"\xff\xd8 not a jpeg")
+            else:
+                Image.fromarray(np.repeat(mask[..., None], 3, 2)).save(os.path.join(img_dir, rel), quality=95)
+            mpath = os.path.join(masks_dir, common.mask_relpath({"index_dirs": [img_dir]}, entry))
+            if kind in ("ok", "corrupt"):
+                common.save_image(mask, mpath)
+            elif kind == "empty":
+                common.save_image(np.zeros_like(mask), mpath)
+    path = os.path.join(root, "archive.json")
+    with open(path, "w") as f:
+        json.dump(arc, f)
+    return path, masks_dir
+
+
+@pytest.fixture(scope="module")
+def arc(tmp_path_factory):
+    spec = {c: [(f"i{j}", "ok") for j in range(4)] for c in ("cat", "dog", "cow")}
+    return write_archive(str(tmp_path_factory.mktemp("arc")), spec)
+
+
+def make(arc, **kw):
+    kw.setdefault("crop", CROP)
+    return ArchiveDataset(*arc, **kw)
+
+
+class ZeroRng:
+    """Stands in for the numpy Generator in _compose: every paste offset is 0."""
+    def integers(self, lo, hi=None):
+        return 0
+
+
+# ----------------------------------------------------------------------------- item contract
+
+def test_shapes_dtypes_and_labels(arc):
+    ds = make(arc, max_n=4)
+    assert len(ds) == 12 and ds.categories == ["background", "cat", "dog", "cow"]
+    for i in range(6):
+        it = ds[i]
+        n = it["instance_masks"].shape[0]
+        assert 1 <= n <= 4
+        assert it["image"].shape == (3, CROP, CROP) and it["image"].dtype == torch.float32
+        assert it["semantic"].shape == (CROP, CROP) and it["semantic"].dtype == torch.long
+        assert it["instance_masks"].shape == (n, CROP, CROP) and it["instance_masks"].dtype == torch.bool
+        assert it["category_ids"].shape == (n,) and it["category_ids"].dtype == torch.long
+        assert set(it["category_ids"].tolist()) <= {1, 2, 3}
+        assert set(it["semantic"].unique().tolist()) <= {0, 1, 2, 3, 255}
+
+
+def test_instance_invariants(arc):
+    """Ids unique (no pixel in two masks); each mask inside its category's semantic pixels; every object
+    pixel of the semantic map belongs to some instance; ignore pixels are in no instance."""
+    ds = make(arc, max_n=10, scale_range=(0.3, 1.0))
+    n_pasted = 0
+    for i in range(12):
+        it = ds[i]
+        masks, sem, ids = it["instance_masks"], it["semantic"], it["category_ids"]
+        assert masks.sum(0).max() <= 1
+        for m, c in zip(masks, ids):
+            assert (sem[m] == c).all()
+        obj = (sem > 0) & (sem < 255)
+        assert torch.equal(masks.any(0), obj)
+        n_pasted += int(masks[1:].flatten(1).any(1).sum())
+    assert n_pasted > 0  # the pastes really happened
+
+
+def test_later_paste_wins():
+    c = 20
+    def layer(label, rows, cols, colour):
+        obj = np.zeros((c, c), bool)
+        obj[:rows, :cols] = True
+        rgb = np.full((c, c, 3), colour, np.uint8)
+        return {"rgb": rgb, "obj": obj, "box": dataset.paste_box(obj), "valid": (0, c, 0, c), "label": label}
+    ds = ArchiveDataset.__new__(ArchiveDataset)
+    ds.crop, ds.ignore_index, ds.mean, ds.std = c, 255, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    canvas = {"rgb": np.zeros((c, c, 3), np.uint8), "obj": np.zeros((c, c), bool), "box": None,
+              "valid": (0, c, 0, c), "label": 1}
+    it = ds._compose([canvas, layer(2, 10, 10, 100), layer(3, 6, 20, 200)], ZeroRng())
+    # exclusive boxes: layer 2 covers [0:9, 0:9], layer 3 covers [0:5, 0:19], both at offset 0
+    inst = it["instance_masks"]
+    assert inst[2, :5, :19].all() and not inst[1, :5].any()
+    assert inst[1, 5:9, :9].all() and not inst[1, 9:].any() and not inst[1, :, 9:].any()
+    assert (it["semantic"][:5, :19] == 3).all() and (it["semantic"][5:9, :9] == 2).all()
+    assert (it["semantic"][9:] == 0).all()
+    img = (it["image"] * 255).round()
+    assert (img[:, :5, :19] == 200).all() and (img[:, 5:9, :9] == 100).all() and (img[:, 9:] == 0).all()
+    assert not inst[0].any() and it["category_ids"].tolist() == [1, 2, 3]
+
+
+def test_paste_box_off_by_one():
+    obj = np.zeros((10, 10), bool)
+    obj[2:6, 3:8] = True
+    assert dataset.paste_box(obj) == (2, 5, 3, 7)  # last row and column dropped, as official
+    thin = np.zeros((10, 10), bool)
+    thin[4, 1:9] = True
+    assert dataset.paste_box(thin) is None and dataset.paste_box(np.zeros((4, 4), bool)) is None
+
+
+def test_padding_is_ignore_never_background(arc):
+    ds = make(arc, max_n=1, scale_range=(0.2, 0.2))  # 120x90 -> 24x18, padded to 48x48
+    for i in range(8):
+        sem = ds[i]["semantic"]
+        valid = sem != 255
+        rows, cols = valid.any(1).nonzero().flatten(), valid.any(0).nonzero().flatten()
+        assert valid.sum() == 24 * 18 and len(rows) == 18 and len(cols) == 24  # a solid window
+        assert valid[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+        assert (sem[valid] == 0).any()  # background exists, but only inside the window
+
+
+def test_pad_side_skew_default(arc):
+    assert dataset.PAD_SIDE_PROBS == (0.25, 0.1875, 0.140625, 0.421875)
+    assert abs(sum(dataset.PAD_SIDE_PROBS) - 1) < 1e-12
+
+
+# ----------------------------------------------------------------------------- geometry is exact
+
+def test_image_and_mask_stay_aligned(arc, monkeypatch):
+    """The images are white exactly on their mask: with photometric ops off, the scene's object pixels
+    are bright and its background dark (decoding with draft, box resize, flips and pastes included)."""
+    monkeypatch.setattr(ArchiveDataset, "_photometric", lambda self, img, rng, box: np.array(img))
+    ds = make(arc, max_n=6, norm="imagenet")
+    mean, std = torch.tensor(ds.mean).view(3, 1, 1), torch.tensor(ds.std).view(3, 1, 1)
+    agree = total = 0
+    for i in range(10):
+        it = ds[i]
+        grey = (it["image"] * std + mean).mean(0)  # [c, c] in [0, 1]
+        sem = it["semantic"]
+        obj, bg = (sem > 0) & (sem < 255), sem == 0
+        agree += int((grey[obj] > 0.5).sum() + (grey[bg] < 0.5).sum())
+        total += int(obj.sum() + bg.sum())
+    assert agree / total > 0.97
+
+
+def test_window_resize_equals_resize_then_crop():
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8))
+    tw, th, sx, sy, c = 83, 61, 7, 5, 40
+    full = np.asarray(im.resize((tw, th), Image.BILINEAR))[sy:sy + c, sx:sx + c]
+    fx, fy = im.width / tw, im.height / th
+    win = np.asarray(im.resize((c, c), Image.BILINEAR, box=(sx * fx, sy * fy, (sx + c) * fx, (sy + c) * fy)))
+    assert np.abs(full.astype(int) - win.astype(int)).max() <= 1
+
+
+def test_photometric_on_box_equals_whole_image(arc):
+    ds = make(arc)
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, (CROP, CROP, 3), dtype=np.uint8))
+    box = (10, 30, 5, 25)
+    for seed in range(12):  # covers jitter on/off, every op order, gray and blur
+        whole = ds._photometric(img, np.random.default_rng(seed), None)
+        cut = ds._photometric(img, np.random.default_rng(seed), box)
+        assert np.array_equal(whole[10:30, 5:25], cut[10:30, 5:25]), seed
+
+
+def test_photometric_probabilities_and_ranges(arc, monkeypatch):
+    """Jitter p=0.8 with all four ops in [1-0.8, 1+0.8] (hue [-0.2, 0.2]), grayscale p=0.2, blur p=0.5 with
+    sigma in [0.1, 2] and the official kernel size (39 at 384)."""
+    calls = []
+    real_op, real_blur = dataset.apply_op, dataset.gaussian_blur
+    monkeypatch.setattr(dataset, "apply_op", lambda img, op, f=None: calls.append((op, f)) or real_op(img, op, f))
+    monkeypatch.setattr(dataset, "gaussian_blur", lambda a, s, k: calls.append(("blur", (s, k))) or real_blur(a, s, k))
+    ds = make(arc, crop=384)
+    ds.crop = 8  # the kernel size is computed from the crop; 8x8 keeps the loop fast
+    img, n = Image.new("RGB", (8, 8), (120, 60, 30)), 3000
+    for seed in range(n):
+        ds._photometric(img, np.random.default_rng(seed), None)
+    count = {op: sum(1 for o, _ in calls if o == op) / n for op in ("hue", "contrast", "gray", "blur")}
+    assert abs(count["hue"] - 0.8) < 0.03 and count["hue"] == count["contrast"]
+    assert abs(count["gray"] - 0.2) < 0.03 and abs(count["blur"] - 0.5) < 0.03
+    factors = np.array([f for o, f in calls if o in ("brightness", "contrast", "saturation")])
+    hues = np.array([f for o, f in calls if o == "hue"])
+    assert 0.2 <= factors.min() < 0.25 and 1.75 < factors.max() <= 1.8
+    assert -0.2 <= hues.min() < -0.19 and 0.19 < hues.max() <= 0.2
+    sigmas = np.array([f[0] for o, f in calls if o == "blur"])
+    assert 0.1 <= sigmas.min() < 0.15 and 1.95 < sigmas.max() <= 2.0
+    assert {f[1] for o, f in calls if o == "blur"} == {1}  # int(0.8) // 2 * 2 + 1
+    ds.crop = 384
+    calls.clear()
+    while not any(o == "blur" for o, _ in calls):
+        ds._photometric(Image.new("RGB", (384, 384)), np.random.default_rng(n), None)
+        n += 1
+    assert [f[1] for o, f in calls if o == "blur"] == [39]
+
+
+def test_mask_nearest_identity_at_scale_one(arc):
+    ds = make(arc)
+    entry = ds.entries[0]
+    m = np.asarray(Image.open(ds._mask_path(entry))) > 127  # [90, 120]
+    obj = ds._load_mask_crop(entry, {"size": (90, 120), "src": (20, 30), "dst": (0, 0, CROP, CROP)})
+    assert np.array_equal(obj, m[20:20 + CROP, 30:30 + CROP])
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def test_same_seed_same_scene_any_workers(arc):
+    a, b = make(arc, seed=3), make(arc, seed=3)
+    for i in (0, 5, 11):
+        x, y = a[i], b[i]
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    c = make(arc, seed=4)
+    assert any(not torch.equal(a[i]["image"], c[i]["image"]) for i in range(4))
+    a.set_epoch(1)
+    assert not torch.equal(a[0]["image"], b[0]["image"])
+    a.set_epoch(0)
+    loader = torch.utils.data.DataLoader(a, batch_size=2, num_workers=2, collate_fn=collate_fn)
+    batches = list(loader)[:2]
+    for j, batch in enumerate(batches):
+        ref = collate_fn([b[2 * j], b[2 * j + 1]])
+        assert torch.equal(batch["image"], ref["image"]) and torch.equal(batch["semantic"], ref["semantic"])
+
+
+# ----------------------------------------------------------------------------- bad data
+
+def test_empty_missing_unreadable_counted(tmp_path):
+    spec = {"cat": [("a", "missing"), ("b", "empty"), ("c", "corrupt"), ("d", "ok")]}
+    ds = ArchiveDataset(*write_archive(str(tmp_path), spec), crop=CROP, max_n=5)
+    assert [e["path"] for e in ds.check_masks()] == ["cat/a.jpg"]
+    for i in range(20):
+        it = ds[i]
+        assert it["instance_masks"].shape[0] == it["category_ids"].shape[0]
+    assert ds.stats["missing_mask"] > 0 and ds.stats["empty_mask"] > 0
+    assert ds.stats["unreadable_image"] > 0 and ds.stats["scenes"] == 20
+    assert ds.unreadable == {os.path.join(str(tmp_path), "images", "cat", "c.jpg")}
+
+
+def test_only_unreadable_images_is_a_user_error(tmp_path):
+    ds = ArchiveDataset(*write_archive(str(tmp_path), {"cat": [("c", "corrupt")]}), crop=CROP)
+    with pytest.raises(common.UserError, match="unreadable"):
+        ds[0]
+
+
+def test_duplicate_gets_last_category_label(tmp_path):
+    spec = {"cat": [("a", "ok")], "dog": [("b", "ok"), ("a2", "dup:cat/a")]}
+    ds = ArchiveDataset(*write_archive(str(tmp_path), spec), crop=CROP)
+    assert len(ds.entries) == 2 and len(ds.flat) == 3 and len(ds) == 3
+    assert ds.labels[ds.entries.index({"dir": 0, "path": "cat/a.jpg"})] == 2  # "dog", the later category
+    assert ds.pools == [[0], [1, 0]]
+    sub = ArchiveDataset(*write_archive(str(tmp_path), spec), crop=CROP, categories=["dog", "cat"])
+    assert sub.categories == ["background", "dog", "cat"] and sub.labels[sub.entries.index(
+        {"dir": 0, "path": "cat/a.jpg"})] == 2  # order of `categories` decides
+
+
+def test_user_errors(arc, tmp_path):
+    with pytest.raises(common.UserError):
+        make(arc, norm="bgr")
+    with pytest.raises(common.UserError):
+        make(arc, categories=["cat", "zebra"])
+    with pytest.raises(common.UserError):
+        ArchiveDataset(arc[0], str(tmp_path / "nope"))
+    with pytest.raises(common.UserError):
+        make(arc, scale_range=(0.5, 0.1))
+
+
+def test_norms_differ(arc):
+    a, b = make(arc, norm="imagenet"), make(arc, norm="clip")
+    x, y = a[0]["image"], b[0]["image"]
+    std, mean = torch.tensor(b.std).view(3, 1, 1), torch.tensor(b.mean).view(3, 1, 1)
+    std0, mean0 = torch.tensor(a.std).view(3, 1, 1), torch.tensor(a.mean).view(3, 1, 1)
+    assert not torch.allclose(x, y) and torch.allclose(x * std0 + mean0, y * std + mean, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- collate
+
+def test_collate_variable_instance_counts(arc):
+    ds = make(arc, max_n=10)
+    items = [ds[i] for i in range(8)]
+    counts = [it["instance_masks"].shape[0] for it in items]
+    assert len(set(counts)) > 1  # really variable
+    batch = collate_fn(items)
+    assert batch["image"].shape == (8, 3, CROP, CROP) and batch["semantic"].shape == (8, CROP, CROP)
+    assert [m.shape[0] for m in batch["instance_masks"]] == counts
+    assert [c.shape[0] for c in batch["category_ids"]] == counts
