@@ -117,7 +117,7 @@ class MaskCLIPSegmenter:
 
     def __init__(self, clip, categories, norm="clip", max_instances=100):
         self.clip, self.norm, self.max_instances = clip.eval(), norm, max_instances
-        self.scale = float(clip.logit_scale.exp())
+        self.scale = clip.logit_scale.detach().exp().item()
         self.device = next(clip.parameters()).device
         self._cache, self.categories = {}, []
         self.set_categories(categories)
@@ -278,12 +278,10 @@ def overlay(img, label_map, colours, alpha=0.55, ignore=None):
     return out.astype(np.uint8)
 
 
-def with_legend(img, entries, width=None):
+def with_legend(img, entries):
     """Append a legend strip below an image: entries = [(rgb, text)], one swatch per line."""
     from PIL import Image, ImageDraw
-    W = width or img.shape[1]
-    lines = max(1, len(entries))
-    strip = Image.new("RGB", (W, 12 * lines + 4), (255, 255, 255))
+    strip = Image.new("RGB", (img.shape[1], 12 * max(1, len(entries)) + 4), (255, 255, 255))
     d = ImageDraw.Draw(strip)
     for k, (rgb, text) in enumerate(entries):
         d.rectangle([2, 2 + 12 * k, 11, 11 + 12 * k], fill=tuple(int(v) for v in rgb))
@@ -291,30 +289,38 @@ def with_legend(img, entries, width=None):
     return np.concatenate([img, np.asarray(strip)], axis=0)
 
 
+def zoom(a, f, hw_axes=(0, 1)):
+    """Nearest-neighbour upscaling by an integer factor, so legends stay readable on tiny images."""
+    return a if f == 1 else a.repeat(f, axis=hw_axes[0]).repeat(f, axis=hw_axes[1])
+
+
 def render_semantic(img, sem, names, ignore=None):
+    f = max(1, -(-192 // img.shape[1]))
     pal = palette(max(len(names), 256))
     present = [int(c) for c in np.unique(sem) if 0 < c < len(names)]
-    return with_legend(overlay(img, sem, pal, ignore=ignore), [(pal[c], names[c]) for c in present])
+    return with_legend(overlay(zoom(img, f), zoom(sem, f), pal, ignore=ignore), [(pal[c], names[c]) for c in present])
 
 
 def render_instances(img, p, names):
+    f = max(1, -(-192 // img.shape[1]))
     pal = palette(len(p["labels"]) + 2)[1:]
     lab = np.zeros(img.shape[:2], np.int64)
     for i in np.argsort(p["scores"].numpy()):  # best last, drawn on top
         lab[p["masks"][i].numpy()] = i + 1
     entries = [(pal[i + 1], f"{names[l]} {s:.2f}") for i, (l, s) in enumerate(zip(p["labels"].tolist(), p["scores"].tolist()))]
-    return with_legend(overlay(img, lab, pal), entries[:20])
+    return with_legend(overlay(zoom(img, f), zoom(lab, f), pal), entries[:20])
 
 
 def save_vis(path, img, gt, p, names, ignore):
     """image | ground truth | semantic prediction | instances, each with its legend."""
-    panels = [img] + ([render_semantic(img, gt, names, ignore)] if gt is not None else [])
+    f = max(1, -(-192 // img.shape[1]))
+    panels = [zoom(img, f)] + ([render_semantic(img, gt, names, ignore)] if gt is not None else [])
     panels.append(render_semantic(img, p["semantic"].numpy(), names))
     if "masks" in p:
         panels.append(render_instances(img, p, names))
     h = max(q.shape[0] for q in panels)
     panels = [np.pad(q, ((0, h - q.shape[0]), (0, 4), (0, 0)), constant_values=255) for q in panels]
-    common.save_image(np.concatenate(panels, axis=1), path, quality=90)
+    common.save_image(np.concatenate(panels, axis=1), path)
 
 
 # ----------------------------------------------------------------------------- benchmark loop
@@ -400,7 +406,7 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
             rgb = np.stack([pred % 256, pred // 256, np.zeros_like(pred)], -1).astype(np.uint8)
             common.save_image(rgb, os.path.join(out_dir, "test", s["name"] + ".png"))
         if dist.is_main and out_dir and i < n_vis:
-            save_vis(os.path.join(out_dir, "vis", s["name"].replace("/", "__") + ".jpg"), np.asarray(pil), gt, p,
+            save_vis(os.path.join(out_dir, "vis", s["name"].replace("/", "__") + ".png"), np.asarray(pil), gt, p,
                      list(seg.categories), bench.ignore_index)
     wall = time.time() - t0
     conf = _all_reduce(dist, conf)

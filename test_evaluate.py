@@ -322,3 +322,119 @@ def test_oracle_gives_100_and_shuffled_low(voc_root, tmp_path, monkeypatch):
     perm = {0: 0, 12: 15, 15: 12}
     m = E.evaluate_bench(Oracle(b, perm), b, None)
     assert m["mIoU"] < 50 and m["AP"] == pytest.approx(0) and m["AP_agn"] == pytest.approx(100)
+
+
+class Constant:
+    """A segmenter predicting one label everywhere and no instances."""
+    kind, norm, device = "constant", "imagenet", torch.device("cpu")
+
+    def __init__(self, categories, label):
+        self.categories, self.label = list(categories), label
+
+    def set_categories(self, names):
+        self.categories = list(names)
+
+    def __call__(self, x, out_size, instances=True):
+        assert max(x.shape[-2:]) <= 1024
+        return {"semantic": torch.full(out_size, self.label, dtype=torch.long), "masks": torch.zeros(0, *out_size, dtype=torch.bool),
+                "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+
+
+def test_imagenet_s_test_split_writes_server_pngs(tmp_path):
+    root = tmp_path / "ImageNetS919"
+    save_jpg(f"{root}/test/n01440764/ILSVRC2012_test_00000001.JPEG", 1100, 20)  # longer side capped at 1024
+    m = E.run_benchmark(Constant(C.IMAGENET_S919, 600), "imagenet_s919", str(root), out_dir=str(tmp_path / "o"), split="test")
+    png = np.array(Image.open(tmp_path / "o" / "test" / "n01440764" / "ILSVRC2012_test_00000001.png"))
+    assert png.shape == (1100, 20, 3) and (png[..., 0] == 600 % 256).all() and (png[..., 1] == 2).all() and m["n_images"] == 1
+
+
+# ----------------------------------------------------------------------------- end to end with tiny models
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_clip_path, tmp_path_factory):
+    """A train.py-format checkpoint of a tiny random ZUTIS on the conftest tiny CLIP."""
+    import model as M
+    net = M.ZUTIS(tiny_clip_path, ["background", "person", "dog"], n_queries=8, n_layers=1, n_heads=2, dim_ffn=32, mlp_hidden=16)
+    path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+    torch.save({"model": net.state_dict(), "step": 0,
+                "config": {**net.hparams, "arch": tiny_clip_path, "categories": net.categories, "norm": "imagenet"}}, path)
+    return path
+
+
+def run_main(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device", "cpu", *argv])
+    E.main()
+
+
+def test_cli_zutis_voc(voc_root, tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "z"
+    run_main(monkeypatch, "--bench", "voc", "--data_root", os.path.dirname(os.path.dirname(voc_root)), "--ckpt", tiny_ckpt,
+             "--out_dir", str(out), "--save_vis", "2", "--split", "val")
+    m = json.load(open(out / "metrics.json"))
+    assert m["n_images"] == 2 and m["n_gt_instances"] == 3 and 0 <= m["mIoU"] <= 100
+    assert {"AP", "AP50", "AP75", "AP_agn", "pixel_acc", "config", "git_sha"} <= set(m) and m["config"]["nms"] == "hard"
+    assert isinstance(json.load(open(out / "instances.json")), list) and len(os.listdir(out / "vis")) == 2
+
+
+def test_cli_maskclip_voc_and_run_benchmark(voc_root, tiny_clip_path, tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "m"
+    run_main(monkeypatch, "--bench", "voc", "--data_root", voc_root, "--model", "maskclip", "--arch", tiny_clip_path,
+             "--classes", "person,dog", "--out_dir", str(out), "--save_vis", "1")
+    m = json.load(open(out / "metrics.json"))
+    assert m["n_images"] == 4 and "AP50_agn" in m and list(m["per_class_iou"]) == ["background", "person", "dog"]
+    # train.py's path: a raw ZUTIS module, evaluated with its own categories
+    import model as M
+    net = M.load_checkpoint(tiny_ckpt)
+    r = E.run_benchmark(net, "voc", voc_root, max_images=2, save_vis=0)
+    assert r["n_images"] == 2 and net.categories == ["background", "person", "dog"] and "mIoU" in r
+
+
+def test_cub_breed_mode_with_maskclip(tmp_path, tiny_clip):
+    test_cub_reader(tmp_path)
+    seg = E.MaskCLIPSegmenter(tiny_clip, ["background", "bird"])
+    m = E.run_benchmark(seg, "cub", str(tmp_path), cub_text="breed")
+    assert m["n_images"] == 2 and 0 <= m["fg_iou"] <= 100 and m["fg_iou_per_image"] is not None
+    assert ("background", "Laysan Albatross") in seg._cache  # each image was segmented with its breed name
+
+
+def test_images_demo(tiny_ckpt, tmp_path, monkeypatch):
+    src = tmp_path / "photos"
+    save_jpg(f"{src}/a.jpg", 40, 56, 1)
+    save_jpg(f"{src}/more/b.png", 33, 17, 2)  # odd size, smaller than a legend
+    (src / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "demo"
+    run_main(monkeypatch, "--images", str(src), "--classes", "cat,dog,red bicycle", "--ckpt", tiny_ckpt, "--out_dir", str(out))
+    for stem in ("a", "more/b"):
+        for kind in ("semantic", "instances", "labels"):
+            assert (out / f"{stem}_{kind}.png").is_file()
+    lab = np.array(Image.open(out / "more" / "b_labels.png"))
+    assert lab.shape == (33, 17) and lab.max() <= 3
+    coco = json.load(open(out / "predictions.json"))
+    assert [c["name"] for c in coco["categories"]] == ["cat", "dog", "red bicycle"] and len(coco["images"]) == 2
+    assert all(1 <= a["category_id"] <= 3 and "counts" in a["segmentation"] for a in coco["annotations"])
+
+
+def test_throughput_cpu(voc_root, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    run_main(monkeypatch, "--bench", "voc", "--data_root", voc_root, "--ckpt", tiny_ckpt, "--out_dir", str(tmp_path),
+             "--throughput", "--throughput_images", "3", "--warmup", "1")
+    r = json.load(open(tmp_path / "throughput.json"))
+    assert r["img_per_s"] > 0 and r["n_images"] == 3 and r["batch"] == 1
+    assert "protocol:" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+def run_cli(*argv):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--device", "cpu", *argv],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(err) == 1 and err[0].startswith("error: "), r.stderr
+    return err[0]
+
+
+def test_cli_errors(voc_root, tiny_ckpt, tmp_path):
+    assert "unknown benchmark 'kitti'" in run_cli("--bench", "kitti")
+    assert "data root not found" in run_cli("--bench", "voc", "--data_root", str(tmp_path / "missing"))
+    assert "checkpoint not found" in run_cli("--bench", "voc", "--data_root", voc_root, "--ckpt", str(tmp_path / "no.pt"))
+    assert "not --arch ViT-B/32" in run_cli("--bench", "voc", "--data_root", voc_root, "--ckpt", tiny_ckpt, "--arch", "ViT-B/32")
