@@ -42,10 +42,15 @@ def write_archive(root, spec, size=(120, 90)):
             if kind == "corrupt":
                 with open(os.path.join(img_dir, rel), "wb") as f:
                     f.write(b"\xff\xd8 not a jpeg")
+            elif kind == "gray":  # a single-channel JPEG, as some ImageNet images are
+                Image.fromarray(mask).save(os.path.join(img_dir, rel), quality=95)
+            elif kind == "small_mask":  # pseudo-mask at half the image size
+                Image.fromarray(np.repeat(mask[..., None], 3, 2)).save(os.path.join(img_dir, rel), quality=95)
+                mask = mask[::2, ::2]
             else:
                 Image.fromarray(np.repeat(mask[..., None], 3, 2)).save(os.path.join(img_dir, rel), quality=95)
             mpath = os.path.join(masks_dir, common.mask_relpath({"index_dirs": [img_dir]}, entry))
-            if kind in ("ok", "corrupt"):
+            if kind in ("ok", "corrupt", "gray", "small_mask"):
                 common.save_image(mask, mpath)
             elif kind == "empty":
                 common.save_image(np.zeros_like(mask), mpath)
@@ -138,11 +143,13 @@ def test_paste_box_off_by_one():
     assert dataset.paste_box(thin) is None and dataset.paste_box(np.zeros((4, 4), bool)) is None
 
 
-def test_padding_is_ignore_never_background(arc):
-    ds = make(arc, max_n=1, scale_range=(0.2, 0.2))  # 120x90 -> 24x18, padded to 48x48
+@pytest.mark.parametrize("ignore", [255, 1000])
+def test_padding_is_ignore_never_background(arc, ignore):
+    ds = make(arc, max_n=1, scale_range=(0.2, 0.2), ignore_index=ignore)  # 120x90 -> 24x18, padded to 48x48
     for i in range(8):
         sem = ds[i]["semantic"]
-        valid = sem != 255
+        assert set(sem.unique().tolist()) <= {0, 1, 2, 3, ignore}
+        valid = sem != ignore
         rows, cols = valid.any(1).nonzero().flatten(), valid.any(0).nonzero().flatten()
         assert valid.sum() == 24 * 18 and len(rows) == 18 and len(cols) == 24  # a solid window
         assert valid[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
@@ -264,6 +271,18 @@ def test_empty_missing_unreadable_counted(tmp_path):
     assert ds.stats["missing_mask"] > 0 and ds.stats["empty_mask"] > 0
     assert ds.stats["unreadable_image"] > 0 and ds.stats["scenes"] == 20
     assert ds.unreadable == {os.path.join(str(tmp_path), "images", "cat", "c.jpg")}
+
+
+def test_grayscale_image_and_mask_size_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setattr(ArchiveDataset, "_photometric", lambda self, img, rng, box: np.array(img))
+    spec = {"cat": [("g", "gray"), ("s", "small_mask")]}
+    ds = ArchiveDataset(*write_archive(str(tmp_path), spec), crop=CROP, max_n=1, scale_range=(1.0, 1.0))
+    for i in range(6):
+        it = ds[i]
+        grey = it["image"] * torch.tensor(ds.std).view(3, 1, 1) + torch.tensor(ds.mean).view(3, 1, 1)
+        obj = it["semantic"] == 1
+        assert it["image"].shape == (3, CROP, CROP) and obj.any() and (grey[:, obj] > 0.5).float().mean() > 0.85  # 1 px edges
+    assert ds.stats["mask_size_mismatch"] > 0 and ds.stats["unreadable_image"] == 0
 
 
 def test_only_unreadable_images_is_a_user_error(tmp_path):
