@@ -1,0 +1,235 @@
+"""Tests of build_archive.py and index_store.py (CPU, tiny random CLIP, generated images).
+
+    .venv/bin/python -m pytest -q test_archive.py
+"""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import build_archive
+import common
+import index_store as store
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def brute_topk(T, E, k):
+    """Reference: full score matrix, per row a lexsort on (score desc, index asc)."""
+    S = (T.double() @ E.double().t()).float().numpy()  # exact for the small integers used below
+    order = [np.lexsort((np.arange(S.shape[1]), -row))[:k] for row in S]
+    return np.stack([S[r, o] for r, o in enumerate(order)]), np.stack(order)
+
+
+def make_images(root, n=12, seed=0):
+    """n small random images in a nested tree, two byte-identical copies (tied scores), and three
+    broken files: a truncated JPEG, a zero-byte file and a text file with an image extension."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        sub = os.path.join(root, "a" if i % 2 else "b/c")
+        os.makedirs(sub, exist_ok=True)
+        arr = rng.integers(0, 255, (24 + 3 * i, 40, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(os.path.join(sub, f"im{i:02d}.{'JPG' if i % 3 else 'png'}"))
+    good = open(os.path.join(root, "a", "im01.JPG"), "rb").read()
+    open(os.path.join(root, "a", "copy_of_im01.jpg"), "wb").write(good)
+    open(os.path.join(root, "a", "truncated.jpeg"), "wb").write(good[:200])
+    open(os.path.join(root, "a", "zero.jpg"), "wb").close()
+    open(os.path.join(root, "b", "notes.png"), "w").write("not an image")
+
+
+def run_build(tiny_clip_path, imgs, out, *extra):
+    build_archive.main(["--arch", tiny_clip_path, "--index_dirs", str(imgs), "--categories", "cat,dog,red car",
+                        "--k", "4", "--out_dir", str(out), "--device", "cpu", "--chunk_size", "5",
+                        "--batch_size", "3", "--workers", "0", "--sheet_size", "4", *extra])
+
+
+# ----------------------------------------------------------------------------- top-k
+
+@pytest.mark.parametrize("N,K,k,B", [(50, 3, 7, 8), (50, 3, 60, 8), (97, 5, 10, 13), (300, 4, 5, 150),
+                                     (300, 4, 20, 300), (260, 3, 9, 1), (1000, 6, 30, 256), (5, 2, 5, 2)])
+def test_topk_matches_bruteforce(N, K, k, B):
+    rng = np.random.default_rng(N * 7 + B)
+    # small integer vectors: many exactly equal scores, so the tie rule is exercised everywhere
+    E = torch.from_numpy(rng.integers(-2, 3, (N, 4)).astype(np.float32))
+    T = torch.from_numpy(rng.integers(-2, 3, (K, 4)).astype(np.float32))
+    s, i = store.topk_stream(T, [(a, E[a:a + B].numpy()) for a in range(0, N, B)], k)
+    bs, bi = brute_topk(T, E, k)
+    assert s.shape == (K, min(k, N)) and i.dtype == torch.long
+    np.testing.assert_array_equal(i.numpy(), bi)
+    np.testing.assert_array_equal(s.numpy(), bs)
+
+
+def test_topk_continuous_scores_and_block_reader(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((777, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    path = str(tmp_path / "e.npy")
+    common.save_npy(x.astype(np.float16), path)
+    blocks = list(store.iter_blocks(path, 100))
+    assert [b[0] for b in blocks] == list(range(0, 777, 100))
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), np.load(path))
+    T = torch.nn.functional.normalize(torch.randn(9, 16), dim=-1)
+    s, i = store.topk_stream(T, store.iter_blocks(path, 64), 50)
+    bs, bi = brute_topk(T, torch.from_numpy(np.load(path).astype(np.float32)), 50)
+    np.testing.assert_array_equal(i.numpy(), bi)
+    np.testing.assert_allclose(s.numpy(), bs, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_build_skip_and_kill_resume(tiny_clip_path, tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    make_images(str(imgs))
+    run_build(tiny_clip_path, imgs, tmp_path / "out_a")
+    out = capsys.readouterr().out
+    assert "3 skipped" in out and "16 images listed, 13 embedded" in out
+
+    # the same build, killed after its first chunk, then run again
+    out_b = tmp_path / "out_b"
+    with pytest.raises(RuntimeError, match="test hook"):
+        run_build(tiny_clip_path, imgs, out_b, "--_fail_after_chunks", "1")
+    st = out_b / "embeddings" / "tiny_clip"
+    assert (st / "chunk_000000.npz").exists() and not (st / "chunk_000001.npz").exists()
+    assert not (st / "embeddings.npy").exists() and not (out_b / "archive.json").exists()
+    mtime = os.stat(st / "chunk_000000.npz").st_mtime_ns
+    run_build(tiny_clip_path, imgs, out_b)
+    assert "1 of rank 0's 4 chunks already on disk" in capsys.readouterr().out
+    assert os.stat(st / "chunk_000000.npz").st_mtime_ns == mtime  # resumed, not recomputed
+    a, b = (open(p / "archive.json", "rb").read() for p in (tmp_path / "out_a", out_b))
+    assert a == b
+    assert (np.load(st / "embeddings.npy") == np.load(tmp_path / "out_a/embeddings/tiny_clip/embeddings.npy")).all()
+
+    # the three broken files are reported, the run succeeded
+    skipped = (out_b / "skipped.txt").read_text().splitlines()
+    assert sorted(os.path.basename(line.split("\t")[0]) for line in skipped) == ["notes.png", "truncated.jpeg", "zero.jpg"]
+    arc = common.load_archive(str(out_b / "archive.json"))
+    assert arc["categories"] == ["background", "cat", "dog", "red car"] and list(arc["archive"]) == ["cat", "dog", "red car"]
+    assert arc["index_dirs"] == [str(imgs)] and json.loads(a)["index_dirs"] == ["../imgs"]
+    paths = common.list_images(str(imgs))
+    for name, entries in arc["archive"].items():
+        assert len(entries) == 4
+        assert all(os.path.isfile(common.image_path(arc, e)) for e in entries)
+        key = [(-e["score"], paths.index(e["path"])) for e in entries]
+        assert key == sorted(key)  # descending score, ties by lower index (the two identical images)
+        assert (out_b / "contact_sheets" / f"{build_archive.safe_name(name)}.jpg").exists()
+    # a second run reuses the finished store
+    run_build(tiny_clip_path, imgs, out_b)
+    assert "already embedded" in capsys.readouterr().out
+    assert open(out_b / "archive.json", "rb").read() == a
+
+
+def test_scores_match_clip(tiny_clip_path, tmp_path):
+    """The archive's scores are CLIP cosines of the preprocessed image and the prompt ensemble."""
+    import clip_model
+    imgs = tmp_path / "imgs"
+    make_images(str(imgs), n=6)
+    run_build(tiny_clip_path, imgs, tmp_path / "out", "--workers", "2")
+    arc = common.load_archive(str(tmp_path / "out" / "archive.json"))
+    model, pre = clip_model.load(tiny_clip_path)
+    e = arc["archive"]["dog"][0]
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image(pre(common.load_rgb(common.image_path(arc, e)))[None]), dim=-1)
+    txt = clip_model.text_embeddings(model, ["dog"])
+    assert abs(float(img @ txt.t()) - e["score"]) < 2e-3  # float16 storage of the image embedding
+
+
+# ----------------------------------------------------------------------------- pickles
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_restricted_unpickler(tmp_path):
+    table = {"n01440764_1.JPEG": torch.randn(8), "pass_img.jpg": torch.randn(8)}
+    for name, dump in [("plain.pkl", lambda obj, f: pickle.dump(obj, f)), ("saved.pt", torch.save)]:
+        with open(tmp_path / name, "wb") as f:
+            dump(table, f)
+        got = store.load_embedding_pickle(str(tmp_path / name))
+        assert sorted(got) == sorted(table) and all(torch.equal(got[n], table[n]) for n in table)
+    marker = tmp_path / "pwned"
+    for name, dump in [("evil.pkl", lambda obj, f: pickle.dump(obj, f)), ("evil.pt", torch.save)]:
+        with open(tmp_path / name, "wb") as f:
+            dump({"a.jpg": torch.randn(8), "b.jpg": Evil(marker)}, f)
+        with pytest.raises(common.UserError, match="system"):
+            store.load_embedding_pickle(str(tmp_path / name))
+        assert not marker.exists()
+    with pytest.raises(common.UserError, match="posix.system|os.system"):
+        store.TensorOnlyUnpickler(open(tmp_path / "evil.pkl", "rb"), "evil.pkl").load()
+
+
+def test_import_embeddings(tiny_clip_path, tmp_path, capsys):
+    imnet, pas = tmp_path / "ImageNet2012" / "train", tmp_path / "pass" / "images"
+    rng = np.random.default_rng(0)
+    files = [imnet / "n01440764" / "n01440764_1.JPEG", imnet / "n01443537" / "n01443537_2.JPEG", pas / "p1.jpg", pas / "p2.jpg"]
+    for f in files:
+        os.makedirs(f.parent, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(f)
+    emb = torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)  # tiny CLIP: embed_dim 32
+    with open(tmp_path / "imnet.pkl", "wb") as f:
+        pickle.dump({"n01440764_1.JPEG": emb[0], "n01443537_2.JPEG": emb[1], "n09999999_3.JPEG": emb[4]}, f)
+    with open(tmp_path / "pass.pkl", "wb") as f:
+        pickle.dump({"p1.jpg": emb[2], "p2.jpg": emb[3]}, f)
+    build_archive.main(["--arch", tiny_clip_path, "--index_dirs", str(imnet), str(pas), "--categories", "cat,dog",
+                        "--k", "3", "--out_dir", str(tmp_path / "out"), "--device", "cpu", "--sheet_size", "0",
+                        "--import_embeddings", str(tmp_path / "imnet.pkl"), str(tmp_path / "pass.pkl")])
+    assert "1 missing" in capsys.readouterr().out
+    arc = common.load_archive(str(tmp_path / "out" / "archive.json"))
+    got = {(e["dir"], e["path"]) for e in arc["archive"]["cat"]} | {(e["dir"], e["path"]) for e in arc["archive"]["dog"]}
+    assert got <= {(0, "n01440764/n01440764_1.JPEG"), (0, "n01443537/n01443537_2.JPEG"), (1, "p1.jpg"), (1, "p2.jpg")}
+    assert "n09999999_3.JPEG" in (tmp_path / "out" / "skipped.txt").read_text()
+
+
+def test_import_archive(tmp_path, capsys):
+    new = tmp_path / "data" / "ImageNet2012" / "train"
+    for rel in ["n01440764/n01440764_1.JPEG", "n01440764/n01440764_2.JPEG"]:
+        os.makedirs(new / os.path.dirname(rel), exist_ok=True)
+        Image.new("RGB", (8, 8)).save(new / rel)
+    old = "/users/someone/datasets/ImageNet2012/train"
+    official = {"tench": [f"{old}/n01440764/n01440764_2.JPEG", f"{old}/n01440764/n01440764_1.JPEG"],
+                "goldfish": [f"{old}/n01440764/n01440764_1.JPEG", f"{old}/n01443537/n01443537_9.JPEG"]}
+    (tmp_path / "official.json").write_text(json.dumps(official))
+    out = tmp_path / "out"
+    build_archive.main(["--import_archive", str(tmp_path / "official.json"), "--remap", f"{old}={new}",
+                        "--out_dir", str(out), "--sheet_size", "2"])
+    assert "3 of 4 paths found, 1 missing" in capsys.readouterr().out
+    arc = common.load_archive(str(out / "archive.json"))
+    assert arc["categories"] == ["background", "tench", "goldfish"] and arc["index_dirs"] == [str(new)]
+    assert [e["path"] for e in arc["archive"]["tench"]] == ["n01440764/n01440764_2.JPEG", "n01440764/n01440764_1.JPEG"]
+    assert "n01443537_9.JPEG" in (out / "skipped.txt").read_text()
+    with pytest.raises(common.UserError, match="--remap"):
+        build_archive.main(["--import_archive", str(tmp_path / "official.json"), "--out_dir", str(out)])
+
+
+def test_benchmark_runs(capsys):
+    build_archive.main(["--benchmark", "3000", "--k", "20", "--block_size", "1024", "--device", "cpu"])
+    assert "peak RSS" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- user errors
+
+@pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "unknown_categories"])
+def test_user_errors_are_one_line(case, tmp_path):
+    os.makedirs(tmp_path / "empty" / "sub")
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    args = {"missing_dir": ["--index_dirs", str(tmp_path / "nope")],
+            "empty_dir": ["--index_dirs", str(tmp_path / "empty"), "--arch", "unused.pt"],
+            "unknown_categories": ["--index_dirs", str(tmp_path / "empty"), "--categories", "pascal_vocc"]}[case]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "build_archive.py"), *args, "--out_dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert {"missing_dir": "Expected layout", "empty_dir": "holds no images",
+            "unknown_categories": "unknown category list"}[case] in r.stderr
