@@ -1,4 +1,5 @@
-"""Readers for the evaluation benchmarks of the paper (section 4; zutis_facts.md section 9).
+"""Readers and scoring rules for the evaluation benchmarks of the paper (section 4; zutis_facts.md
+section 9). evaluate.py runs the model; this file knows the data and the protocols.
 
 Each reader turns a benchmark's on-disk tree into a `Bench`: an ordered list of samples (dicts with
 an integer "id", a "name" used for output files, and the file paths of the image and its ground
@@ -8,6 +9,8 @@ benchmark has instances a COCO-format ground truth. Nothing here runs a model; e
     bench = read_bench("voc", "data/VOCdevkit/VOC2012", split="val")
     sem = bench.load_semantic(bench.samples[0])         # int64 [H, W], ignore_index where void
     anns = bench.load_instances(bench.samples[0], sem)  # [(bool [H, W] mask, label id), ...]
+    conf = confusion(gt, pred, K); semantic_metrics(conf, names)   # dataset-level mIoU, pixel acc
+    coco_segm_ap(gt_dict, detections, img_ids, use_cats=False)     # COCOeval segm, class-agnostic
 
 Layouts (`data_root` may be the benchmark's own folder or a parent holding the standard tree):
     voc            VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,SegmentationObject,ImageSets/Segmentation}
@@ -465,6 +468,39 @@ def coco_segm_ap(gt_dict, dets, img_ids, use_cats=True, cat_ids=None):
         ev.summarize()
     return [None if s < 0 else float(s) * 100 for s in ev.stats[:3]]
 
+
+
+def detections(p, image_id, cat_ids):
+    """Prediction dict -> COCO results (category_id via cat_ids[label]); background/unmapped dropped."""
+    out = []
+    for m, lab, sc in zip(p["masks"].numpy(), p["labels"].tolist(), p["scores"].tolist()):
+        if lab <= 0 or lab >= len(cat_ids) or not m.any():
+            continue
+        out.append({"image_id": image_id, "category_id": int(cat_ids[lab]), "segmentation": mask_to_rle(m),
+                    "score": round(float(sc), 5)})
+    return out
+
+
+def instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, img_ids):
+    """Class-aware and class-agnostic (useCats=0) mask AP/AP50/AP75 with COCOeval."""
+    if bench.coco_gt is not None:
+        keep = set(img_ids)
+        gt = {**bench.coco_gt, "images": [im for im in bench.coco_gt["images"] if im["id"] in keep],
+              "annotations": [a for a in bench.coco_gt["annotations"] if a["image_id"] in keep]}
+    else:
+        gt = {"images": gt_imgs, "annotations": [{**a, "id": k + 1} for k, a in enumerate(gt_anns)],
+              "categories": [{"id": cat_ids[c], "name": names[c]} for c in range(1, len(names))]}
+    if bench.eval_cat_ids is not None:  # --unseen: only these classes' GT and predictions count
+        ok = set(bench.eval_cat_ids)
+        gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in ok]
+        dets = [d for d in dets if d["category_id"] in ok]
+    out = {}
+    for agn in (False, True):
+        stats = coco_segm_ap(gt, dets, img_ids, use_cats=not agn, cat_ids=bench.eval_cat_ids)
+        for k, v in zip(("AP", "AP50", "AP75"), stats):
+            out[k + ("_agn" if agn else "")] = v
+    out["n_detections"], out["n_gt_instances"] = len(dets), len(gt["annotations"])
+    return out
 
 
 READERS = {"voc": read_voc, "coco2017": read_coco2017, "coco20k": read_coco20k, "coca": read_coca,

@@ -24,7 +24,6 @@ protocols, throughput); official trainer.py `evaluate`, utils/running_score.py, 
 """
 import argparse
 import glob
-import json
 import os
 import time
 
@@ -209,7 +208,8 @@ def build_segmenter(args, categories, device):
     if args.arch and not same(arch):
         raise UserError(f"{spec} is a {arch} checkpoint, not --arch {args.arch}")
     norm = cfg.get("norm", "imagenet") if args.norm == "auto" else args.norm
-    print(f"loaded {spec} ({arch or cfg.get('arch', '?')}, input norm {norm})")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"loaded {spec} ({arch or cfg.get('arch', '?')}, input norm {norm})")
     return ZutisSegmenter(net, norm, t=args.t, nms=args.nms, nms_iou=args.nms_iou, class_prob=args.class_prob)
 
 
@@ -240,17 +240,6 @@ def image_tensor(pil):
 
 
 # ----------------------------------------------------------------------------- metrics
-
-def detections(p, image_id, cat_ids):
-    """Prediction dict -> COCO results (category_id via cat_ids[label]); background/unmapped dropped."""
-    out = []
-    for m, lab, sc in zip(p["masks"].numpy(), p["labels"].tolist(), p["scores"].tolist()):
-        if lab <= 0 or lab >= len(cat_ids) or not m.any():
-            continue
-        out.append({"image_id": image_id, "category_id": int(cat_ids[lab]), "segmentation": B.mask_to_rle(m),
-                    "score": round(float(sc), 5)})
-    return out
-
 
 # ----------------------------------------------------------------------------- visualisation
 
@@ -398,7 +387,7 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
                 u = ((gt == 1) | (pred > 0)).sum()
                 fg_ious.append(((gt == 1) & (pred > 0)).sum() / u if u else 1.0)
         if need_inst:
-            dets += detections(p, s["id"], cat_ids)
+            dets += B.detections(p, s["id"], cat_ids)
         if bench.load_instances is not None:
             gt_imgs.append({"id": s["id"], "height": pil.height, "width": pil.width, "file_name": s["name"]})
             gt_anns += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in bench.load_instances(s, gt) if l < K]
@@ -424,7 +413,7 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
         m["fg_iou"] = float(B.iou_per_class(conf)[1] * 100)
         m["fg_iou_per_image"] = float(np.mean(fg_ious) * 100) if fg_ious else None
     if need_inst:
-        m.update(instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, done))
+        m.update(B.instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, done))
     m["notes"] = bench.notes
     if out_dir:
         common.save_json({**m, "config": config or {}, **common.git_info()}, os.path.join(out_dir, "metrics.json"))
@@ -436,28 +425,6 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
     if skipped:
         print(f"skipped {len(skipped)} unreadable images" + (f" (list in {out_dir}/skipped.txt)" if out_dir else ""))
     return m
-
-
-def instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, img_ids):
-    """Class-aware and class-agnostic (useCats=0) mask AP/AP50/AP75 with COCOeval."""
-    if bench.coco_gt is not None:
-        keep = set(img_ids)
-        gt = {**bench.coco_gt, "images": [im for im in bench.coco_gt["images"] if im["id"] in keep],
-              "annotations": [a for a in bench.coco_gt["annotations"] if a["image_id"] in keep]}
-    else:
-        gt = {"images": gt_imgs, "annotations": [{**a, "id": k + 1} for k, a in enumerate(gt_anns)],
-              "categories": [{"id": cat_ids[c], "name": names[c]} for c in range(1, len(names))]}
-    if bench.eval_cat_ids is not None:  # --unseen: only these classes' GT and predictions count
-        ok = set(bench.eval_cat_ids)
-        gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in ok]
-        dets = [d for d in dets if d["category_id"] in ok]
-    out = {}
-    for agn in (False, True):
-        stats = B.coco_segm_ap(gt, dets, img_ids, use_cats=not agn, cat_ids=bench.eval_cat_ids)
-        for k, v in zip(("AP", "AP50", "AP75"), stats):
-            out[k + ("_agn" if agn else "")] = v
-    out["n_detections"], out["n_gt_instances"] = len(dets), len(gt["annotations"])
-    return out
 
 
 def run_benchmark(model, bench, data_root, out_dir=None, split=None, max_images=None, dist=None, **kw):
@@ -532,7 +499,7 @@ def run_images(seg, src, out_dir, max_size=1024):
         common.save_image(render_instances(img, p, names), stem + "_instances.png")
         common.save_image(sem.astype(np.uint8 if len(names) <= 256 else np.uint16), stem + "_labels.png")
         coco["images"].append({"id": i, "file_name": rel, "height": pil.height, "width": pil.width})
-        for d in detections(p, i, list(range(len(names)))):
+        for d in B.detections(p, i, list(range(len(names)))):
             from pycocotools import mask as mask_util
             coco["annotations"].append({**d, "id": len(coco["annotations"]) + 1, "area": float(mask_util.area(d["segmentation"])),
                                         "bbox": [float(v) for v in mask_util.toBbox(d["segmentation"])], "iscrowd": 0})
