@@ -401,3 +401,282 @@ def clip_report(path, world_dir, k=50):
     # how distinct "background" is from the categories (the MaskCLIP baseline needs it)
     bg_cos = float((bg[0] @ bg[1:].T).max())
     return {"clip_zero_shot": acc, f"clip_precision@{k}": prec, "clip_background_max_cos": bg_cos}
+
+
+# ----------------------------------------------------------------------------- reporting (hidden labels)
+
+def archive_precision(archive_path, world_dir):
+    """Fraction of each category's archive entries whose hidden main label is that category."""
+    arc = common.load_archive(archive_path)
+    hidden = json.load(open(os.path.join(world_dir, "hidden", "index_labels.json")))
+    label = dict(zip(hidden["files"], hidden["labels"]))
+    prec = [np.mean([label.get(e["path"], -1) == CATEGORIES.index(c) for e in arc["archive"][c]])
+            for c in CATEGORIES if arc["archive"].get(c)]
+    return float(np.mean(prec)), int(arc.get("k", len(arc["archive"][CATEGORIES[0]])))
+
+
+def pseudo_mask_iou(archive_path, masks_dir, world_dir):
+    """Mean IoU of the pseudo-masks with the generator's foreground (all objects) per archive image."""
+    from PIL import Image
+    arc = common.load_archive(archive_path)
+    hidden = json.load(open(os.path.join(world_dir, "hidden", "index_labels.json")))
+    row = {f: i for i, f in enumerate(hidden["files"])}
+    inst = np.load(os.path.join(world_dir, "hidden", "index_instances.npy"), mmap_mode="r")
+    ious, missing = [], 0
+    for e in common.unique_entries(arc):
+        p = os.path.join(masks_dir, common.mask_relpath(arc, e))
+        if not os.path.isfile(p):
+            missing += 1
+            continue
+        pred, gt = np.asarray(Image.open(p)) > 127, inst[row[e["path"]]] > 0
+        ious.append((pred & gt).sum() / max(1, (pred | gt).sum()))
+    return float(np.mean(ious)) if ious else 0.0, len(ious), missing
+
+
+def eval_metrics(out_dir):
+    m = json.load(open(os.path.join(out_dir, "metrics.json")))
+    return {k: m.get(k) for k in ("mIoU", "AP", "AP50", "AP_agn", "AP50_agn", "n_detections")}
+
+
+def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
+    """Rows of evaluation scenes: image | ground truth | MaskCLIP | ZUTIS semantic | ZUTIS instances."""
+    import torch
+    from PIL import Image
+    import clip_model
+    import evaluate as E
+    import model as M
+    names = ["background"] + CATEGORIES
+    zutis = E.ZutisSegmenter(M.load_checkpoint(ckpt, categories=names, device=device),
+                             E.checkpoint_config(ckpt).get("norm", "imagenet"))
+    maskclip = E.MaskCLIPSegmenter(clip_model.load(clip_path, device=device)[0], names)
+    voc = os.path.join(world_dir, "VOC2012")
+    ids = open(os.path.join(voc, "ImageSets", "Segmentation", "trainval.txt")).read().split()[:n]
+    pal, f, rows = E.palette(256), 3, []
+    for name in ids:
+        pil = common.load_rgb(os.path.join(voc, "JPEGImages", name + ".jpg"))
+        img = np.asarray(pil)
+        gt = np.asarray(Image.open(os.path.join(voc, "SegmentationClass", name + ".png")))
+        with torch.no_grad():
+            pm, pz = (E.infer(s, E.image_tensor(pil)) for s in (maskclip, zutis))
+        inst = np.zeros(img.shape[:2], np.int64)
+        for i in np.argsort(pz["scores"].numpy()):
+            if pz["scores"][i] > 0.1:  # below that the instance view is noise
+                inst[pz["masks"][i].numpy()] = i + 1
+        cells = [img, E.overlay(img, gt, pal, ignore=255), E.overlay(img, pm["semantic"].numpy(), pal),
+                 E.overlay(img, pz["semantic"].numpy(), pal), E.overlay(img, inst, E.palette(64)[1:][::-1])]
+        rows.append(np.concatenate([np.pad(E.zoom(c, f), ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], 1))
+    grid = np.concatenate(rows, 0)
+    legend = E.with_legend(np.full((1, grid.shape[1], 3), 255, np.uint8),
+                           [((0, 0, 0), "columns: image | ground truth | MaskCLIP | ZUTIS semantic | ZUTIS instances (score > 0.1)")]
+                           + [(pal[c], names[c]) for c in range(1, len(names))])
+    common.save_image(np.concatenate([grid, legend], 0), path)
+
+
+# ----------------------------------------------------------------------------- floors
+
+FLOORS_BEGIN, FLOORS_END = "<!-- toy floors -->", "<!-- /toy floors -->"
+
+
+def read_floors(path):
+    """Floors from a JSON file {metric: floor} or from the table rows `| \\`metric\\` | floor |`
+    between the markers <!-- toy floors --> and <!-- /toy floors --> of a markdown file."""
+    if not os.path.isfile(path):
+        raise common.UserError(f"floors file not found: {path!r}")
+    text = open(path, encoding="utf-8").read()
+    if path.endswith(".json"):
+        return {k: float(v) for k, v in json.loads(text).items()}
+    if FLOORS_BEGIN not in text or FLOORS_END not in text:
+        raise common.UserError(f"{path} has no '{FLOORS_BEGIN}' ... '{FLOORS_END}' block of floors")
+    block = text.split(FLOORS_BEGIN, 1)[1].split(FLOORS_END, 1)[0]
+    floors = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\|\s*`([^`]+)`\s*\|\s*(-?[\d.]+)\s*\|", block, re.M)}
+    if not floors:
+        raise common.UserError(f"no floor rows (| `metric` | number |) between the markers in {path}")
+    return floors
+
+
+def check_floors(results, floors):
+    """Lines describing every metric below its floor (or missing); empty when all pass."""
+    bad = []
+    for k, floor in floors.items():
+        v = results.get(k)
+        if v is None:
+            bad.append(f"{k}: missing from the results (floor {floor})")
+        elif v < floor:
+            bad.append(f"{k}: {v:.2f} < floor {floor}")
+    return bad
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+# Budgets measured on 2 idle CPU cores (see README): full <= 10 min, quick <= 5 min.
+PRESETS = {
+    "full": dict(n_index=5000, n_eval=300, clip_steps=300, k=200, iters=1000, batch_size=8),
+    "quick": dict(n_index=3000, n_eval=150, clip_steps=160, k=150, iters=500, batch_size=8),
+}
+# The segmenter for a 64 px world: decoder sized for the budget; logit scale 10 and encoder lr 1e-4
+# (the official temperature 1 collapses to all-background here; 1e-5 learns a third as well).
+TRAIN_FLAGS = ["--crop", "64", "--lr", "3e-4", "--lr_encoder", "1e-4", "--logit_scale", "10", "--n_queries", "20",
+               "--n_layers", "2", "--n_heads", "4", "--dim_ffn", "256", "--mlp_hidden", "128", "--max_n", "6",
+               "--num_workers", "0", "--log_every", "50"]
+
+
+def get_args_parser():
+    # --- CLI ---
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="toy_out", help="everything goes here; finished stages are reused")
+    p.add_argument("--quick", action="store_true", help="the CI run (<= 5 min on 2 cores): fewer images and steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and of every stage")
+    p.add_argument("--device", default="cpu", help="device for the stages: cpu, cuda or auto")
+    p.add_argument("--clip_steps", type=int, default=None, help="tiny-CLIP pre-training steps (default: preset)")
+    p.add_argument("--iters", type=int, default=None, help="segmenter training iterations (default: preset)")
+    p.add_argument("--n_index", type=int, default=None, help="index pool size (default: preset)")
+    p.add_argument("--n_eval", type=int, default=None, help="evaluation scenes (default: preset)")
+    p.add_argument("--no_ablation", action="store_true", help="skip the no-stop-gradient training run")
+    p.add_argument("--check_floors", default=None, help="README.md (rows between <!-- toy floors --> markers) or a "
+                                                          "JSON {metric: floor}: exit 1 if a metric is below its floor")
+    return p
+
+
+class Stages:
+    """Run named stages once: a stage whose settings (and upstream settings) match its marker
+    file under OUT/stages/ is skipped; otherwise its outputs are removed and it runs again."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.seconds = out_dir, {}
+
+    def run(self, name, settings, outputs, fn):
+        marker = os.path.join(self.out_dir, "stages", name + ".json")
+        if os.path.isfile(marker):
+            m = json.load(open(marker))
+            if m["settings"] == settings and all(os.path.exists(o) for o in outputs):
+                print(f"[{name}] cached ({m['seconds']:.0f} s when it ran); delete {marker} to redo it")
+                self.seconds[name] = m["seconds"]
+                return m["result"]
+        for o in outputs:  # stale outputs of other settings: start clean
+            shutil.rmtree(o) if os.path.isdir(o) else os.remove(o) if os.path.exists(o) else None
+        print(f"[{name}] running", flush=True)
+        t0 = time.time()
+        result = fn()
+        self.seconds[name] = time.time() - t0
+        common.save_json({"settings": settings, "seconds": self.seconds[name], "result": result}, marker)
+        print(f"[{name}] done in {self.seconds[name]:.0f} s", flush=True)
+        return result
+
+
+def run_script(script, *args):
+    """A stage through its real command line; a failure stops the toy run with one line."""
+    cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
+    print("  $ " + " ".join(cmd[1:]), flush=True)
+    r = subprocess.run(cmd, cwd=HERE)
+    if r.returncode != 0:
+        raise common.UserError(f"{script} failed with exit code {r.returncode}: {' '.join(cmd[1:])}")
+
+
+def results_table(res, sec, cfg):
+    pct = lambda v: "-" if v is None else f"{v:.1f}"
+    z, zn, zs, mc = (res.get(k, {}) for k in ("zutis", "zutis_no_nms", "zutis_no_stop_grad", "maskclip"))
+    lines = [
+        f"# toy.py results (seed {cfg['seed']}, {'--quick' if cfg['quick'] else 'full run'})", "",
+        "| tiny CLIP | value |", "|---|---|",
+        f"| zero-shot accuracy, 10 classes (%) | {pct(res['clip_zero_shot'])} |",
+        f"| retrieval precision@50 (%) | {pct(res['clip_precision@50'])} |",
+        f"| archive precision@{res['archive_k']} (%) | {pct(res['archive_precision'])} |",
+        f"| max cosine of 'background' to a category name | {res['clip_background_max_cos']:.2f} |",
+        f"| pseudo-mask IoU vs generator masks (%, {res['pseudo_masks']} images) | {pct(res['pseudo_mask_iou'])} |", "",
+        "| segmenter on the VOC-layout scenes | mIoU | AP | AP50 | AP (agn) | AP50 (agn) |", "|---|---|---|---|---|---|"]
+    for label, m in (("MaskCLIP (training-free baseline)", mc), ("ZUTIS (class-wise NMS 0.3)", z),
+                     ("ZUTIS, no NMS", zn), ("ZUTIS, no stop-gradient (NMS)", zs)):
+        if m:
+            lines.append(f"| {label} | {pct(m['mIoU'])} | {pct(m['AP'])} | {pct(m['AP50'])} | {pct(m['AP_agn'])} | {pct(m['AP50_agn'])} |")
+    lines += ["", "| stage | wall time (s) |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in sec.items()]
+    lines += [f"| total | {sum(sec.values()):.0f} |", "",
+              "All numbers in percent. Ground truth and hidden labels are read only here, never by a training stage."]
+    return "\n".join(lines) + "\n"
+
+
+def flat_results(res):
+    """The metrics the floors refer to, as one flat dict (percent)."""
+    out = {k: res[k] for k in ("clip_zero_shot", "clip_precision@50", "archive_precision", "pseudo_mask_iou")}
+    for run in ("zutis", "zutis_no_nms", "zutis_no_stop_grad", "maskclip"):
+        for k, v in res.get(run, {}).items():
+            out[f"{run}_{k}"] = v
+    if res.get("zutis") and res.get("maskclip"):
+        out["zutis_minus_maskclip_mIoU"] = res["zutis"]["mIoU"] - res["maskclip"]["mIoU"]
+    return out
+
+
+def main():
+    args = get_args_parser().parse_args()
+    cfg = {**PRESETS["quick" if args.quick else "full"], **{k: v for k, v in vars(args).items() if v is not None}}
+    floors = read_floors(args.check_floors) if args.check_floors else None  # a bad file fails before the work
+    print("toy.py config:")
+    common.print_config(cfg)
+    out = os.path.abspath(args.out_dir)
+    world, clip_path = os.path.join(out, "world"), os.path.join(out, "tiny_clip.pt")
+    archive, masks = os.path.join(out, "archive"), os.path.join(out, "masks")
+    cats, voc = os.path.join(world, "categories.txt"), os.path.join(world, "VOC2012")
+    st, seed, dev = Stages(out), cfg["seed"], ["--device", args.device]
+    t_start = time.time()
+
+    # settings of each stage include those upstream, so a change reruns everything after it
+    s_world = {"seed": seed, "n_index": cfg["n_index"], "n_eval": cfg["n_eval"]}
+    info = st.run("world", s_world, [world], lambda: write_world(world, seed, cfg["n_index"], cfg["n_eval"]))
+    print(f"  world: {info}")
+    s_clip = {**s_world, "clip_steps": cfg["clip_steps"]}
+    res = st.run("tiny_clip", s_clip, [clip_path], lambda: (pretrain_clip(clip_path, seed, cfg["clip_steps"]),
+                                                             clip_report(clip_path, world))[1])
+    print(f"  tiny CLIP: {res}")
+    s_arc = {**s_clip, "k": cfg["k"]}
+    st.run("build_archive", s_arc, [archive], lambda: run_script(
+        "build_archive.py", "--index_dirs", os.path.join(world, "index"), "--categories", cats, "--arch", clip_path,
+        "--k", cfg["k"], "--out_dir", archive, *dev))
+    arc_json = os.path.join(archive, "archive.json")
+    st.run("pseudo_label", s_arc, [masks], lambda: run_script(
+        "pseudo_label.py", "--archive", arc_json, "--out_dir", masks, "--saliency", "boundary", *dev))
+
+    s_train = {**s_arc, "iters": cfg["iters"], "batch_size": cfg["batch_size"], "flags": TRAIN_FLAGS}
+    runs = [("train", [])] + ([] if args.no_ablation else [("train_no_stop_grad", ["--no_stop_grad"])])
+    for name, extra in runs:
+        st.run(name, s_train, [os.path.join(out, name)], lambda name=name, extra=extra: run_script(
+            "train.py", "--arch", clip_path, "--archive", arc_json, "--masks_dir", masks, "--iters", cfg["iters"],
+            "--batch_size", cfg["batch_size"], "--seed", seed, "--out_dir", os.path.join(out, name),
+            "--save_every", cfg["iters"], *TRAIN_FLAGS, *extra, *dev))
+
+    evals = [("zutis", ["--ckpt", os.path.join(out, "train", "ckpt.pt")]),
+             ("zutis_no_nms", ["--ckpt", os.path.join(out, "train", "ckpt.pt"), "--nms", "none"]),
+             ("maskclip", ["--model", "maskclip", "--arch", clip_path])]
+    if not args.no_ablation:
+        evals.append(("zutis_no_stop_grad", ["--ckpt", os.path.join(out, "train_no_stop_grad", "ckpt.pt")]))
+    for name, extra in evals:
+        d = os.path.join(out, "eval_" + name)
+        res[name] = st.run("eval_" + name, s_train, [d], lambda d=d, extra=extra: (run_script(
+            "evaluate.py", "--bench", "voc", "--data_root", voc, "--classes", cats, "--out_dir", d,
+            "--save_vis", 4, *extra, *dev), eval_metrics(d))[1])
+
+    t0 = time.time()
+    res["archive_precision"], res["archive_k"] = archive_precision(arc_json, world)
+    res["archive_precision"] *= 100
+    iou, res["pseudo_masks"], missing = pseudo_mask_iou(arc_json, masks, world)
+    res["pseudo_mask_iou"] = iou * 100
+    for k in ("clip_zero_shot", "clip_precision@50"):
+        res[k] = res[k] * 100
+    if missing:
+        print(f"  warning: {missing} archive images have no pseudo-mask")
+    picture_grid(os.path.join(out, "grid.png"), world, clip_path, os.path.join(out, "train", "ckpt.pt"))
+    st.seconds["report"] = time.time() - t0
+    table = results_table(res, st.seconds, cfg)
+    flat = flat_results(res)
+    with common.atomic_path(os.path.join(out, "results.md")) as tmp, open(tmp, "w") as f:
+        f.write(table)
+    common.save_json({"config": cfg, "metrics": flat, "seconds": st.seconds,
+                      "wall_s_this_run": time.time() - t_start, **common.git_info()}, os.path.join(out, "results.json"))
+    print("\n" + table + f"\nwrote {out}/results.md, results.json, grid.png ({time.time() - t_start:.0f} s this run)")
+    if floors is not None:
+        bad = check_floors(flat, floors)
+        print(f"floors ({args.check_floors}): " + ("all passed" if not bad else "FAILED:\n  " + "\n  ".join(bad)))
+        if bad:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,123 @@
+"""Tests of toy.py's world generator, its VOC-layout writer, the stage cache, the floors check, and
+the boundary saliency on generated images.
+
+    cd /work/main && .venv/bin/python -m pytest -q test_toy.py
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import toy
+
+
+@pytest.fixture
+def black_world(monkeypatch):
+    """Objects on a black, noise-free background, so every lit pixel belongs to an object."""
+    monkeypatch.setattr(toy, "render_backgrounds", lambda rng, n: np.zeros((n, toy.SIZE, toy.SIZE, 3)))
+    monkeypatch.setattr(toy, "finish", lambda img, rng: (img.clip(0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def test_masks_match_pixels(black_world):
+    rng = np.random.default_rng(0)
+    imgs, inst, labels = toy.index_pool(rng, 60)
+    lit = imgs.max(-1) > 0
+    assert (lit == (inst > 0)).all()  # object pixels are exactly the mask pixels
+    assert set(labels.tolist()) <= set(range(len(toy.CATEGORIES)))
+    assert (inst == 1).reshape(60, -1).sum(1).min() > 30  # the main object is always visible
+
+
+def test_eval_scene_instances(black_world):
+    imgs, inst, sem = toy.eval_scenes(np.random.default_rng(1), 40)
+    lit = imgs.max(-1) > 0
+    assert lit[inst > 0].all()  # instance (and void sliver) pixels are object pixels
+    assert not lit[inst == 0].any()  # no object pixel is labelled background
+    assert ((inst == 255) == (sem == 255)).all() and ((inst == 0) == (sem == 0)).all()
+    for i in range(40):
+        ids = sorted(set(np.unique(inst[i]).tolist()) - {0, 255})
+        assert 2 <= len(ids) <= 6 and ids == list(range(1, len(ids) + 1))  # unique, consecutive ids
+        for k in ids:
+            classes = np.unique(sem[i][inst[i] == k])
+            assert len(classes) == 1 and 1 <= classes[0] <= len(toy.CATEGORIES)  # one class per instance
+            assert (inst[i] == k).sum() >= 12
+        assert len(set(np.unique(sem[i]).tolist()) - {0, 255}) <= 3  # 1-3 categories per scene
+
+
+def test_generator_is_seeded():
+    a = toy.eval_scenes(np.random.default_rng(5), 4)
+    b = toy.eval_scenes(np.random.default_rng(5), 4)
+    assert all((x == y).all() for x, y in zip(a, b))
+    imgs, caps = toy.caption_batch(np.random.default_rng(2), 64, p_background=0.5)
+    assert imgs.shape == (64, 64, 64, 3) and imgs.dtype == np.uint8
+    assert any(c in toy.BACKGROUND_CAPTIONS for c in caps)
+    assert all(c in toy.BACKGROUND_CAPTIONS or any(n in c for n in toy.CATEGORIES) for c in caps)
+
+
+def test_voc_layout_readable(tmp_path):
+    import benchmarks as B
+    info = toy.write_world(str(tmp_path), seed=0, n_index=20, n_eval=12, chunk=8)
+    voc = tmp_path / "VOC2012"
+    for sub in ("SegmentationClass", "SegmentationObject"):
+        im = Image.open(voc / sub / "2026_000000.png")
+        assert im.mode == "P" and im.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]  # VOC colour map
+    assert len(open(voc / "ImageSets/Segmentation/trainval.txt").read().split()) == 12
+    bench = B.read_bench("voc", str(voc))
+    assert len(bench.samples) == 12
+    n = 0
+    for s in bench.samples:
+        sem = bench.load_semantic(s)
+        assert sem.shape == (64, 64) and set(np.unique(sem).tolist()) <= set(range(11)) | {255}
+        objs = bench.load_instances(s, sem)
+        assert len(objs) >= 2 and all(1 <= c <= 10 for _, c in objs)
+        n += len(objs)
+    assert n == info["eval_instances"]
+    # the index pool: anonymous files, labels only in hidden/
+    files = sorted(os.listdir(tmp_path / "index"))
+    assert len(files) == 20 and not any(c in f for f in files for c in toy.CATEGORIES)
+    hidden = json.load(open(tmp_path / "hidden" / "index_labels.json"))
+    assert hidden["files"] == files and len(hidden["labels"]) == 20
+    assert np.load(tmp_path / "hidden" / "index_instances.npy").shape == (20, 64, 64)
+    assert open(tmp_path / "categories.txt").read().split("\n")[:2] == ["background", "circle"]
+
+
+def test_boundary_saliency_on_generated_images():
+    selfmask = pytest.importorskip("selfmask")
+    if not hasattr(selfmask, "boundary_saliency"):
+        pytest.fail("selfmask.boundary_saliency is missing (toy.py runs pseudo_label.py --saliency boundary)")
+    imgs, inst, _ = toy.index_pool(np.random.default_rng(3), 40)
+    ious = []
+    for img, m in zip(imgs, inst > 0):
+        pred = selfmask.boundary_saliency(img)
+        ious.append((pred & m).sum() / max(1, (pred | m).sum()))
+    assert np.mean(ious) > 0.6, np.mean(ious)
+
+
+def test_stage_cache(tmp_path):
+    st, calls = toy.Stages(str(tmp_path)), []
+    out = tmp_path / "a.txt"
+
+    def work():
+        calls.append(1)
+        out.write_text("x")
+        return {"v": len(calls)}
+    assert st.run("a", {"s": 1}, [str(out)], work) == {"v": 1}
+    assert st.run("a", {"s": 1}, [str(out)], work) == {"v": 1} and len(calls) == 1  # cached
+    assert st.run("a", {"s": 2}, [str(out)], work) == {"v": 2}  # settings changed: rerun
+    out.unlink()
+    assert st.run("a", {"s": 2}, [str(out)], work) == {"v": 3}  # output gone: rerun
+
+
+def test_floors(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n| `zutis_mIoU` | 99 |\n" + toy.FLOORS_BEGIN +
+                      "\n| metric | floor |\n|---|---|\n| `zutis_mIoU` | 20.5 |\n| `clip_zero_shot` | 32 |\n" + toy.FLOORS_END)
+    floors = toy.read_floors(str(readme))
+    assert floors == {"zutis_mIoU": 20.5, "clip_zero_shot": 32.0}
+    assert toy.check_floors({"zutis_mIoU": 25.0, "clip_zero_shot": 40.0}, floors) == []
+    bad = toy.check_floors({"zutis_mIoU": 19.0}, floors)
+    assert len(bad) == 2 and "zutis_mIoU" in bad[0] and "missing" in bad[1]
+    (tmp_path / "empty.md").write_text("no floors here")
+    with pytest.raises(toy.common.UserError):
+        toy.read_floors(str(tmp_path / "empty.md"))
