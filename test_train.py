@@ -152,3 +152,29 @@ def test_init_loads_weights_strictly(tiny_clip_path, data, tmp_path):
     with pytest.raises(common.UserError):  # a different architecture is an error, not a partial load
         train.main(tiny_argv(tiny_clip_path, data, tmp_path / "bad", 1, "--init", str(src / "ckpt.pt"),
                              "--n_queries", "7"))
+
+
+def test_torchrun_two_processes(tiny_clip_path, data, tmp_path):
+    """DDP on CPU (gloo): 2 ranks share the global batch, rank 0 writes one checkpoint with both RNGs."""
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(HERE, "train.py"), *tiny_argv(tiny_clip_path, data, out, 2)],
+                       capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("step      2/2 | loss") == 1  # rank 0 logs, rank 1 does not
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["config"]["world_size"] == 2 and ck["config"]["local_batch_size"] == 1
+    assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
+
+
+def test_eval_bench_during_training(tiny_clip_path, data, tmp_path):
+    from test_evaluate import write_voc  # the VOC2012 on-disk layout evaluate.py reads
+    voc = tmp_path / "VOC2012"
+    write_voc(str(voc))
+    out = tmp_path / "ev"
+    net = train.main(tiny_argv(tiny_clip_path, data, out, 2, "--eval_bench", "voc", "--eval_data_root", str(voc),
+                               "--eval_every", "1", "--eval_max_images", "2"))
+    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]
+    assert [r["step"] for r in evals] == [1, 2] and all("mIoU" in r for r in evals)
+    assert os.path.isfile(out / "eval_voc_000002" / "metrics.json")
+    assert net.training and net.categories == ["background", "thing0", "thing1"]

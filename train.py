@@ -281,23 +281,17 @@ def fmt_time(s):
 
 
 def run_eval(raw_model, args, step, dist, out_dir):
-    """Evaluate with evaluate.run_benchmark, then put the training categories back (the benchmark
-    may re-embed its own class names into the model)."""
+    """evaluate.run_benchmark on every rank (it shards the images), then put the training categories
+    back without re-embedding (the benchmark may embed its own class names into the model)."""
     import evaluate
-    cats = list(raw_model.categories) if hasattr(raw_model, "categories") else None
-    text_emb = raw_model.text_emb.clone()
-    was_training = raw_model.training
-    raw_model.eval()
+    cats, text_emb, was_training = list(raw_model.categories), raw_model.text_emb, raw_model.training
     try:
-        res = evaluate.run_benchmark(raw_model, args.eval_bench, args.eval_data_root,
-                                     out_dir=os.path.join(out_dir, f"eval_{args.eval_bench}_step{step}"),
-                                     max_images=args.eval_max_images, dist=dist)
+        return evaluate.run_benchmark(raw_model, args.eval_bench, args.eval_data_root,
+                                      out_dir=os.path.join(out_dir, f"eval_{args.eval_bench}_{step:06d}"),
+                                      max_images=args.eval_max_images, dist=dist)
     finally:
-        if cats is not None and list(raw_model.categories) != cats:
-            raw_model.set_categories(cats)
-        raw_model.text_emb.copy_(text_emb)
+        raw_model.text_emb, raw_model.categories = text_emb, cats
         raw_model.train(was_training)
-    return res
 
 
 def save_checkpoint(path, raw_model, optimizer, scaler, step, config, dist):
@@ -615,7 +609,7 @@ def bench_dtype(model, optimizer, batches, args, dtype, device):
 def benchmark(args):
     """Train-step speed for float32 vs bfloat16 on the current device, with the real data loader,
     model, matcher and loss. `--arch random:ViT-B/16` times a randomly initialised CLIP of that shape
-    (speed only; no weights needed)."""
+    and `--archive fake` generated images (speed only: no weights or data needed)."""
     import tempfile
     import clip_model
     dist = common.Dist(args.device)
@@ -627,6 +621,9 @@ def benchmark(args):
         print(f"WARNING: --arch {args.arch}: a RANDOMLY INITIALISED CLIP {name}, for timing only")
         args.arch = os.path.join(tempfile.mkdtemp(prefix="zutis_bench_"), name.replace("/", "-") + ".pt")
         torch.save(clip_model.random_model(name).state_dict(), args.arch)
+    if args.archive == "fake":  # generated 500x375 JPEGs with elliptic masks: real decode/augment cost
+        import dataset
+        args.archive, args.masks_dir = dataset.make_fake_archive(tempfile.mkdtemp(prefix="zutis_bench_"))
     categories = resolve_categories(args)
     seed_all(args.seed)
     raw_model = build_model(model_config(args, categories), args.init, device, print).train()
