@@ -175,41 +175,47 @@ def newest_checkpoint(root="out"):
     return max(found, key=os.path.getmtime)
 
 
-def checkpoint_config(path):
-    """The `config` dict of a train.py checkpoint ({} for official files and names)."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        ck = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # official pickles, rng states: not a train.py checkpoint we can read cheaply
-        return {}
-    return ck.get("config", {}) if isinstance(ck, dict) and isinstance(ck.get("config"), dict) else {}
+def checkpoint_info(spec):
+    """(kind, arch or None, train config) of --ckpt without building a model: kind is "train" (a
+    train.py checkpoint), "official" (official:<name> or a file in the official key layout), or "?"."""
+    import model as M
+    if spec.startswith("official:"):
+        name = spec.split(":", 1)[1]
+        return "official", M.OFFICIAL[name][2] if name in M.OFFICIAL else None, {}
+    ck = None
+    for safe in (True, False):  # our checkpoints carry numpy RNG states, which weights_only refuses
+        try:
+            ck = torch.load(spec, map_location="cpu", mmap=True, weights_only=safe)
+            break
+        except Exception:
+            continue
+    if isinstance(ck, dict) and isinstance(ck.get("config"), dict) and "model" in ck:
+        return "train", ck["config"].get("arch"), ck["config"]
+    if isinstance(ck, dict) and "encoder.conv1.weight" in ck:
+        w = ck["encoder.conv1.weight"].shape  # [width, 3, p, p]: the released ZUTIS files are ViT-B
+        return "official", f"ViT-B/{w[-1]}" if w[0] == 768 and w[-1] in (16, 32) else None, {}
+    return "?", None, {}
 
 
 def build_segmenter(args, categories, device):
     """--model zutis|maskclip -> a segmenter with `categories` (None: the checkpoint's own)."""
+    import clip_model
     if args.model == "maskclip":
-        import clip_model
         clip, _ = clip_model.load(args.arch or "ViT-B/16", device=device)
         return MaskCLIPSegmenter(clip, categories or list(C.VOC), norm="clip" if args.norm == "auto" else args.norm)
-    if args.model != "zutis":
-        raise UserError(f"unknown --model {args.model!r}: use zutis or maskclip")
-    import clip_model
     import model as M
     spec = args.ckpt or newest_checkpoint()
     if not spec.startswith("official:") and not os.path.isfile(spec):
         raise UserError(f"checkpoint not found: {spec!r}")
-    cfg = checkpoint_config(spec)
-    same = lambda a: a is None or a == args.arch or clip_model.arch_tag(a) == clip_model.arch_tag(args.arch)
-    if args.arch and not same(cfg.get("arch")):  # checked before building: a wrong arch fails fast
-        raise UserError(f"{spec} is a {cfg['arch']} checkpoint, not --arch {args.arch}")
-    net = M.load_checkpoint(spec, categories=categories, device=device)
-    arch = getattr(net, "arch", None)
-    if args.arch and not same(arch):
-        raise UserError(f"{spec} is a {arch} checkpoint, not --arch {args.arch}")
+    kind, arch, cfg = checkpoint_info(spec)
+    if args.arch and arch and arch != args.arch and clip_model.arch_tag(arch) != clip_model.arch_tag(args.arch):
+        raise UserError(f"{spec} is a {arch} checkpoint, not --arch {args.arch}")  # before any download
+    # an official-layout file stores no arch name: --arch may name its CLIP (e.g. a local file)
+    extra = {"arch": args.arch} if kind == "official" and args.arch and not spec.startswith("official:") else {}
+    net = M.load_checkpoint(spec, categories=categories, device=device, **extra)
     norm = cfg.get("norm", "imagenet") if args.norm == "auto" else args.norm
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"loaded {spec} ({arch or cfg.get('arch', '?')}, input norm {norm})")
+        print(f"loaded {spec} ({getattr(net, 'arch', arch)}, {kind} checkpoint, input norm {norm})")
     return ZutisSegmenter(net, norm, t=args.t, nms=args.nms, nms_iou=args.nms_iou, class_prob=args.class_prob)
 
 

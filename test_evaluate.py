@@ -438,3 +438,15 @@ def test_cli_errors(voc_root, tiny_ckpt, tmp_path):
     assert "data root not found" in run_cli("--bench", "voc", "--data_root", str(tmp_path / "missing"))
     assert "checkpoint not found" in run_cli("--bench", "voc", "--data_root", voc_root, "--ckpt", str(tmp_path / "no.pt"))
     assert "not --arch ViT-B/32" in run_cli("--bench", "voc", "--data_root", voc_root, "--ckpt", tiny_ckpt, "--arch", "ViT-B/32")
+
+
+def test_official_layout_file_on_voc(voc_root, tiny_ckpt, tiny_clip_path, tmp_path, monkeypatch):
+    """issue 8: `evaluate.py --bench voc --ckpt official-layout-file.pt` end to end (--arch names the
+    CLIP of a file that is not one of the released ViT-B files)."""
+    import model as M
+    path = str(tmp_path / "official_layout.pt")
+    torch.save(M.to_official(M.load_checkpoint(tiny_ckpt)), path)
+    run_main(monkeypatch, "--bench", "voc", "--data_root", voc_root, "--ckpt", path, "--arch", tiny_clip_path,
+             "--out_dir", str(tmp_path / "o"), "--save_vis", "0", "--max_images", "2", "--nms", "none")
+    m = json.load(open(tmp_path / "o" / "metrics.json"))
+    assert m["n_images"] == 2 and len(m["per_class_iou"]) == 21 and m["config"]["nms"] == "none"
