@@ -197,6 +197,11 @@ def checkpoint_info(spec):
     return "?", None, {}
 
 
+def checkpoint_config(spec):
+    """The `config` dict of a train.py checkpoint ({} for official files and names)."""
+    return checkpoint_info(spec)[2]
+
+
 def build_segmenter(args, categories, device):
     """--model zutis|maskclip -> a segmenter with `categories` (None: the checkpoint's own)."""
     import clip_model
