@@ -27,10 +27,11 @@ never on the worker count or on which worker builds it. Two ways to drive it fro
 
 Speed (why the code looks the way it does): JPEGs are decoded with PIL draft() at 1/2..1/8 scale when the
 target is small; when no padding is needed only the crop window is resized (PIL resize box=, identical to
-resize-then-crop); masks are sampled by index arithmetic inside the crop window; a pasted image whose
-object is cut away skips its photometric ops, and after the last global op (contrast, which needs the whole
-image's mean) a pasted image is processed only inside its object's box (+ blur radius), which gives the
-same pixels. Photometric ops are torchvision's PIL kernels (what the official ColorJitter ran on); the blur
+resize-then-crop); masks are sampled by index arithmetic inside the crop window. Photometric ops are
+torchvision's PIL kernels (what the official ColorJitter ran on) applied to the real-pixel window plus one
+pixel standing for the constant padding, contrast's whole-image mean computed exactly from both; a pasted
+image is processed only inside its paste box (+ blur radius) once contrast is done, and not at all if
+nothing of it is pasted. All of this gives the same pixels as the plain whole-image path (tested). The blur
 is an exact Gaussian (scipy, mirror border = cv2's default) truncated at 4 sigma and at the official
 kernel size int(0.1 * crop) // 2 * 2 + 1.
 
@@ -87,12 +88,72 @@ def apply_op(img, op, factor=None):
     raise ValueError(op)
 
 
+def photometric_params(rng, crop):
+    """The official photometric draws: ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur
+    p=0.5 with sigma ~ U(0.1, 2) and kernel int(0.1 * crop) // 2 * 2 + 1 (39 at 384).
+    Returns (ops, sigma or None, ksize) with ops a list of (name, factor) in application order."""
+    ops = []
+    if rng.random() < 0.8:
+        order, factors = jitter_params(rng)
+        ops += [(op, factors[op]) for op in order]
+    if rng.random() < 0.2:
+        ops.append(("gray", None))
+    sigma = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else None
+    return ops, sigma, int(0.1 * crop) // 2 * 2 + 1
+
+
+def photometric(img, params, window=None, fill=(0, 0, 0), box=None):
+    """Apply photometric_params to a PIL RGB image -> uint8 [H, W, 3], the same pixels as running the ops
+    on the whole image (test_dataset checks this against the plain torchvision path), only cheaper:
+      * outside `window` (y0, y1, x0, x1) the image is the constant padding colour `fill`, so every
+        per-pixel op runs on the window plus ONE pad pixel; contrast (the only op that needs a whole-image
+        statistic, the mean grey) gets that mean exactly from the window's sum and the pad count;
+      * with `box` (a pasted image: only its paste box is ever read) the ops after the last contrast
+        run on the box plus the blur radius only. Outside the box the returned pixels are then garbage."""
+    ops, sigma, ksize = params
+    w, h = img.size
+    y0, y1, x0, x1 = window or (0, h, 0, w)
+    n_pad = w * h - (y1 - y0) * (x1 - x0)
+    r = blur_radius(sigma, ksize) if sigma is not None else 0
+    sub, pad = img.crop((x0, y0, x1, y1)), Image.new("RGB", (1, 1), tuple(fill))
+    cut_at = 1 + max([k for k, (op, _) in enumerate(ops) if op == "contrast"], default=-1)
+    for k in range(len(ops) + 1):
+        if k == cut_at and box is not None:  # whole-image statistics are done: keep box + radius only
+            cy0, cy1 = max(y0, box[0] - r), min(y1, box[1] + r)
+            cx0, cx1 = max(x0, box[2] - r), min(x1, box[3] + r)
+            sub, (y0, y1, x0, x1) = sub.crop((cx0 - x0, cy0 - y0, cx1 - x0, cy1 - y0)), (cy0, cy1, cx0, cx1)
+        if k == len(ops):
+            break
+        op, f = ops[k]
+        if op == "contrast":  # PIL's ImageEnhance.Contrast: blend towards the mean grey, rounded
+            total = ImageStat.Stat(sub.convert("L")).sum[0] + n_pad * pad.convert("L").getpixel((0, 0))
+            grey = (int(total / (w * h) + 0.5),) * 3
+            sub, pad = (Image.blend(Image.new("RGB", im.size, grey), im, f) for im in (sub, pad))
+        else:
+            sub, pad = apply_op(sub, op, f), apply_op(pad, op, f)
+    out = Image.new("RGB", (w, h), pad.getpixel((0, 0)))
+    out.paste(sub, (x0, y0))
+    arr = np.asarray(out)
+    if sigma is None:
+        return arr
+    if box is None:
+        return gaussian_blur(arr, sigma, ksize)
+    by0, by1, bx0, bx1 = max(0, box[0] - r), min(h, box[1] + r), max(0, box[2] - r), min(w, box[3] + r)
+    arr = arr.copy()  # the blur of box + radius is exact inside the box (mirror only at true borders)
+    arr[by0:by1, bx0:bx1] = gaussian_blur(arr[by0:by1, bx0:bx1], sigma, ksize)
+    return arr
+
+
+def blur_radius(sigma, ksize):
+    return max(1, min(ksize // 2, int(4.0 * sigma + 0.5)))
+
+
 def gaussian_blur(arr, sigma, ksize):
     """Exact Gaussian blur of a uint8 [H, W, 3] array, rounded like cv2.GaussianBlur. The official kernel
     (39 taps at 384) is wider than the 4-sigma support for sigma <= 2, so the taps beyond 4 sigma
     (< 1e-3 of the mass) are dropped; at small crops the official kernel size is the tighter bound."""
     from scipy import ndimage
-    radius = max(1, min(ksize // 2, int(4.0 * sigma + 0.5)))
+    radius = blur_radius(sigma, ksize)
     out = ndimage.gaussian_filter(arr.astype(np.float32), (sigma, sigma, 0), mode="mirror",
                                   radius=(radius, radius, 0))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
@@ -224,15 +285,15 @@ class ArchiveDataset(torch.utils.data.Dataset):
         if rng.random() < 0.5:  # horizontal flip of image, mask and non-pad window together
             rgb, obj, x0 = rgb.transpose(Image.FLIP_LEFT_RIGHT), obj[:, ::-1], c - x0 - lw
         box = None if is_canvas else paste_box(obj)
-        if not is_canvas and box is None:  # nothing of it will be pasted: skip the photometric work
-            return {"rgb": None, "obj": obj, "box": None, "valid": (y0, y0 + lh, x0, x0 + lw), "label": self.labels[idx]}
-        rgb = self._photometric(rgb, rng, box)
-        return {"rgb": rgb, "obj": obj, "box": box, "valid": (y0, y0 + lh, x0, x0 + lw), "label": self.labels[idx]}
+        window = (y0, y0 + lh, x0, x0 + lw)
+        # a pasted image with nothing to paste skips the photometric work (it would never be seen)
+        rgb = photometric(rgb, photometric_params(rng, c), window, geom["fill"], box) if is_canvas or box else None
+        return {"rgb": rgb, "obj": obj, "box": box, "valid": window, "label": self.labels[idx]}
 
     def _load_scaled_crop(self, path, s, pad_side, rng):
         """Decode, scale by s, pad with the mean colour and crop to c x c. Returns (PIL RGB c x c, geometry)
         with geometry = {"orig": (h0, w0), "size": (th, tw) scaled size, "src": (sy, sx) crop origin in the scaled image,
-        "dst": (dy, dx, lh, lw) where the window lands in the crop}."""
+        "dst": (dy, dx, lh, lw) where the window lands in the crop, "fill": the padding colour}."""
         c = self.crop
         with Image.open(path) as im:
             w0, h0 = im.size
@@ -242,13 +303,13 @@ class ArchiveDataset(torch.utils.data.Dataset):
             im = im if im.mode == "RGB" else im.convert("RGB")
         (sy, dy, lh), (sx, dx, lw) = (crop_window(th, c, pad_side in (0, 2), rng),
                                       crop_window(tw, c, pad_side in (0, 1), rng))
-        geom = {"orig": (h0, w0), "size": (th, tw), "src": (sy, sx), "dst": (dy, dx, lh, lw)}
+        geom = {"orig": (h0, w0), "size": (th, tw), "src": (sy, sx), "dst": (dy, dx, lh, lw), "fill": (0, 0, 0)}
         if tw >= c and th >= c:  # no padding: resize only the window (same pixels as resize-then-crop)
             fx, fy = im.width / tw, im.height / th
             return im.resize((c, c), Image.BILINEAR, box=(sx * fx, sy * fy, (sx + c) * fx, (sy + c) * fy)), geom
         im = im.resize((tw, th), Image.BILINEAR)
-        fill = tuple(int(v) for v in ImageStat.Stat(im).mean)  # mean colour (from histograms), truncated
-        out = Image.new("RGB", (c, c), fill)
+        geom["fill"] = tuple(int(v) for v in ImageStat.Stat(im).mean)  # mean colour (histograms), truncated
+        out = Image.new("RGB", (c, c), geom["fill"])
         out.paste(im.crop((sx, sy, sx + lw, sy + lh)), (dx, dy))
         return out, geom
 
@@ -278,38 +339,6 @@ class ArchiveDataset(torch.utils.data.Dataset):
         cols = np.minimum(((np.arange(sx, sx + lw) + 0.5) * (m.shape[1] / tw)).astype(np.int64), m.shape[1] - 1)
         obj[dy:dy + lh, dx:dx + lw] = m[rows[:, None], cols[None, :]]
         return obj
-
-    def _photometric(self, img, rng, box):
-        """ColorJitter p=0.8, grayscale p=0.2, blur p=0.5 on a PIL image -> uint8 [c, c, 3]. For a pasted
-        image (box = its paste box) everything after the last whole-image op (contrast) runs on the box
-        plus the blur radius only; the pixels inside the box are the same as processing the whole image."""
-        c = self.crop
-        ops = []
-        if rng.random() < 0.8:
-            order, factors = jitter_params(rng)
-            ops += [(op, factors[op]) for op in order]
-        if rng.random() < 0.2:
-            ops.append(("gray", None))
-        sigma = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else None
-        ksize = int(0.1 * min(c, c)) // 2 * 2 + 1  # official: 39 at 384
-        last_global = max([k for k, (op, _) in enumerate(ops) if op == "contrast"], default=-1)
-        for op, f in ops[:last_global + 1]:
-            img = apply_op(img, op, f)
-        y0, y1, x0, x1 = 0, c, 0, c
-        if box is not None:  # cut to the box + blur margin (clipped: at the image border mirror is right)
-            r = max(1, min(ksize // 2, int(4.0 * sigma + 0.5))) if sigma is not None else 0
-            y0, y1, x0, x1 = max(0, box[0] - r), min(c, box[1] + r), max(0, box[2] - r), min(c, box[3] + r)
-            img = img.crop((x0, y0, x1, y1))
-        for op, f in ops[last_global + 1:]:
-            img = apply_op(img, op, f)
-        arr = np.asarray(img)
-        if sigma is not None:
-            arr = gaussian_blur(arr, sigma, ksize)
-        if box is None:
-            return np.ascontiguousarray(arr)
-        full = np.zeros((c, c, 3), dtype=np.uint8)  # outside the box nothing is ever read
-        full[y0:y1, x0:x1] = arr
-        return full
 
     def _compose(self, layers, rng):
         """Copy-paste: layer 0 is the canvas (kept whole, pad = ignore); each later layer's object pixels

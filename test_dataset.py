@@ -166,7 +166,7 @@ def test_pad_side_skew_default(arc):
 def test_image_and_mask_stay_aligned(arc, monkeypatch):
     """The images are white exactly on their mask: with photometric ops off, the scene's object pixels
     are bright and its background dark (decoding with draft, box resize, flips and pastes included)."""
-    monkeypatch.setattr(ArchiveDataset, "_photometric", lambda self, img, rng, box: np.array(img))
+    monkeypatch.setattr(dataset, "photometric", lambda img, *a, **k: np.array(img))
     ds = make(arc, max_n=6, norm="imagenet")
     mean, std = torch.tensor(ds.mean).view(3, 1, 1), torch.tensor(ds.std).view(3, 1, 1)
     agree = total = 0
@@ -190,45 +190,53 @@ def test_window_resize_equals_resize_then_crop():
     assert np.abs(full.astype(int) - win.astype(int)).max() <= 1
 
 
-def test_photometric_on_box_equals_whole_image(arc):
-    ds = make(arc)
-    rng = np.random.default_rng(3)
-    img = Image.fromarray(rng.integers(0, 256, (CROP, CROP, 3), dtype=np.uint8))
-    box = (10, 30, 5, 25)
-    for seed in range(12):  # covers jitter on/off, every op order, gray and blur
-        whole = ds._photometric(img, np.random.default_rng(seed), None)
-        cut = ds._photometric(img, np.random.default_rng(seed), box)
-        assert np.array_equal(whole[10:30, 5:25], cut[10:30, 5:25]), seed
-
-
-def test_photometric_probabilities_and_ranges(arc, monkeypatch):
-    """Jitter p=0.8 with all four ops in [1-0.8, 1+0.8] (hue [-0.2, 0.2]), grayscale p=0.2, blur p=0.5 with
-    sigma in [0.1, 2] and the official kernel size (39 at 384)."""
-    calls = []
-    real_op, real_blur = dataset.apply_op, dataset.gaussian_blur
-    monkeypatch.setattr(dataset, "apply_op", lambda img, op, f=None: calls.append((op, f)) or real_op(img, op, f))
-    monkeypatch.setattr(dataset, "gaussian_blur", lambda a, s, k: calls.append(("blur", (s, k))) or real_blur(a, s, k))
-    ds = make(arc, crop=384)
-    ds.crop = 8  # the kernel size is computed from the crop; 8x8 keeps the loop fast
-    img, n = Image.new("RGB", (8, 8), (120, 60, 30)), 3000
+def test_photometric_probabilities_and_ranges():
+    """Jitter p=0.8 with all four ops in [1-0.8, 1+0.8] (hue [-0.2, 0.2]) in every order, grayscale p=0.2,
+    blur p=0.5 with sigma in [0.1, 2] and the official kernel size (39 at 384, 7 at 64)."""
+    n, draws = 4000, []
     for seed in range(n):
-        ds._photometric(img, np.random.default_rng(seed), None)
-    count = {op: sum(1 for o, _ in calls if o == op) / n for op in ("hue", "contrast", "gray", "blur")}
-    assert abs(count["hue"] - 0.8) < 0.03 and count["hue"] == count["contrast"]
-    assert abs(count["gray"] - 0.2) < 0.03 and abs(count["blur"] - 0.5) < 0.03
-    factors = np.array([f for o, f in calls if o in ("brightness", "contrast", "saturation")])
-    hues = np.array([f for o, f in calls if o == "hue"])
-    assert 0.2 <= factors.min() < 0.25 and 1.75 < factors.max() <= 1.8
+        draws.append(dataset.photometric_params(np.random.default_rng(seed), 384))
+    ops = [[op for op, _ in d[0]] for d in draws]
+    assert abs(sum(len(o) >= 4 for o in ops) / n - 0.8) < 0.03
+    assert abs(sum("gray" in o for o in ops) / n - 0.2) < 0.03
+    assert abs(sum(d[1] is not None for d in draws) / n - 0.5) < 0.03
+    assert len({tuple(o[:4]) for o in ops if len(o) >= 4}) == 24  # all orders occur
+    factors = np.array([f for d in draws for op, f in d[0] if op in ("brightness", "contrast", "saturation")])
+    hues = np.array([f for d in draws for op, f in d[0] if op == "hue"])
+    assert 0.2 <= factors.min() < 0.22 and 1.78 < factors.max() <= 1.8
     assert -0.2 <= hues.min() < -0.19 and 0.19 < hues.max() <= 0.2
-    sigmas = np.array([f[0] for o, f in calls if o == "blur"])
-    assert 0.1 <= sigmas.min() < 0.15 and 1.95 < sigmas.max() <= 2.0
-    assert {f[1] for o, f in calls if o == "blur"} == {1}  # int(0.8) // 2 * 2 + 1
-    ds.crop = 384
-    calls.clear()
-    while not any(o == "blur" for o, _ in calls):
-        ds._photometric(Image.new("RGB", (384, 384)), np.random.default_rng(n), None)
-        n += 1
-    assert [f[1] for o, f in calls if o == "blur"] == [39]
+    sigmas = np.array([d[1] for d in draws if d[1] is not None])
+    assert 0.1 <= sigmas.min() < 0.12 and 1.98 < sigmas.max() <= 2.0
+    assert {d[2] for d in draws} == {39} and dataset.photometric_params(np.random.default_rng(0), 64)[2] == 7
+
+
+def reference_photometric(img, params):
+    """The plain path: every op on the whole image with torchvision's PIL kernels, then the blur."""
+    ops, sigma, ksize = params
+    for op, f in ops:
+        img = dataset.apply_op(img, op, f)
+    arr = np.asarray(img)
+    return dataset.gaussian_blur(arr, sigma, ksize) if sigma is not None else arr
+
+
+def test_fast_photometric_equals_whole_image_path():
+    """Window + pad pixel + exact contrast mean, and the paste-box cut, give the reference's pixels."""
+    rng = np.random.default_rng(3)
+    c, window, fill = 48, (6, 30, 0, 41), (90, 140, 200)
+    img = Image.new("RGB", (c, c), fill)
+    img.paste(Image.fromarray(rng.integers(0, 256, (24, 41, 3), dtype=np.uint8)), (0, 6))
+    box = (10, 28, 30, 40)  # near the window's right edge and the image's top-right: blur margins matter
+    n_contrast_not_first = 0
+    for seed in range(40):  # covers jitter on/off, every op order, gray and blur
+        params = dataset.photometric_params(np.random.default_rng(seed), 384)
+        ops = [op for op, _ in params[0]]
+        n_contrast_not_first += "contrast" in ops[1:] and params[1] is not None
+        ref = reference_photometric(img, params)
+        assert np.array_equal(dataset.photometric(img, params, window, fill), ref), seed
+        cut = dataset.photometric(img, params, window, fill, box)
+        assert np.array_equal(cut[10:28, 30:40], ref[10:28, 30:40]), seed
+        assert np.array_equal(dataset.photometric(img, params), ref), seed  # no window given
+    assert n_contrast_not_first >= 5
 
 
 def test_mask_nearest_identity_at_scale_one(arc):
@@ -274,7 +282,7 @@ def test_empty_missing_unreadable_counted(tmp_path):
 
 
 def test_grayscale_image_and_mask_size_mismatch(tmp_path, monkeypatch):
-    monkeypatch.setattr(ArchiveDataset, "_photometric", lambda self, img, rng, box: np.array(img))
+    monkeypatch.setattr(dataset, "photometric", lambda img, *a, **k: np.array(img))
     spec = {"cat": [("g", "gray"), ("s", "small_mask")]}
     ds = ArchiveDataset(*write_archive(str(tmp_path), spec), crop=CROP, max_n=1, scale_range=(1.0, 1.0))
     for i in range(6):
