@@ -61,6 +61,7 @@ def get_args_parser():
     p.add_argument("--unseen", action="store_true", help="coco20k: evaluate the 15 unseen classes of the 65/15 split (Table 7)")
     p.add_argument("--cub_text", default="bird", help="cub: the text 'bird' or each image's breed name ('breed')")
     p.add_argument("--max_size", type=int, default=None, help="cap the longer side of the model input (default 1024 for imagenet_s919 and --images)")
+    p.add_argument("--maskclip_proposals", default="components", help="maskclip instances: components (connected components per class) or classes (one mask per class)")
     p.add_argument("--norm", default="auto", help="input normalisation: auto (checkpoint's, else imagenet; clip for maskclip), imagenet, clip")
     p.add_argument("--throughput", action="store_true", help="measure img/s of full inference at batch 1 instead of evaluating")
     p.add_argument("--throughput_images", type=int, default=50, help="images timed by --throughput")
@@ -114,8 +115,8 @@ class MaskCLIPSegmenter:
     softmax probability (CLIP's own temperature) of that class inside the component."""
     kind = "maskclip"
 
-    def __init__(self, clip, categories, norm="clip", max_instances=100):
-        self.clip, self.norm, self.max_instances = clip.eval(), norm, max_instances
+    def __init__(self, clip, categories, norm="clip", max_instances=100, proposals="components"):
+        self.clip, self.norm, self.max_instances, self.proposals = clip.eval(), norm, max_instances, proposals
         self.scale = clip.logit_scale.detach().exp().item()
         self.device = next(clip.parameters()).device
         self._cache, self.categories = {}, []
@@ -144,20 +145,22 @@ class MaskCLIPSegmenter:
             # p(class | pixel) without a [K, H, W] softmax copy: exp(s*l_c - logsumexp_k(s*l_k))
             lse = torch.logsumexp(logits * self.scale, dim=0)  # [H, W]
             out.update(component_instances(sem, lambda c: torch.exp(logits[c] * self.scale - lse).cpu().numpy(),
-                                           self.max_instances))
+                                           self.max_instances, whole_class=self.proposals == "classes"))
         return out
 
 
-def component_instances(sem, prob_of, max_n=100):
+def component_instances(sem, prob_of, max_n=100, whole_class=False):
     """Connected components (8-connectivity) of every non-background class of `sem` [H, W] as
-    instances, scored by the mean of prob_of(c) [H, W] over the component; the best max_n kept."""
+    instances, scored by the mean of prob_of(c) [H, W] over the component; the best max_n kept.
+    whole_class: one proposal per predicted class instead (the paper's literal "semantic masks as
+    mask proposals")."""
     from scipy import ndimage
     s = sem.cpu().numpy()
     cand = []  # (score, class, component labels, component index)
     for c in np.unique(s):
         if c == 0:
             continue
-        lab, n = ndimage.label(s == c, structure=np.ones((3, 3)))
+        lab, n = ((s == c).astype(np.int32), 1) if whole_class else ndimage.label(s == c, structure=np.ones((3, 3)))
         scores = ndimage.mean(prob_of(int(c)), labels=lab, index=np.arange(1, n + 1))
         cand += [(float(sc), int(c), lab, i + 1) for i, sc in enumerate(np.atleast_1d(scores))]
     cand = sorted(cand, key=lambda z: -z[0])[:max_n]
@@ -207,7 +210,8 @@ def build_segmenter(args, categories, device):
     import clip_model
     if args.model == "maskclip":
         clip, _ = clip_model.load(args.arch or "ViT-B/16", device=device)
-        return MaskCLIPSegmenter(clip, categories or list(C.VOC), norm="clip" if args.norm == "auto" else args.norm)
+        return MaskCLIPSegmenter(clip, categories or list(C.VOC), norm="clip" if args.norm == "auto" else args.norm,
+                                 proposals=args.maskclip_proposals)
     import model as M
     spec = args.ckpt or newest_checkpoint()
     if not spec.startswith("official:") and not os.path.isfile(spec):
@@ -524,7 +528,7 @@ def run_images(seg, src, out_dir, max_size=1024):
 
 def main():
     args = get_args_parser().parse_args()
-    for flag, ok in (("nms", ("hard", "none")), ("model", ("zutis", "maskclip")), ("norm", ("auto", "imagenet", "clip")),
+    for flag, ok in (("nms", ("hard", "none")), ("maskclip_proposals", ("components", "classes")), ("model", ("zutis", "maskclip")), ("norm", ("auto", "imagenet", "clip")),
                      ("class_prob", ("sigmoid", "softmax"))):
         if getattr(args, flag) not in ok:
             raise UserError(f"--{flag} must be one of {', '.join(ok)}, got {getattr(args, flag)!r}")

@@ -284,6 +284,8 @@ def test_maskclip_components():
     r = E.component_instances(sem, lambda c: prob[c])
     assert r["labels"].tolist() == [1, 1, 2] and r["masks"].sum((1, 2)).tolist() in ([4, 6, 1], [6, 4, 1])
     assert r["scores"].tolist() == pytest.approx([0.7, 0.7, 0.2])
+    r = E.component_instances(sem, lambda c: prob[c], whole_class=True)
+    assert r["labels"].tolist() == [1, 2] and r["masks"].sum((1, 2)).tolist() == [10, 1]
 
 
 # ----------------------------------------------------------------------------- the pipeline with an oracle
