@@ -268,8 +268,9 @@ class ArchiveDataset(torch.utils.data.Dataset):
 
     def _augment(self, idx, rng, is_canvas):
         """Scale, pad/crop, flip and photometric ops of entry `idx`. Returns a dict with "rgb" uint8
-        [c, c, 3], "obj" bool [c, c] (object pixels), "valid" (y0, y1, x0, x1) (non-pad window), "label";
-        or None if the image cannot be decoded."""
+        [c, c, 3] (None for a pasted image with nothing to paste), "obj" bool [c, c] (object pixels),
+        "box" (its paste box, None for the canvas), "valid" (y0, y1, x0, x1) (the non-pad window) and
+        "label"; or None if the image cannot be decoded."""
         c, entry = self.crop, self.entries[idx]
         path = common.image_path(self.archive, entry)
         s = rng.uniform(*self.scale_range)
@@ -291,9 +292,9 @@ class ArchiveDataset(torch.utils.data.Dataset):
         return {"rgb": rgb, "obj": obj, "box": box, "valid": window, "label": self.labels[idx]}
 
     def _load_scaled_crop(self, path, s, pad_side, rng):
-        """Decode, scale by s, pad with the mean colour and crop to c x c. Returns (PIL RGB c x c, geometry)
-        with geometry = {"orig": (h0, w0), "size": (th, tw) scaled size, "src": (sy, sx) crop origin in the scaled image,
-        "dst": (dy, dx, lh, lw) where the window lands in the crop, "fill": the padding colour}."""
+        """Decode, scale by s, pad with the mean colour and crop to c x c. Returns (PIL RGB c x c, geometry):
+        "orig" (h0, w0) original size, "size" (th, tw) scaled size, "src" (sy, sx) crop origin in the scaled
+        image, "dst" (dy, dx, lh, lw) where that window lands in the crop, "fill" the padding colour."""
         c = self.crop
         with Image.open(path) as im:
             w0, h0 = im.size

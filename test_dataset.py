@@ -289,7 +289,8 @@ def test_grayscale_image_and_mask_size_mismatch(tmp_path, monkeypatch):
         it = ds[i]
         grey = it["image"] * torch.tensor(ds.std).view(3, 1, 1) + torch.tensor(ds.mean).view(3, 1, 1)
         obj = it["semantic"] == 1
-        assert it["image"].shape == (3, CROP, CROP) and obj.any() and (grey[:, obj] > 0.5).float().mean() > 0.85  # 1 px edges
+        assert it["image"].shape == (3, CROP, CROP) and obj.any()
+        assert (grey[:, obj] > 0.5).float().mean() > 0.85  # the half-size mask is off by <= 1 px at edges
     assert ds.stats["mask_size_mismatch"] > 0 and ds.stats["unreadable_image"] == 0
 
 
