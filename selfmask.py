@@ -205,6 +205,7 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
     if not isinstance(state_dict, dict):
         raise UserError(f"{source} does not hold a SelfMask state dict")
     own = model.state_dict()
+    state_dict = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state_dict.items()}
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     if missing or unexpected:
         raise UserError(f"{source} is not a SelfMask checkpoint: {len(missing)} missing keys "
@@ -213,7 +214,7 @@ def load_state_dict_strict(model, state_dict, source="checkpoint"):
         if tuple(state_dict[k].shape) != tuple(v.shape):
             raise UserError(f"{source}: key {k!r} has shape {list(state_dict[k].shape)}, "
                             f"SelfMask expects {list(v.shape)}")
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)  # assign: works for a meta-device model
     return model
 
 
@@ -250,7 +251,8 @@ def load_selfmask(name_or_path="selfmask_nq20", device="cpu", download_root=None
     sd = _read(path)
     inner = sd.get("model", sd) if isinstance(sd, dict) else sd
     q = inner.get("query_embed") if isinstance(inner, dict) else None
-    model = SelfMask(n_queries=q.shape[0] if torch.is_tensor(q) and q.ndim == 2 else 20)
+    with torch.device("meta"):  # no random init of 36 M parameters that are overwritten anyway
+        model = SelfMask(n_queries=q.shape[0] if torch.is_tensor(q) and q.ndim == 2 else 20)
     return load_state_dict_strict(model, sd, source=path).to(device).eval()
 
 
@@ -291,7 +293,7 @@ def prepare(image, short_side=512, max_side=2048):
     [h, w, 3] for the bilateral solver, original (H, W))."""
     rgb = to_rgb(image)
     ref = resize_shorter(rgb, short_side, max_side)
-    x = torch.from_numpy(ref).permute(2, 0, 1).float().div_(255)  # [h, w, 3] -> [3, h, w]
+    x = torch.tensor(ref).permute(2, 0, 1).float().div_(255)  # [h, w, 3] -> [3, h, w]
     x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
     return x, ref, rgb.shape[:2]
 
@@ -540,4 +542,55 @@ def boundary_saliency(image, k=4, border=0.05, min_cluster=0.2, work_side=160, t
     if bilateral:
         fg = bilateral_solve(small, fg.astype(np.float64)) > 0.5
     fg = clean_mask(fg)
+    return finish_mask(fg, orig_size=(H, W), bilateral=False)
+
+
+def spectral_cut(feats, border=1):
+    """Normalised-cut bipartition of a token grid (Shi & Malik; SelfMask's affinity: cosine
+    similarities min-max rescaled to [0, 1]). feats [h, w, C] -> (bool foreground [h, w], signed
+    Fiedler vector [h, w], positive on the foreground). The side touching less of the grid's
+    border (ring `border` tokens wide) is the foreground."""
+    from scipy.linalg import eigh
+    h, w, C = feats.shape
+    f = np.asarray(feats, np.float64).reshape(h * w, C)  # [h, w, C] -> [N, C]
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
+    A = f @ f.T
+    A = (A - A.min()) / max(A.max() - A.min(), 1e-8)
+    d = A.sum(1)
+    # (D - A) v = lambda D v  <=>  (I - D^-1/2 A D^-1/2) u = lambda u with v = D^-1/2 u.
+    s = 1 / np.sqrt(d)
+    _, u = eigh(np.eye(h * w) - s[:, None] * A * s[None], subset_by_index=[1, 1])
+    v = (u[:, 0] * s).reshape(h, w)
+    side = v > v.mean()  # TokenCut splits at the mean of the Fiedler vector
+    ring = np.ones((h, w), bool)
+    ring[border:h - border, border:w - border] = False
+    if (side & ring).sum() > (~side & ring).sum():
+        side, v = ~side, -v
+    return side, v - v.mean()
+
+
+@torch.no_grad()
+def spectral_saliency(image, clip_visual, short_side=224, bilateral=False, pos_interp="bicubic"):
+    """Training-free FALLBACK saliency: normalised cut of a CLIP ViT's last-layer patch tokens
+    (`clip_model` VisionTransformer.forward_dense). Image -> bool [H, W]."""
+    from clip_model import CLIP_MEAN, CLIP_STD
+    _warn_fallback("spectral")
+    rgb = to_rgb(image)
+    H, W = rgb.shape[:2]
+    small = resize_shorter(rgb, short_side, max_side=4 * short_side)
+    h, w = small.shape[:2]
+    p = clip_visual.patch_size
+    x = torch.from_numpy(small.copy()).permute(2, 0, 1).float().div(255)  # [h, w, 3] -> [3, h, w]
+    x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    x = F.pad(x, (0, -w % p, 0, -h % p))  # the conv would drop a partial patch; pad to keep the edge
+    dev = next(clip_visual.parameters()).device
+    feats = clip_visual.forward_dense(x[None].to(dev), pos_interp=pos_interp)[0].float().cpu().numpy()
+    _, v = spectral_cut(feats)
+    # Bilinear upsampling of the Fiedler vector, thresholded at the split point, gives smoother
+    # edges than blocky tokens; then crop the padding.
+    v = F.interpolate(torch.from_numpy(v)[None, None].float(), scale_factor=p, mode="bilinear",
+                      align_corners=False)[0, 0, :h, :w].numpy()
+    fg = v > 0
+    if bilateral:
+        fg = bilateral_solve(small, fg.astype(np.float64)) > 0.5
     return finish_mask(fg, orig_size=(H, W), bilateral=False)
