@@ -196,3 +196,227 @@ def test_text_templates_and_set_categories(tiny_clip_path, tiny_model):
     assert "text_emb" not in m.state_dict()
     with pytest.raises(UserError):
         M.ZUTIS(tiny_clip_path, CATS, text_templates="80", **TINY)
+
+
+# ----------------------------------------------------------------------------- losses and matching
+
+def test_dice_bce_hand_values():
+    p = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.9, 0.2, 0.0, 1.0], [0.0, 1.0, 0.5, 0.5]])
+    g = torch.tensor([[1., 1, 0, 0], [1, 0, 0, 1]])
+    dice, bce = M.pairwise_dice_bce(p, g)
+    assert dice.shape == bce.shape == (3, 2)
+    assert dice[0, 0].item() == pytest.approx(1 - 3 / 5, abs=1e-6)
+    assert dice[1, 1].item() == pytest.approx(1 - (2 * 1.9 + 1) / (2.1 + 2 + 1), abs=1e-6)
+    assert bce[0, 0].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert bce[1, 1].item() == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 4, abs=1e-6)
+    assert bce[2, 0].item() == pytest.approx((100 + 0 + 2 * math.log(2)) / 4, abs=1e-5)  # log(0) clamped at -100
+    ref = torch.stack([torch.stack([F.binary_cross_entropy(pi, gi) for gi in g]) for pi in p])
+    assert torch.allclose(bce, ref, atol=1e-6)
+
+
+def brute_force(cost):
+    Q, N = len(cost), len(cost[0])
+    if Q >= N:
+        return min(sum(cost[q][t] for t, q in enumerate(perm)) for perm in itertools.permutations(range(Q), N))
+    return min(sum(cost[q][t] for q, t in enumerate(perm)) for perm in itertools.permutations(range(N), Q))
+
+
+@pytest.mark.parametrize("Q,N", [(5, 3), (4, 4), (2, 5), (1, 3), (6, 1)])
+def test_matcher_is_optimal(Q, N):
+    g = torch.Generator().manual_seed(Q * 10 + N)
+    for _ in range(3):
+        probs = torch.rand(Q, 50, generator=g)
+        gt = (torch.rand(N, 50, generator=g) > 0.6).float()
+        matcher = M.HungarianMatcher()
+        (qi, ti), = matcher(probs, gt)
+        cost = matcher.cost(probs, gt)[0]
+        assert qi.dtype == ti.dtype == torch.int64 and len(qi) == min(Q, N)
+        assert len(set(qi.tolist())) == len(qi) and len(set(ti.tolist())) == len(ti)
+        assert cost[qi, ti].sum().item() == pytest.approx(brute_force(cost.tolist()), abs=1e-5)
+    with pytest.raises(AssertionError, match="non-finite"):
+        M.HungarianMatcher.assign(torch.tensor([[float("nan"), 1.0]]))
+
+
+def naive_official_mask_loss(mask_logits, instance_masks):
+    """The official loop: per image, per layer, repeated-tensor BCE and dice, scipy on [n, Q]."""
+    total = 0.0
+    for probs, gt in zip(mask_logits.sigmoid(), instance_masks):
+        g = gt.float().flatten(1)
+        if g.sum() == 0:
+            continue
+        p = F.interpolate(probs, size=gt.shape[-2:], mode="bilinear").flatten(2)
+        for pl in p:
+            dice = torch.zeros(len(g), len(pl))
+            bce = torch.zeros(len(g), len(pl))
+            for i, gi in enumerate(g):
+                for q, pq in enumerate(pl):
+                    dice[i, q] = 1 - (2 * (pq * gi).sum() + 1) / (pq.sum() + gi.sum() + 1)
+                    bce[i, q] = F.binary_cross_entropy(pq, gi)
+            cost = dice + bce
+            r, c = linear_sum_assignment(cost.numpy())
+            total += cost[r, c].sum().item()
+    return total / len(instance_masks)
+
+
+def test_mask_loss_matches_naive_official_loop():
+    g = torch.Generator().manual_seed(0)
+    mask_logits = torch.randn(3, 2, 6, 5, 7, generator=g) * 4  # [B, L, Q, 2h, 2w]
+    mask_logits[0, :, 0, 0, 0] = 200.0  # saturated: sigmoid == 1 exactly, log(1 - p) clamped
+    inst = [torch.rand(4, 20, 28, generator=g) > 0.5, torch.zeros(2, 20, 28, dtype=torch.bool),
+            torch.rand(2, 20, 28, generator=g) > 0.3]
+    inst[0][3] = False  # an empty target is still matched (official)
+    out = {"mask_logits": mask_logits.requires_grad_(), "patch_tokens": torch.randn(3, 5, 7, 8),
+           "text_emb": F.normalize(torch.randn(3, 8), dim=-1)}
+    batch = {"semantic": torch.randint(0, 3, (3, 20, 28)), "instance_masks": inst}
+    losses = M.criterion(out, batch)
+    assert losses["loss_mask"].item() == pytest.approx(naive_official_mask_loss(mask_logits.detach(), inst), rel=1e-5)
+    assert sum(losses[f"loss_mask_{l}"] for l in range(2)).item() == pytest.approx(losses["loss_mask"].item(), rel=1e-6)
+    assert (losses["loss_dice"] + losses["loss_bce"]).item() == pytest.approx(losses["loss_mask"].item(), rel=1e-5)
+    # CE equals the official order (upsample the tokens, then dot with the texts)
+    tok = F.interpolate(out["patch_tokens"].permute(0, 3, 1, 2), size=(20, 28), mode="bilinear")
+    ref = F.cross_entropy(torch.einsum("kc,bchw->bkhw", out["text_emb"], tok), batch["semantic"])
+    assert losses["loss_ce"].item() == pytest.approx(ref.item(), rel=1e-5)
+    losses["loss"].backward()
+    assert torch.isfinite(mask_logits.grad).all()
+    # Mask2Former-style normalisation: divide by the number of target masks used (4 + 2), not by B = 3
+    m2f = M.criterion(out, batch, loss_norm="num_masks")
+    assert m2f["loss_mask"].item() == pytest.approx(losses["loss_mask"].item() * 3 / 6, rel=1e-6)
+    assert all(v.dtype == torch.float32 and v.dim() == 0 for v in losses.values())
+
+
+def test_zero_instance_images(tiny_model):
+    x, batch = make_batch()
+    batch["instance_masks"] = [torch.zeros(0, 64, 64, dtype=torch.bool), torch.zeros(3, 64, 64, dtype=torch.bool)]
+    for norm in ("official", "num_masks"):
+        tiny_model.zero_grad()
+        losses = M.criterion(tiny_model(x), batch, loss_norm=norm)
+        assert losses["loss_mask"].item() == 0 and torch.isfinite(losses["loss"])
+        losses["loss"].backward()  # the decoder stays in the graph (zero gradient), as DDP needs
+        assert tiny_model.decoder.norm.weight.grad is not None
+
+
+def grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    enc = [p.grad for p in model.encoder.parameters()]
+    rest = [p.grad for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    nonzero = lambda gs: [g is not None and g.abs().sum().item() > 0 for g in gs]  # noqa: E731
+    return nonzero(enc), nonzero(rest)
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_stop_gradient(tiny_clip_path, stop_grad):
+    torch.manual_seed(0)
+    m = M.ZUTIS(tiny_clip_path, CATS, stop_grad=stop_grad, **TINY)
+    x, batch = make_batch()
+    losses = M.criterion(m(x), batch)
+    enc, rest = grads(m, losses["loss_mask"])
+    # At init the first layer's self-attention sees tgt = 0, so its output is the (zero) value bias
+    # whatever q, k are: those three tensors get no gradient by construction (as in DETR).
+    names = [n for n, _ in m.named_parameters() if not n.startswith("encoder.")]
+    dead = {"decoder.layers.0.self_attn.in_proj_weight", "decoder.layers.0.self_attn.out_proj.weight",
+            "decoder.layers.0.norm1.weight"}
+    assert all(r for n, r in zip(names, rest) if n not in dead)
+    assert not any(enc) if stop_grad else any(enc)
+    enc, rest = grads(m, losses["loss_ce"])
+    assert not any(rest)  # CE never reaches ffn1, the decoder, the queries or ffn2
+    assert any(enc) and enc[[n for n, _ in m.encoder.named_parameters()].index("proj")]
+
+
+def test_overfit_one_batch(tiny_clip_path):
+    torch.manual_seed(0)
+    m = M.ZUTIS(tiny_clip_path, CATS, logit_scale=10.0, **TINY)  # raw cosines (scale 1) cannot drop CE by 80%
+    sem = torch.zeros(2, 32, 32, dtype=torch.long)
+    inst = []
+    for b in range(2):
+        masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+        masks[0, :16, :16], masks[1, 16:, 8:] = True, True
+        masks = masks.flip(-1) if b else masks
+        sem[b][masks[0]], sem[b][masks[1]] = 1 + b, 3 - b
+        inst.append(masks)
+    x, batch = torch.randn(2, 3, 32, 32), {"semantic": sem, "instance_masks": inst}
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    first, threads = None, torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
+    try:
+        for _ in range(150):
+            losses = M.criterion(m(x), batch)
+            opt.zero_grad()
+            losses["loss"].backward()
+            opt.step()
+            first = first or {k: losses[k].item() for k in ("loss_ce", "loss_mask")}
+    finally:
+        torch.set_num_threads(threads)
+    last = {k: losses[k].item() for k in ("loss_ce", "loss_mask")}
+    assert all(last[k] < 0.2 * first[k] for k in first), (first, last)
+
+
+# ----------------------------------------------------------------------------- inference
+
+def test_mask_nms_classwise():
+    masks = torch.zeros(6, 10, 10, dtype=torch.bool)
+    masks[[0, 1, 2], :5, :5] = True  # A, its duplicate B (same class), C (same pixels, another class)
+    masks[1, 5, 0] = True
+    masks[3, 6:, 6:] = True  # D: disjoint from A, same class
+    masks[4, 6:, :3] = True  # E: disjoint, same class, score below the floor
+    masks[5, 6:, :3] = True  # F: alone in its class, score below the floor: kept (the top always is)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.0005, 0.0005])
+    labels = torch.tensor([1, 1, 2, 1, 1, 3])
+    assert M.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
+    masks[1, :5, 2:] = False  # B now has IoU 11/25 = 0.44 with A: still removed at 0.3, kept at 0.5
+    assert M.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
+    assert M.mask_nms(masks, scores, labels, iou=0.5).tolist() == [0, 1, 2, 3, 5]
+
+
+def synthetic_outputs():
+    """One image, 8 x 8 feature grid, texts = the 4 basis vectors; tokens: cols 0-3 -> class 1,
+    cols 4-7 -> class 2, rows 6-7 -> background."""
+    tok = torch.zeros(1, 8, 8, 4)
+    tok[0, :, :4, 1], tok[0, :, 4:, 2] = 1, 1
+    tok[0, 6:] = torch.tensor([1.0, 0, 0, 0])
+    logits = torch.full((1, 1, 6, 8, 8), -10.0)
+    logits[0, 0, 0, :4, :4] = 5  # q0: class 1
+    logits[0, 0, 1, :4, :3] = 3  # q1: class 1, IoU 0.75 with q0 -> suppressed
+    logits[0, 0, 2, :4, 1:] = 4  # q2: 3 cols of class 1, 4 of class 2 -> class 2, IoU 0.375 with q0 -> kept
+    logits[0, 0, 3, 6:, :] = 5  # q3: background -> dropped
+    logits[0, 0, 4, 5, 5] = 0.4  # q4: class 2, one low-res pixel at p = 0.6 -> empty at full size -> dropped
+    return {"mask_logits": logits, "patch_tokens": tok, "text_emb": torch.eye(4), "logit_scale": 1.0}
+
+
+def test_instances_follow_official_rules():
+    out, size = synthetic_outputs(), (21, 19)
+    res = M.instances_from_outputs(out, size)
+    assert res["labels"].tolist() == [1, 2] and res["masks"].shape == (2, 21, 19) and res["masks"].dtype == torch.bool
+    s5 = torch.sigmoid(torch.tensor(5.0))
+    assert res["scores"][0].item() == pytest.approx((s5 * s5).item(), rel=1e-5)  # mean prob x sigmoid(5 cos)
+    up = F.interpolate(out["mask_logits"][0, -1, :1][None].sigmoid(), size=size, mode="bilinear")[0, 0]
+    assert torch.equal(res["masks"][0], up > 0.5)  # probabilities upsampled, then thresholded at 0.5
+    none = M.instances_from_outputs(out, size, nms="none")
+    assert sorted(none["labels"].tolist()) == [1, 1, 2]  # no NMS: the duplicate stays; bg and empty still go
+    soft = M.instances_from_outputs(out, size, class_prob="softmax")
+    e = math.e
+    assert soft["scores"][0].item() == pytest.approx(s5.item() * e / (e + 3), rel=1e-5)
+
+
+def test_predict_odd_size_official_layout(tiny_clip_path, tiny_model):
+    # official-layout random weights (the module defaults; N(0, 1) everywhere would give no mask > 0.5)
+    m = M.load_official(M.to_official(tiny_model), CATS, arch=tiny_clip_path).eval()
+    image = torch.randn(1, 3, 333, 517)  # 41 x 64 patches of 8; the 5 right / 5 bottom pixels are dropped
+    res = M.predict(m, image)
+    with torch.no_grad():
+        out = m(image)
+    logits = torch.einsum("kc,hwc->khw", m.text_emb, out["patch_tokens"][0])
+    ref = F.interpolate(logits[None], size=(333, 517), mode="bilinear")[0].argmax(0)
+    assert res["semantic"].dtype == torch.long and torch.equal(res["semantic"], ref)
+    assert torch.equal(M.semantic_from_outputs(out, (333, 517), chunk=3), ref)  # class chunks: same argmax
+    none = M.instances_from_outputs(out, (333, 517), nms="none")
+    assert len(none["labels"]) > len(res["labels"]) > 0  # NMS removed within-class duplicates
+    masks, labels, scores = res["masks"], res["labels"], res["scores"]
+    assert masks.shape[1:] == (333, 517) and masks.dtype == torch.bool and (labels > 0).all()
+    assert masks.flatten(1).any(1).all() and torch.equal(scores, scores.sort(descending=True).values)
+    up = F.interpolate(out["mask_logits"][0, -1:].sigmoid(), size=(333, 517), mode="bilinear")[0] > 0.5
+    assert all(any(torch.equal(mk, u) for u in up) for mk in masks)  # each mask is a thresholded proposal
+    f = masks.flatten(1).float()
+    iou = (f @ f.t()) / (f.sum(1)[:, None] + f.sum(1)[None] - f @ f.t())
+    same = labels[:, None] == labels[None]
+    assert (iou[same & ~torch.eye(len(labels), dtype=torch.bool)] <= 0.3).all()
