@@ -24,6 +24,7 @@ protocols, throughput); official trainer.py `evaluate`, utils/running_score.py, 
 """
 import argparse
 import glob
+import json
 import os
 import time
 
@@ -366,56 +367,86 @@ def _all_reduce(dist, arr):
     return t.cpu().numpy()
 
 
-def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8, max_size=None, config=None):
+def _resume_state(path, key, K, buckets):
+    """Per-rank partial results of an interrupted run with the same settings, else a fresh state."""
+    fresh = {"key": key, "next": 0, "conf": torch.zeros(K, K, dtype=torch.long),
+             "buckets": torch.zeros(4, K, K, dtype=torch.long) if buckets else None,
+             "dets": [], "gt_imgs": [], "gt_anns": [], "done": [], "skipped": [], "fg_ious": []}
+    if path and os.path.isfile(path):
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+            if st.get("key") == key:
+                print(f"resuming from {path}: {st['next']} images of this rank already done")
+                return st
+        except Exception as e:  # a partial file we cannot read is just recomputed
+            print(f"ignoring unreadable {path}: {e}")
+    return fresh
+
+
+def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8, max_size=None, config=None,
+                   save_every=500):
     """Run `seg` over the benchmark's images (sharded by rank), accumulate confusion matrices and
-    detections, gather them, and on rank 0 compute and write the metrics. Returns the metrics dict."""
+    detections, gather them, and on rank 0 compute and write the metrics. Returns the metrics dict.
+    Every `save_every` images each rank saves its partial results (atomically) under out_dir, so an
+    interrupted run with the same settings resumes where it stopped."""
     from tqdm import tqdm
     dist = dist or _Single()
     samples = bench.samples[:max_images] if max_images else bench.samples
     names, cat_ids = list(seg.categories), bench.cat_ids or list(range(len(seg.categories)))
     K, max_size = len(names), max_size or bench.max_size
     need_inst = bench.load_instances is not None or bench.coco_gt is not None
-    conf = np.zeros((K, K), np.int64)
-    buckets = np.zeros((4, K, K), np.int64) if bench.size_buckets else None
-    dets, gt_imgs, gt_anns, done, skipped, fg_ious = [], [], [], [], [], []
     write_test = bench.load_semantic is None and bench.name == "imagenet_s919"
+    mine = samples[dist.rank::dist.world]
+    ck = (config or {}).get("ckpt") or ""
+    key = json.dumps([bench.name, len(samples), names, getattr(seg, "kind", ""), max_size,
+                      os.path.getmtime(ck) if os.path.isfile(ck) else None,
+                      {k: v for k, v in (config or {}).items() if k in ("ckpt", "arch", "nms", "nms_iou", "t", "class_prob",
+                                                                         "norm", "coco_gt", "unseen", "cub_text", "split")}],
+                     sort_keys=True, default=str)
+    part = os.path.join(out_dir, f".partial_rank{dist.rank}of{dist.world}.pt") if out_dir else None
+    st = _resume_state(part, key, K, bench.size_buckets)
     t0 = time.time()
-    for i, s in enumerate(tqdm(samples[dist.rank::dist.world], disable=not dist.is_main, desc=bench.name)):
+    for i in tqdm(range(st["next"], len(mine)), disable=not dist.is_main, desc=bench.name, initial=st["next"], total=len(mine)):
+        s = mine[i]
         try:
             pil = common.load_rgb(s["image"])
             gt = bench.load_semantic(s) if bench.load_semantic else None
             if gt is not None and gt.shape != (pil.height, pil.width):
                 raise ValueError(f"ground truth {gt.shape} does not match image {(pil.height, pil.width)}")
         except (OSError, ValueError) as e:
-            skipped.append(f"{s['image']}\t{type(e).__name__}: {e}")
+            st["skipped"].append(f"{s['image']}\t{type(e).__name__}: {e}")
             continue
         if bench.per_image_text:  # CUB breed mode: this image's own breed name is the only class
             seg.set_categories(["background", s["text"]])
         p = infer(seg, image_tensor(pil), max_size, instances=need_inst)
         pred = p["semantic"].numpy()
-        done.append(s["id"])
+        st["done"].append(s["id"])
         if gt is not None:
-            conf += B.confusion(gt, pred, K)
-            if buckets is not None:
-                B.size_bucket_update(buckets, gt, pred, K)
+            st["conf"] += torch.from_numpy(B.confusion(gt, pred, K))
+            if st["buckets"] is not None:
+                bk = np.zeros((4, K, K), np.int64)
+                B.size_bucket_update(bk, gt, pred, K)
+                st["buckets"] += torch.from_numpy(bk)
             if bench.name == "cub":
                 u = ((gt == 1) | (pred > 0)).sum()
-                fg_ious.append(((gt == 1) & (pred > 0)).sum() / u if u else 1.0)
+                st["fg_ious"].append(float(((gt == 1) & (pred > 0)).sum() / u) if u else 1.0)
         if need_inst:
-            dets += B.detections(p, s["id"], cat_ids)
+            st["dets"] += B.detections(p, s["id"], cat_ids)
         if bench.load_instances is not None:
-            gt_imgs.append({"id": s["id"], "height": pil.height, "width": pil.width, "file_name": s["name"]})
-            gt_anns += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in bench.load_instances(s, gt) if l < K]
+            st["gt_imgs"].append({"id": s["id"], "height": pil.height, "width": pil.width, "file_name": s["name"]})
+            st["gt_anns"] += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in bench.load_instances(s, gt) if l < K]
         if write_test:  # ImageNet-S server format: class I as RGB (I % 256, I // 256, 0), one PNG per image
             rgb = np.stack([pred % 256, pred // 256, np.zeros_like(pred)], -1).astype(np.uint8)
             common.save_image(rgb, os.path.join(out_dir, "test", s["name"] + ".png"))
         if dist.is_main and out_dir and i < n_vis:
             save_vis(os.path.join(out_dir, "vis", s["name"].replace("/", "__") + ".png"), np.asarray(pil), gt, p,
                      list(seg.categories), bench.ignore_index)
+        if part and (i + 1) % save_every == 0 and i + 1 < len(mine):
+            common.save_torch({**st, "next": i + 1}, part)
     wall = time.time() - t0
-    conf = _all_reduce(dist, conf)
-    buckets = _all_reduce(dist, buckets) if buckets is not None else None
-    parts = _gather(dist, (dets, gt_imgs, gt_anns, done, skipped, fg_ious))
+    conf = _all_reduce(dist, st["conf"].numpy())
+    buckets = _all_reduce(dist, st["buckets"].numpy()) if st["buckets"] is not None else None
+    parts = _gather(dist, [st[k] for k in ("dets", "gt_imgs", "gt_anns", "done", "skipped", "fg_ious")])
     if not dist.is_main:
         return {}
     dets, gt_imgs, gt_anns, done, skipped, fg_ious = [sum((q[k] for q in parts), []) for k in range(6)]
@@ -437,6 +468,8 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
         if skipped:
             with common.atomic_path(os.path.join(out_dir, "skipped.txt")) as tmp, open(tmp, "w") as f:
                 f.write("\n".join(skipped) + "\n")
+        for f in glob.glob(os.path.join(out_dir, f".partial_rank*of{dist.world}.pt")):  # results are safe now
+            os.remove(f)
     if skipped:
         print(f"skipped {len(skipped)} unreadable images" + (f" (list in {out_dir}/skipped.txt)" if out_dir else ""))
     return m

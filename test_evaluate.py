@@ -452,3 +452,27 @@ def test_official_layout_file_on_voc(voc_root, tiny_ckpt, tiny_clip_path, tmp_pa
              "--out_dir", str(tmp_path / "o"), "--save_vis", "0", "--max_images", "2", "--nms", "none")
     m = json.load(open(tmp_path / "o" / "metrics.json"))
     assert m["n_images"] == 2 and len(m["per_class_iou"]) == 21 and m["config"]["nms"] == "none"
+
+
+def test_interrupted_evaluation_resumes(voc_root, tmp_path, monkeypatch):
+    b = B.read_bench("voc", voc_root)
+    orig, calls = E.infer, []
+
+    def counting(seg, img, *a, **k):
+        calls.append(1)
+        if getattr(seg, "stop_at", None) == len(calls):
+            raise KeyboardInterrupt
+        seg.key = img.float().sum().item()
+        return orig(seg, img, *a, **k)
+    monkeypatch.setattr(E, "infer", counting)
+    out = str(tmp_path / "r")
+    oracle = Oracle(b, {0: 0, 12: 15, 15: 12})
+    oracle.stop_at = 4
+    with pytest.raises(KeyboardInterrupt):
+        E.evaluate_bench(oracle, b, out, save_every=1)
+    assert os.path.isfile(os.path.join(out, ".partial_rank0of1.pt"))
+    oracle.stop_at, calls[:] = None, []
+    m = E.evaluate_bench(oracle, b, out, save_every=1)
+    assert len(calls) == 1 and m["n_images"] == 4 and not os.path.exists(os.path.join(out, ".partial_rank0of1.pt"))
+    ref = E.evaluate_bench(Oracle(b, {0: 0, 12: 15, 15: 12}), b, None)
+    assert all(m[k] == ref[k] for k in ("mIoU", "pixel_acc", "AP", "AP_agn", "n_gt_instances", "n_detections"))
