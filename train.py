@@ -13,8 +13,9 @@ Commands (defaults = the official recipe: ViT-B/16, crop 384, batch 8, 20k itera
   1 GPU:     python train.py
   N GPUs:    torchrun --standalone --nproc_per_node 8 train.py        (--batch_size is the global batch)
   2 nodes:   torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py
-  CPU tiny:  python train.py --device cpu --arch toy_out/clip/tiny_clip.pt --crop 64 --batch_size 8 \
-                 --iters 200 --n_layers 2 --dim_ffn 256 --num_workers 0 --logit_scale 10 --lr_encoder 1e-4
+  CPU tiny:  python train.py --device cpu --arch toy_out/tiny_clip.pt --archive toy_out/archive/archive.json \
+                 --masks_dir toy_out/masks --crop 64 --iters 200 --n_queries 20 --n_layers 2 --dim_ffn 256 \
+                 --num_workers 0 --logit_scale 10 --lr 3e-4 --lr_encoder 1e-4     (after python toy.py)
   faster:    python train.py --dtype bfloat16 --compile
   resume:    the same command plus --resume (exact: same weights as an uninterrupted run)
   fine-tune: python train.py --init official:<name>   (or --init path/to/ckpt.pt)
@@ -29,7 +30,6 @@ import json
 import math
 import os
 import random
-import resource
 import threading
 import time
 from contextlib import nullcontext
@@ -146,9 +146,6 @@ class StepBatches(torch.utils.data.Sampler):
             first = (step * self.world + self.rank) * self.b
             yield list(range(first, first + self.b))
 
-    def __len__(self):  # infinite; DataLoader only asks for len() if someone calls len(loader)
-        raise TypeError("StepBatches is infinite")
-
 
 def make_loader(args, categories, dist, start_step, local_batch):
     import dataset as ds
@@ -164,13 +161,9 @@ def make_loader(args, categories, dist, start_step, local_batch):
 
 
 def to_device(batch, device):
-    nb = device.type == "cuda"
-    out = dict(batch)
-    for k in ("image", "semantic"):
-        out[k] = batch[k].to(device, non_blocking=nb)
-    out["instance_masks"] = [m.to(device, non_blocking=nb) for m in batch["instance_masks"]]
-    out["category_ids"] = [torch.as_tensor(c).to(device, non_blocking=nb) for c in batch["category_ids"]]
-    return out
+    nb = device.type == "cuda"  # pinned memory -> asynchronous copies
+    return {k: [t.to(device, non_blocking=nb) for t in v] if isinstance(v, list) else v.to(device, non_blocking=nb)
+            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- model, losses
@@ -260,6 +253,21 @@ def load_resume(path, args, dist):
     return ck
 
 
+def restore(ck, raw_model, optimizer, scaler, dist, metrics_path):
+    """Weights, optimiser and scaler state, this rank's RNG state; drop log lines after the step."""
+    raw_model.load_state_dict(ck["model"], strict=True)
+    optimizer.load_state_dict(ck["optimizer"])
+    scaler.load_state_dict(ck["scaler"])
+    rngs = ck.get("rng") or []
+    if len(rngs) == dist.world:
+        set_rng_state(rngs[dist.rank])
+    else:
+        dist.print0(f"note: the checkpoint has RNG states for {len(rngs)} ranks, this run has {dist.world}: "
+                    "RNG not restored (the data stream still is exact)")
+    if dist.is_main:
+        trim_metrics(metrics_path, ck["step"])
+
+
 def trim_metrics(path, step):
     """Drop log lines written after the checkpoint we resume from (they will be re-logged)."""
     if not os.path.exists(path):
@@ -307,14 +315,14 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, config, dist):
                            "scaler": scaler.state_dict(), "step": step, "config": config, "rng": rngs}, path)
 
 
-def check_masks(data, out_dir):
+def check_masks(data, out_dir, is_main):
     """Count (and list) archive entries without a pseudo-mask: the dataset treats them as empty masks,
     as the official code does; all missing means pseudo_label.py has not run."""
     missing = data.check_masks()
-    if missing and len(missing) == len(data.entries):
+    if missing and len(missing) == len(data.entries):  # on every rank, so all ranks stop
         raise UserError(f"none of the {len(missing)} archive images has a pseudo-mask in {data.masks_dir!r} "
                         "(run pseudo_label.py first, or pass --masks_dir)")
-    if missing:
+    if missing and is_main:
         path = os.path.join(out_dir, "missing_masks.txt")
         with common.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(f"{e['dir']}\t{e['path']}\n" for e in missing)
@@ -336,13 +344,11 @@ def check_args(args):
     for k in ("iters", "batch_size", "crop", "save_every", "log_every", "eval_every", "bench_iters", "max_n"):
         if getattr(args, k) <= 0:
             raise UserError(f"--{k} must be positive, got {getattr(args, k)}")
-    if args.num_workers < 0:
-        raise UserError("--num_workers must be >= 0")
-    if not 0 < args.scale_min <= 1:
-        raise UserError(f"--scale_min must be in (0, 1], got {args.scale_min}")
-    if args.eval_bench and not args.eval_data_root:
-        raise UserError("--eval_bench needs --eval_data_root (the benchmark's data folder)")
+    if args.num_workers < 0 or not 0 < args.scale_min <= 1:
+        raise UserError(f"need --num_workers >= 0 and 0 < --scale_min <= 1, got {args.num_workers}, {args.scale_min}")
     if args.eval_bench:
+        if not args.eval_data_root:
+            raise UserError("--eval_bench needs --eval_data_root (the benchmark's data folder)")
         common.require_dir(args.eval_data_root, f"--eval_data_root of {args.eval_bench}")
 
 
@@ -418,17 +424,7 @@ def train(args, dist):
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")
     seed_all(args.seed + dist.rank)  # nanoGPT's seed offset: ranks differ in anything random below
     if ck is not None:
-        raw_model.load_state_dict(ck["model"], strict=True)
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        rngs = ck.get("rng") or []
-        if len(rngs) == dist.world:
-            set_rng_state(rngs[dist.rank])
-        else:
-            dist.print0(f"note: checkpoint has RNG states for {len(rngs)} ranks, running {dist.world}: "
-                        "RNG not restored (the data stream still is)")
-        if dist.is_main:
-            trim_metrics(metrics_path, start)
+        restore(ck, raw_model, optimizer, scaler, dist, metrics_path)
         dist.print0(f"resumed from {ckpt_path} at step {start}")
         del ck
     n_enc = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith("encoder."))
@@ -440,8 +436,7 @@ def train(args, dist):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx = autocast_ctx(device, args.dtype)
     loader = make_loader(args, mcfg["categories"], dist, start, args.batch_size // dist.world)
-    if dist.is_main:
-        check_masks(loader.dataset, out_dir)
+    check_masks(loader.dataset, out_dir, dist.is_main)
     batches = iter(loader)
 
     # the loop, top to bottom
@@ -494,37 +489,39 @@ def train(args, dist):
 # ----------------------------------------------------------------------------- --benchmark
 
 class PhaseTimer:
-    """Wall time per phase; on CUDA each boundary synchronises, so the shares are honest (and the
-    benchmark is a little slower than training)."""
+    """Seconds per phase. On CUDA every boundary synchronises, so the shares are honest (and the
+    benchmark runs a little slower than training does)."""
 
     def __init__(self, device):
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.t, self.marks = {}, {}
+        self.t, self.t0 = {}, {}
 
     def start(self, k):
         self.sync()
-        self.marks[k] = time.perf_counter()
+        self.t0[k] = time.perf_counter()
 
     def stop(self, k):
         self.sync()
-        self.t[k] = self.t.get(k, 0.0) + time.perf_counter() - self.marks.pop(k)
+        self.t[k] = self.t.get(k, 0.0) + time.perf_counter() - self.t0.pop(k)
 
 
 def instrument(raw_model, timer):
-    """Time the encoder (conv1 .. ln_post of the CLIP ViT) with hooks and the matcher by wrapping
-    model.py's HungarianMatcher.assign; the rest of the forward counts as 'decoder'."""
+    """Hooks time the whole forward and the CLIP encoder inside it (conv1 .. ln_post); wrapping
+    model.py's HungarianMatcher.assign times the matching (device->host copy + scipy; the matched
+    costs are the loss itself). Returns a function that removes it all."""
     import model as M
     enc = raw_model.encoder
-    hooks = [enc.conv1.register_forward_pre_hook(lambda m, a: timer.start("encoder")),
+    hooks = [raw_model.register_forward_pre_hook(lambda m, a: timer.start("forward")),
+             raw_model.register_forward_hook(lambda m, a, o: timer.stop("forward")),
+             enc.conv1.register_forward_pre_hook(lambda m, a: timer.start("encoder")),
              enc.ln_post.register_forward_hook(lambda m, a, o: timer.stop("encoder"))]
-    orig = M.HungarianMatcher.assign  # the device->host copy and scipy; the costs are the loss itself
+    orig = M.HungarianMatcher.assign
 
     def timed(cost):
         timer.start("matcher")
-        try:
-            return orig(cost)
-        finally:
-            timer.stop("matcher")
+        out = orig(cost)
+        timer.stop("matcher")
+        return out
     M.HungarianMatcher.assign = staticmethod(timed)
 
     def undo():
@@ -535,60 +532,50 @@ def instrument(raw_model, timer):
 
 
 class PeakMemory:
-    """Peak memory of a phase: CUDA allocator peak, or on CPU the process RSS sampled every 5 ms."""
+    """Peak memory of a phase: the CUDA allocator's peak, or on CPU the process RSS polled every 5 ms."""
 
     def __init__(self, device):
-        self.cuda, self.peak, self.run = device.type == "cuda", 0, False
+        self.cuda, self.peak, self.running = device.type == "cuda", 0, True
+
+    def _poll(self):
+        while self.running:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+            time.sleep(0.005)
 
     def __enter__(self):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.run = True
-            self.th = threading.Thread(target=self._poll, daemon=True)
-            self.th.start()
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
         return self
 
-    def _poll(self):
-        page = os.sysconf("SC_PAGE_SIZE")
-        while self.run:
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
-            time.sleep(0.005)
-
     def __exit__(self, *exc):
+        self.running = False
         if self.cuda:
             self.peak = torch.cuda.max_memory_allocated()
         else:
-            self.run = False
-            self.th.join()
+            self.thread.join()
 
 
-def bench_dtype(model, optimizer, batches, args, dtype, device):
-    timer = PhaseTimer(device)
-    raw = model._orig_mod if hasattr(model, "_orig_mod") else model
-    undo = instrument(raw, timer)
+def bench_dtype(model, raw_model, optimizer, batches, args, dtype, device):
+    """2 warm-up + --bench_iters timed training steps in `dtype`; shares of the wall time per phase."""
+    timer, ctx = PhaseTimer(device), autocast_ctx(device, dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    ctx = autocast_ctx(device, dtype)
+    undo = instrument(raw_model, timer) if not args.compile else (lambda: None)  # hooks would break graphs
     try:
         with PeakMemory(device) as mem:
             for i in range(2 + args.bench_iters):
-                if i == 2:  # warm-up done (allocator, compile, worker start-up)
+                if i == 2:  # warm-up done: allocator, compile, worker start-up
                     timer.t.clear()
                     t0 = time.perf_counter()
                 timer.start("data")
                 batch = to_device(next(batches), device)
                 timer.stop("data")
-                timer.start("forward")
-                with ctx:
-                    out = model(batch["image"])
-                timer.stop("forward")
-                timer.start("criterion")
-                import model as M
-                with torch.autocast(device.type, enabled=False):
-                    losses = M.criterion({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, batch,
-                                         lambda_mask=args.lambda_mask, loss_norm=args.loss_norm)
-                timer.stop("criterion")
+                timer.start("forward+loss")
+                losses = compute_losses(model, batch, ctx, args)
+                timer.stop("forward+loss")
                 timer.start("backward+step")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses["loss"]).backward()
@@ -598,18 +585,18 @@ def bench_dtype(model, optimizer, batches, args, dtype, device):
             total = time.perf_counter() - t0
     finally:
         undo()
-    t = timer.t
-    parts = {"data": t["data"], "encoder": t.get("encoder", 0.0),
-             "decoder": t["forward"] - t.get("encoder", 0.0), "matcher": t.get("matcher", 0.0),
-             "loss": t["criterion"] - t.get("matcher", 0.0), "backward+step": t["backward+step"]}
-    return {"dtype": dtype, "it_s": args.bench_iters / total, "peak_mem_mb": mem.peak / 2 ** 20,
+    t = {k: timer.t.get(k, 0.0) for k in ("data", "forward", "encoder", "matcher", "forward+loss", "backward+step")}
+    parts = {"data": t["data"], "encoder": t["encoder"], "decoder": t["forward"] - t["encoder"],
+             "matcher": t["matcher"], "loss": t["forward+loss"] - t["forward"] - t["matcher"],
+             "backward+step": t["backward+step"]}
+    return {"dtype": dtype, "it_s": args.bench_iters / total, "peak_mem_mib": mem.peak / 2 ** 20,
             "share": {k: v / total for k, v in parts.items()}}
 
 
 def benchmark(args):
-    """Train-step speed for float32 vs bfloat16 on the current device, with the real data loader,
-    model, matcher and loss. `--arch random:ViT-B/16` times a randomly initialised CLIP of that shape
-    and `--archive fake` generated images (speed only: no weights or data needed)."""
+    """Train-step speed for float32 vs bfloat16 (and float16 on CUDA) on the current device, with the
+    real loader, model, matcher and loss. `--arch random:ViT-B/16` times a randomly initialised CLIP
+    of that shape and `--archive fake` generated 500x375 JPEGs (speed only: no weights or data needed)."""
     import tempfile
     import clip_model
     dist = common.Dist(args.device)
@@ -621,7 +608,7 @@ def benchmark(args):
         print(f"WARNING: --arch {args.arch}: a RANDOMLY INITIALISED CLIP {name}, for timing only")
         args.arch = os.path.join(tempfile.mkdtemp(prefix="zutis_bench_"), name.replace("/", "-") + ".pt")
         torch.save(clip_model.random_model(name).state_dict(), args.arch)
-    if args.archive == "fake":  # generated 500x375 JPEGs with elliptic masks: real decode/augment cost
+    if args.archive == "fake":
         import dataset
         args.archive, args.masks_dir = dataset.make_fake_archive(tempfile.mkdtemp(prefix="zutis_bench_"))
     categories = resolve_categories(args)
@@ -631,15 +618,15 @@ def benchmark(args):
     model = torch.compile(raw_model) if args.compile else raw_model
     batches = iter(make_loader(args, categories, dist, 0, args.batch_size))
     print(f"benchmark: {device} ({torch.get_num_threads()} threads), arch {args.arch}, crop {args.crop}, "
-          f"batch {args.batch_size}, decoder {args.n_layers}x{args.n_queries}q, workers {args.num_workers}, "
-          f"compile {args.compile}, {args.bench_iters} timed iterations after 2 warm-up")
+          f"batch {args.batch_size}, {len(categories)} classes, decoder {args.n_layers} layers x {args.n_queries} "
+          f"queries, workers {args.num_workers}, compile {args.compile}; {args.bench_iters} timed steps after 2 warm-up")
     dtypes = ["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])
-    rows = [bench_dtype(model, optimizer, batches, args, dt, device) for dt in dtypes]
+    rows = [bench_dtype(model, raw_model, optimizer, batches, args, dt, device) for dt in dtypes]
     for r in rows:
         shares = "  ".join(f"{k} {100 * v:4.1f}%" for k, v in r["share"].items())
-        print(f"{r['dtype']:>9}: {r['it_s']:7.3f} it/s  peak {r['peak_mem_mb']:8.0f} MiB  | {shares}")
-    print("(CPU peak = whole-process RSS; CUDA peak = torch allocator)" if device.type != "cuda" else
-          f"bfloat16 / float32 speed-up: {rows[1]['it_s'] / rows[0]['it_s']:.2f}x")
+        print(f"{r['dtype']:>9}: {r['it_s']:7.3f} it/s  peak {r['peak_mem_mib']:7.0f} MiB  | {shares}")
+    print(f"bfloat16 / float32 speed: {rows[1]['it_s'] / rows[0]['it_s']:.2f}x; peak = "
+          + ("torch CUDA allocator" if device.type == "cuda" else "whole-process RSS"))
     return rows
 
 
