@@ -413,6 +413,7 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
             gt = bench.load_semantic(s) if bench.load_semantic else None
             if gt is not None and gt.shape != (pil.height, pil.width):
                 raise ValueError(f"ground truth {gt.shape} does not match image {(pil.height, pil.width)}")
+            objs = bench.load_instances(s, gt) if bench.load_instances is not None else None
         except (OSError, ValueError) as e:
             st["skipped"].append(f"{s['image']}\t{type(e).__name__}: {e}")
             continue
@@ -432,9 +433,9 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
                 st["fg_ious"].append(float(((gt == 1) & (pred > 0)).sum() / u) if u else 1.0)
         if need_inst:
             st["dets"] += B.detections(p, s["id"], cat_ids)
-        if bench.load_instances is not None:
+        if objs is not None:
             st["gt_imgs"].append({"id": s["id"], "height": pil.height, "width": pil.width, "file_name": s["name"]})
-            st["gt_anns"] += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in bench.load_instances(s, gt) if l < K]
+            st["gt_anns"] += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in objs if l < K]
         if write_test:  # ImageNet-S server format: class I as RGB (I % 256, I // 256, 0), one PNG per image
             rgb = np.stack([pred % 256, pred // 256, np.zeros_like(pred)], -1).astype(np.uint8)
             common.save_image(rgb, os.path.join(out_dir, "test", s["name"] + ".png"))

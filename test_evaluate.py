@@ -321,6 +321,13 @@ def test_oracle_gives_100_and_shuffled_low(voc_root, tmp_path, monkeypatch):
     assert m["mIoU"] == pytest.approx(100) and m["AP"] == pytest.approx(100) and m["AP50_agn"] == pytest.approx(100)
     assert m["n_images"] == 4 and m["n_gt_instances"] == 6
     assert os.listdir(tmp_path / "o" / "vis") and json.load(open(tmp_path / "o" / "metrics.json"))["mIoU"] == pytest.approx(100)
+    own = str(tmp_path / "VOC2012")  # a private copy: the module's dataset stays intact
+    write_voc(own)
+    b2 = B.read_bench("voc", own)
+    oracle = Oracle(b2)
+    os.remove(b2.samples[1]["obj"])  # a missing ground-truth file: skipped and listed, the rest scored
+    m = E.evaluate_bench(oracle, b2, str(tmp_path / "s"))
+    assert m["n_images"] == 3 and m["n_skipped"] == 1 and "2007_000001" in open(tmp_path / "s" / "skipped.txt").read()
     perm = {0: 0, 12: 15, 15: 12}
     m = E.evaluate_bench(Oracle(b, perm), b, None)
     assert m["mIoU"] < 50 and m["AP"] == pytest.approx(0) and m["AP_agn"] == pytest.approx(100)
