@@ -604,3 +604,74 @@ def load_checkpoint(spec, categories=None, device="cpu", **overrides):
         else:
             raise UserError(f"{spec!r} is neither a zutis train.py checkpoint nor an official ZUTIS state dict")
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def _official_form_mask_loss(mask_logits, instance_masks):
+    """The official criterion's formulation (BCE on n x Q repeated copies, one scipy call per layer),
+    kept only to time it against ours: python model.py --benchmark."""
+    total = 0.0
+    for probs, gt in zip(mask_logits.float().sigmoid(), instance_masks):
+        g = gt.float().flatten(1)  # [N, P]
+        p = F.interpolate(probs, size=gt.shape[-2:], mode="bilinear", align_corners=False).flatten(2)
+        for pl in p:  # [Q, P]
+            dice = 1 - (2 * pl @ g.t() + 1) / (pl.sum(-1)[:, None] + g.sum(-1)[None] + 1)
+            bce = F.binary_cross_entropy(pl[:, None].expand(-1, len(g), -1), g[None].expand(len(pl), -1, -1),
+                                         reduction="none").mean(-1)  # [Q, N, P] -> [Q, N]
+            cost = (dice + bce).t()
+            r, c = linear_sum_assignment(cost.detach().cpu().numpy())
+            total = total + cost[r, c].sum()
+    return total / len(instance_masks)
+
+
+def benchmark(arch, batch_size, crop, n_inst, iters, device, dtype):
+    import time
+    clip = clip_model.random_model(arch)  # random weights of the released shapes: no download
+    model = ZUTIS(arch, ["background", "a", "b"], clip=clip).to(device)
+    x = torch.randn(batch_size, 3, crop, crop, device=device)
+    batch = {"semantic": torch.randint(0, 3, (batch_size, crop, crop), device=device),
+             "instance_masks": [torch.rand(n_inst, crop, crop, device=device) > 0.5 for _ in range(batch_size)]}
+    ctx = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        fn()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            r = fn()
+        sync()
+        return (time.perf_counter() - t0) / iters * 1e3, r
+
+    with ctx:
+        t_enc, _ = timed(lambda: model.encoder.forward_dense(x))
+        t_fwd, out = timed(lambda: model(x))
+        t_loss, losses = timed(lambda: criterion(out, batch))
+        t_off, _ = timed(lambda: _official_form_mask_loss(out["mask_logits"], batch["instance_masks"]))
+    t_bwd, _ = timed(lambda: (criterion(model(x), batch)["loss"].backward(), model.zero_grad()))
+    print(f"{arch} batch {batch_size} crop {crop} {n_inst} instances/image, {device}, {str(dtype)[6:]}, "
+          f"{iters} iterations (ms): encoder {t_enc:.1f}, decoder+heads {t_fwd - t_enc:.1f}, criterion "
+          f"{t_loss:.1f} (official formulation, mask loss only: {t_off:.1f}), forward+loss+backward {t_bwd:.1f}")
+    if device.type == "cuda":
+        print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    import argparse
+    # --- CLI ---
+    parser = argparse.ArgumentParser(description="time the ZUTIS forward pass and criterion (random weights)")
+    parser.add_argument("--benchmark", action="store_true", help="run the timing (otherwise print this help)")
+    parser.add_argument("--arch", default="ViT-B/16", help="CLIP shape: ViT-B/16 or ViT-B/32 (random weights)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per step (official: 8)")
+    parser.add_argument("--crop", type=int, default=384, help="training crop in pixels (official: 384)")
+    parser.add_argument("--n_inst", type=int, default=10, help="instances per image (official max: 10)")
+    parser.add_argument("--iters", type=int, default=3, help="timed repetitions after one warm-up")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    parser.add_argument("--dtype", default="float32", help="float32|bfloat16|float16 autocast")
+    args = parser.parse_args()
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.benchmark:
+        benchmark(args.arch, args.batch_size, args.crop, args.n_inst, args.iters, dev, getattr(torch, args.dtype))
+    else:
+        parser.print_help()
