@@ -564,7 +564,7 @@ def download_official(name, root=None):
     return path
 
 
-def _from_train_checkpoint(ckpt, categories, **overrides):
+def _from_train_checkpoint(ckpt, categories, arch=None, **overrides):
     cfg = dict(ckpt["config"])
     if isinstance(cfg.get("model"), dict):
         cfg.update(cfg["model"])
@@ -574,33 +574,36 @@ def _from_train_checkpoint(ckpt, categories, **overrides):
         cfg["stop_grad"] = False
     names = inspect.signature(ZUTIS).parameters
     kw = {k: cfg[k] for k in names if k in cfg and k not in ("arch", "categories", "clip")}
-    model = ZUTIS(cfg["arch"], categories or cfg["categories"], **{**kw, **overrides})
+    model = ZUTIS(arch or cfg["arch"], categories or cfg["categories"], **{**kw, **overrides})
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     check_state_dict(model, sd, "checkpoint")
     model.load_state_dict(sd, strict=True)
     return model
 
 
-def load_checkpoint(spec, categories=None, device="cpu", **overrides):
+def load_checkpoint(spec, categories=None, device="cpu", arch=None, **overrides):
     """A zutis train.py checkpoint ({"model", "config", ...}), an official ZUTIS file, or
     "official:<name>" (see OFFICIAL; downloaded once) -> ZUTIS in eval mode on `device`.
-    `categories` (a builtin name, file, comma list or list) replaces the stored / default list."""
+    `categories` (a builtin name, file, comma list or list) replaces the stored / default list;
+    `arch` names the CLIP (for the text tower) when the file's own is unknown or has moved;
+    `overrides` are ZUTIS keyword arguments (e.g. pos_interp) that replace the stored ones."""
     cats = None if categories is None else _category_list(categories)
     spec = str(spec)
     if spec.startswith("official:"):
         name = spec.split(":", 1)[1]
         path = download_official(name)
-        model = load_official(path, cats or _category_list(OFFICIAL[name][3]), arch=OFFICIAL[name][2], **overrides)
+        model = load_official(path, cats or _category_list(OFFICIAL[name][3]), arch=arch or OFFICIAL[name][2],
+                              **overrides)
     else:
         if not os.path.isfile(spec):
             raise UserError(f"checkpoint not found: {spec!r} (a file, or official:<name> with name in {sorted(OFFICIAL)})")
         obj = _torch_load(spec)
         if isinstance(obj, dict) and "model" in obj and "config" in obj:
-            model = _from_train_checkpoint(obj, cats, **overrides)
+            model = _from_train_checkpoint(obj, cats, arch, **overrides)
         elif isinstance(obj, dict) and "query_embed" in obj:
             if cats is None:
                 raise UserError("official ZUTIS files store no category names: pass categories (e.g. 'coco')")
-            model = load_official(obj, cats, **overrides)
+            model = load_official(obj, cats, arch=arch, **overrides)
         else:
             raise UserError(f"{spec!r} is neither a zutis train.py checkpoint nor an official ZUTIS state dict")
     return model.to(device).eval()

@@ -150,6 +150,8 @@ def test_load_checkpoint_files(tiny_clip_path, tmp_path):
                 "rng": {"numpy": __import__("numpy").random.get_state()}}, tmp_path / "ckpt.pt")
     m2 = M.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert m2.logit_scale == 10.0 and m2.stop_grad is False and m2.categories == CATS
+    assert M.load_checkpoint(str(tmp_path / "ckpt.pt"), categories="a,b", arch=tiny_clip_path).categories == \
+        ["background", "a", "b"]  # the CLIP may be named anew (moved file); categories replaced
     x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
         # our checkpoint config did not name pos_interp: the default (size-form bicubic) differs off-grid
@@ -420,3 +422,19 @@ def test_predict_odd_size_official_layout(tiny_clip_path, tiny_model):
     iou = (f @ f.t()) / (f.sum(1)[:, None] + f.sum(1)[None] - f @ f.t())
     same = labels[:, None] == labels[None]
     assert (iou[same & ~torch.eye(len(labels), dtype=torch.bool)] <= 0.3).all()
+
+
+def test_official_name_download_path(tiny_clip_path, tmp_path, monkeypatch, capsys):
+    """official:<name> end to end without network: the download is replaced by a local file."""
+    path = tmp_path / "tiny_official.pt"
+    torch.save(tiny_official_sd(), path)
+    calls = []
+    monkeypatch.setattr(clip_model, "download", lambda url, root, **kw: calls.append((url, root)) or str(path))
+    mb = round(path.stat().st_size / 1e6, 1)
+    monkeypatch.setitem(M.OFFICIAL, "tiny", ("https://example.invalid/tiny.pt", mb, tiny_clip_path, "voc"))
+    m = M.load_checkpoint("official:tiny")
+    assert calls[0][1].endswith(".cache/zutis") and m.categories[:2] == ["background", "aeroplane"]
+    assert "sha256" in capsys.readouterr().out and m.pos_interp == "official"
+    monkeypatch.setitem(M.OFFICIAL, "tiny", ("https://example.invalid/tiny.pt", mb + 0.2, tiny_clip_path, "voc"))
+    with pytest.raises(UserError, match="README says"):
+        M.load_checkpoint("official:tiny")
