@@ -156,8 +156,7 @@ def make_loader(args, categories, dist, start_step, local_batch):
     sampler = StepBatches(local_batch, dist.rank, dist.world, start_step)
     return torch.utils.data.DataLoader(
         data, batch_sampler=sampler, collate_fn=ds.collate_fn, num_workers=args.num_workers,
-        pin_memory=dist.device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if args.num_workers > 0 else None)
+        pin_memory=dist.device.type == "cuda")
 
 
 def to_device(batch, device):
@@ -638,6 +637,10 @@ def main(argv=None):
     dist = common.Dist(args.device)
     try:
         return train(args, dist)
+    except KeyboardInterrupt:
+        dist.print0("interrupted: the last checkpoint is on disk; add --resume to the same command to continue "
+                    "exactly where it was saved")
+        raise SystemExit(130)
     finally:
         dist.close()
 
