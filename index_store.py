@@ -215,9 +215,15 @@ def topk_stream(text_emb, blocks, k, device="cpu"):
     K = T.shape[0]
     best_s = torch.empty(K, 0, device=device)
     best_i = torch.empty(K, 0, dtype=torch.long, device=device)
+    E_buf = S_buf = None  # reused across blocks: a fresh 100+ MB tensor per block costs page faults
     for start, block in blocks:
-        E = torch.as_tensor(block).to(device=device, dtype=torch.float32)  # [b, D] fp16 -> fp32
-        S = T @ E.t()  # [K, D] x [D, b] -> [K, b], cosine since both sides are unit vectors
+        b = len(block)
+        if E_buf is None or E_buf.shape[0] < b:
+            E_buf = torch.empty(b, T.shape[1], device=device)
+            S_buf = torch.empty(K, b, device=device)
+        E = E_buf[:b].copy_(torch.as_tensor(block))  # [b, D] fp16 -> fp32
+        S = S_buf[:, :b] if b == S_buf.shape[1] else torch.empty(K, b, device=device)
+        torch.mm(T, E.t(), out=S)  # [K, D] x [D, b] -> [K, b], cosine since both sides are unit vectors
         best_s, best_i = _merge_topk(best_s, best_i, S, start, k)
     return best_s.cpu(), best_i.cpu()
 

@@ -101,7 +101,7 @@ def test_build_skip_and_kill_resume(tiny_clip_path, tmp_path, capsys):
     assert not (st / "embeddings.npy").exists() and not (out_b / "archive.json").exists()
     mtime = os.stat(st / "chunk_000000.npz").st_mtime_ns
     run_build(tiny_clip_path, imgs, out_b)
-    assert "1 of rank 0's 4 chunks already on disk" in capsys.readouterr().out
+    assert "11 images to embed (1 of rank 0's 4 chunks already on disk" in capsys.readouterr().out
     assert os.stat(st / "chunk_000000.npz").st_mtime_ns == mtime  # resumed, not recomputed
     a, b = (open(p / "archive.json", "rb").read() for p in (tmp_path / "out_a", out_b))
     assert a == b
