@@ -255,8 +255,6 @@ def image_tensor(pil):
     return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
 
 
-# ----------------------------------------------------------------------------- metrics
-
 # ----------------------------------------------------------------------------- visualisation
 
 def palette(n):
@@ -383,6 +381,37 @@ def _resume_state(path, key, K, buckets):
     return fresh
 
 
+def _run_key(bench, n, names, seg, max_size, config):
+    """What must match for partial results to be reused: data, classes, model, checkpoint, rules."""
+    config = config or {}
+    ck = config.get("ckpt") or ""
+    rules = {k: v for k, v in config.items() if k in ("ckpt", "arch", "nms", "nms_iou", "t", "class_prob", "norm",
+                                                       "coco_gt", "unseen", "cub_text", "split")}
+    return json.dumps([bench.name, n, names, getattr(seg, "kind", ""), max_size,
+                       os.path.getmtime(ck) if os.path.isfile(ck) else None, rules], sort_keys=True, default=str)
+
+
+def _accumulate(st, bench, s, size, gt, objs, p, K, cat_ids):
+    """Add one image's prediction `p` to the running state: confusion (and size buckets, CUB IoU)
+    against `gt`, COCO-format detections, and VOC-style GT instances `objs`."""
+    pred = p["semantic"].numpy()
+    st["done"].append(s["id"])
+    if gt is not None:
+        st["conf"] += torch.from_numpy(B.confusion(gt, pred, K))
+        if st["buckets"] is not None:
+            bk = np.zeros((4, K, K), np.int64)
+            B.size_bucket_update(bk, gt, pred, K)
+            st["buckets"] += torch.from_numpy(bk)
+        if bench.name == "cub":
+            u = ((gt == 1) | (pred > 0)).sum()
+            st["fg_ious"].append(float(((gt == 1) & (pred > 0)).sum() / u) if u else 1.0)
+    if "masks" in p:
+        st["dets"] += B.detections(p, s["id"], cat_ids)
+    if objs is not None:
+        st["gt_imgs"].append({"id": s["id"], "height": size[0], "width": size[1], "file_name": s["name"]})
+        st["gt_anns"] += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in objs if l < K]
+
+
 def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8, max_size=None, config=None,
                    save_every=500):
     """Run `seg` over the benchmark's images (sharded by rank), accumulate confusion matrices and
@@ -397,14 +426,8 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
     need_inst = bench.load_instances is not None or bench.coco_gt is not None
     write_test = bench.load_semantic is None and bench.name == "imagenet_s919"
     mine = samples[dist.rank::dist.world]
-    ck = (config or {}).get("ckpt") or ""
-    key = json.dumps([bench.name, len(samples), names, getattr(seg, "kind", ""), max_size,
-                      os.path.getmtime(ck) if os.path.isfile(ck) else None,
-                      {k: v for k, v in (config or {}).items() if k in ("ckpt", "arch", "nms", "nms_iou", "t", "class_prob",
-                                                                         "norm", "coco_gt", "unseen", "cub_text", "split")}],
-                     sort_keys=True, default=str)
     part = os.path.join(out_dir, f".partial_rank{dist.rank}of{dist.world}.pt") if out_dir else None
-    st = _resume_state(part, key, K, bench.size_buckets)
+    st = _resume_state(part, _run_key(bench, len(samples), names, seg, max_size, config), K, bench.size_buckets)
     t0 = time.time()
     for i in tqdm(range(st["next"], len(mine)), disable=not dist.is_main, desc=bench.name, initial=st["next"], total=len(mine)):
         s = mine[i]
@@ -420,23 +443,9 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
         if bench.per_image_text:  # CUB breed mode: this image's own breed name is the only class
             seg.set_categories(["background", s["text"]])
         p = infer(seg, image_tensor(pil), max_size, instances=need_inst)
-        pred = p["semantic"].numpy()
-        st["done"].append(s["id"])
-        if gt is not None:
-            st["conf"] += torch.from_numpy(B.confusion(gt, pred, K))
-            if st["buckets"] is not None:
-                bk = np.zeros((4, K, K), np.int64)
-                B.size_bucket_update(bk, gt, pred, K)
-                st["buckets"] += torch.from_numpy(bk)
-            if bench.name == "cub":
-                u = ((gt == 1) | (pred > 0)).sum()
-                st["fg_ious"].append(float(((gt == 1) & (pred > 0)).sum() / u) if u else 1.0)
-        if need_inst:
-            st["dets"] += B.detections(p, s["id"], cat_ids)
-        if objs is not None:
-            st["gt_imgs"].append({"id": s["id"], "height": pil.height, "width": pil.width, "file_name": s["name"]})
-            st["gt_anns"] += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in objs if l < K]
+        _accumulate(st, bench, s, (pil.height, pil.width), gt, objs, p, K, cat_ids)
         if write_test:  # ImageNet-S server format: class I as RGB (I % 256, I // 256, 0), one PNG per image
+            pred = p["semantic"].numpy()
             rgb = np.stack([pred % 256, pred // 256, np.zeros_like(pred)], -1).astype(np.uint8)
             common.save_image(rgb, os.path.join(out_dir, "test", s["name"] + ".png"))
         if dist.is_main and out_dir and i < n_vis:
@@ -444,13 +453,29 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
                      list(seg.categories), bench.ignore_index)
         if part and (i + 1) % save_every == 0 and i + 1 < len(mine):
             common.save_torch({**st, "next": i + 1}, part)
-    wall = time.time() - t0
     conf = _all_reduce(dist, st["conf"].numpy())
     buckets = _all_reduce(dist, st["buckets"].numpy()) if st["buckets"] is not None else None
     parts = _gather(dist, [st[k] for k in ("dets", "gt_imgs", "gt_anns", "done", "skipped", "fg_ious")])
     if not dist.is_main:
         return {}
-    dets, gt_imgs, gt_anns, done, skipped, fg_ious = [sum((q[k] for q in parts), []) for k in range(6)]
+    lists = [sum((q[k] for q in parts), []) for k in range(6)]
+    m = _finalize(bench, names, cat_ids, conf, buckets, *lists, need_inst=need_inst, wall=time.time() - t0)
+    if out_dir:
+        common.save_json({**m, "config": config or {}, **common.git_info()}, os.path.join(out_dir, "metrics.json"))
+        if need_inst:
+            common.save_json(lists[0], os.path.join(out_dir, "instances.json"), indent=None)
+        if lists[4]:
+            with common.atomic_path(os.path.join(out_dir, "skipped.txt")) as tmp, open(tmp, "w") as f:
+                f.write("\n".join(lists[4]) + "\n")
+        for f in glob.glob(os.path.join(out_dir, f".partial_rank*of{dist.world}.pt")):  # results are safe now
+            os.remove(f)
+    if lists[4]:
+        print(f"skipped {len(lists[4])} unreadable images" + (f" (list in {out_dir}/skipped.txt)" if out_dir else ""))
+    return m
+
+
+def _finalize(bench, names, cat_ids, conf, buckets, dets, gt_imgs, gt_anns, done, skipped, fg_ious, need_inst, wall):
+    """The metrics dict from the gathered state (rank 0)."""
     m = {"bench": bench.name, "n_images": len(done), "n_skipped": len(skipped), "wall_s": round(wall, 1)}
     if bench.load_semantic is not None:
         m.update(B.semantic_metrics(conf, names if not bench.per_image_text else ["background", "bird"]))
@@ -462,17 +487,6 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
     if need_inst:
         m.update(B.instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, done))
     m["notes"] = bench.notes
-    if out_dir:
-        common.save_json({**m, "config": config or {}, **common.git_info()}, os.path.join(out_dir, "metrics.json"))
-        if need_inst:
-            common.save_json(dets, os.path.join(out_dir, "instances.json"), indent=None)
-        if skipped:
-            with common.atomic_path(os.path.join(out_dir, "skipped.txt")) as tmp, open(tmp, "w") as f:
-                f.write("\n".join(skipped) + "\n")
-        for f in glob.glob(os.path.join(out_dir, f".partial_rank*of{dist.world}.pt")):  # results are safe now
-            os.remove(f)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable images" + (f" (list in {out_dir}/skipped.txt)" if out_dir else ""))
     return m
 
 
