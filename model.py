@@ -15,12 +15,12 @@ networks/transformer.py, networks/positional_embedding.py, criterion.py) as reco
 shared/reference/zutis_facts.md sections 5, 6, 8 and zutis_checkpoint_keys.md; DETR (sine positions,
 post-norm decoder, Hungarian matcher layout). Written from those descriptions; no code copied.
 """
+import copy
 import inspect
 import math
 import os
 from collections import OrderedDict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -104,7 +104,9 @@ class Decoder(nn.Module):
 
     def __init__(self, dim, heads, dim_ffn, n_layers):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(dim, heads, dim_ffn) for _ in range(n_layers))
+        # The official decoder deep-copies one freshly initialised layer, so all layers start equal.
+        layer = DecoderLayer(dim, heads, dim_ffn)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(n_layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, memory, pos, query_pos):
@@ -329,7 +331,8 @@ def criterion(outputs, batch, text_emb=None, logit_scale=None, lambda_mask=1.0, 
     mask_logits = outputs["mask_logits"]
     with torch.autocast(mask_logits.device.type, enabled=False):
         loss_ce = semantic_ce(outputs["patch_tokens"], batch["semantic"], text_emb, logit_scale, ignore_index)
-        layers, dice_sum, bce_sum, n_masks = mask_losses(mask_logits, batch["instance_masks"], matcher or HungarianMatcher())
+        matcher = matcher or HungarianMatcher()
+        layers, dice_sum, bce_sum, n_masks = mask_losses(mask_logits, batch["instance_masks"], matcher)
         if loss_norm == "official":
             denom = float(mask_logits.shape[0])
         else:
@@ -415,8 +418,10 @@ def instances_from_outputs(outputs, size, text_emb=None, t=0.5, nms="hard", nms_
     max_prob, labels = prob.max(-1)
     scores = conf * max_prob
     idx = (labels != 0).nonzero()[:, 0]  # background is just class 0: dropped
-    masks = torch.cat([F.interpolate(probs[None, i], size=tuple(size), mode="bilinear", align_corners=False)[0] > t
-                       for i in idx.split(16)]) if len(idx) else torch.zeros(0, *size, dtype=torch.bool, device=probs.device)
+    masks = torch.zeros(0, *size, dtype=torch.bool, device=probs.device)
+    if len(idx):  # upsample 16 proposals at a time: [n, 2h, 2w] -> bool [n, H, W]
+        masks = torch.cat([F.interpolate(probs[None, i], size=tuple(size), mode="bilinear", align_corners=False)[0] > t
+                           for i in idx.split(16)])
     labels, scores = labels[idx], scores[idx]
     keep = (mask_nms(masks, scores, labels, nms_iou, score_floor) if nms == "hard"
             else torch.sort(scores, descending=True, stable=True).indices)
@@ -596,7 +601,7 @@ def load_checkpoint(spec, categories=None, device="cpu", arch=None, **overrides)
                               **overrides)
     else:
         if not os.path.isfile(spec):
-            raise UserError(f"checkpoint not found: {spec!r} (a file, or official:<name> with name in {sorted(OFFICIAL)})")
+            raise UserError(f"checkpoint not found: {spec!r} (a file, or official:<name>, name in {sorted(OFFICIAL)})")
         obj = _torch_load(spec)
         if isinstance(obj, dict) and "model" in obj and "config" in obj:
             model = _from_train_checkpoint(obj, cats, arch, **overrides)

@@ -178,6 +178,9 @@ def test_forward_shapes_and_semantic_normalisation(tiny_model):
     y = feat.permute(0, 2, 3, 1) @ tiny_model.encoder.proj
     y = (y - y.mean(dim=(1, 2, 3), keepdim=True)) / (y.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
     assert torch.allclose(tok, y / y.norm(dim=-1, keepdim=True), atol=1e-5)
+    # official init: the decoder layers are copies of one layer (the queries are N(0, 1))
+    a, b = tiny_model.decoder.layers
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_sine_positions_values():
