@@ -26,6 +26,7 @@ Expected end of the output (numbers vary):
 """
 import argparse
 import concurrent.futures as cf
+import multiprocessing as mp
 import os
 import time
 
@@ -158,7 +159,9 @@ class Writer:
     otherwise leave the GPU idle). Keeps at most a few jobs per process in flight."""
 
     def __init__(self, n_procs):
-        self.pool = cf.ProcessPoolExecutor(n_procs) if n_procs > 0 else None
+        # spawn, not fork: forking a process that holds CUDA and OpenMP thread pools can deadlock.
+        self.pool = cf.ProcessPoolExecutor(n_procs, mp_context=mp.get_context("spawn"),
+                                           initializer=torch.set_num_threads, initargs=(1,)) if n_procs > 0 else None
         self.limit, self.inflight, self.results = 4 * max(n_procs, 1), [], []
 
     def submit(self, fn, *a):
@@ -176,15 +179,15 @@ class Writer:
         return self.results
 
 
-def load_saliency_model(args, device):
+def load_saliency_model(args, device, say=print):
     if args.saliency == "selfmask":
-        print(f"saliency: SelfMask {args.selfmask!r} (ZUTIS protocol, bilateral solver {'on' if args.bilateral else 'OFF'})")
+        say(f"saliency: SelfMask {args.selfmask!r} (ZUTIS protocol, bilateral solver {'on' if args.bilateral else 'OFF'})")
         return selfmask.load_selfmask(args.selfmask, device)
     if args.saliency == "spectral":
         import clip_model
-        print(f"saliency: spectral FALLBACK on CLIP {args.arch!r} patch tokens (not SelfMask)")
+        say(f"saliency: spectral FALLBACK on CLIP {args.arch!r} patch tokens (not SelfMask)")
         return clip_model.load(args.arch, device)[0].visual
-    print("saliency: boundary-prior FALLBACK (not SelfMask)")
+    say("saliency: boundary-prior FALLBACK (not SelfMask)")
     return None
 
 
@@ -303,7 +306,7 @@ def main():
         print(f"pseudo_label: {len(jobs):,} unique images from {args.archive}")
         common.print_config(config)
         common.save_json(config, os.path.join(args.out_dir, "config.json"))
-    model = load_saliency_model(args, dist.device)
+    model = load_saliency_model(args, dist.device, dist.print0)
     t0 = time.time()
     st, skipped = label_shard(jobs[dist.rank::dist.world], args, model, dist)  # entry i -> rank i % world
     stats, skipped = gather(st, dist), sum(gather(skipped, dist), [])
