@@ -231,26 +231,34 @@ def embed_index(args, dist, model, preprocess, dirs, st_dir):
 
 def import_embeddings(args, dirs, st_dir):
     """Official pickles (one per index dir) -> a complete store. Embeddings whose image is not on
-    disk are left out and listed as skipped."""
+    disk are left out and listed as skipped. One pickle in memory at a time (~5 GB for ImageNet)."""
     if len(args.import_embeddings) != len(dirs):
         raise UserError(f"--import_embeddings got {len(args.import_embeddings)} files but --index_dirs "
                         f"{len(dirs)} folders: give one pickle per index dir, in the same order")
-    paths, emb, skipped = [], [], []
+    sources = [os.path.abspath(p) for p in args.import_embeddings]
+    meta = store.read_paths(st_dir)
+    if meta and meta.get("imported_from") == sources and meta["index_dirs"] == dirs and store.is_complete(st_dir):
+        print(f"embeddings: already imported from {sources} into {st_dir}")
+        return
+    paths, pieces, skipped = [], [], []
     for d, (pkl, root) in enumerate(zip(args.import_embeddings, dirs)):
         table = store.load_embedding_pickle(pkl)
         found, missing = store.rebuild_paths(sorted(table), set(common.list_images(root)))
         print(f"{pkl}: {len(table)} embeddings, {len(found)} images found under {root}, {len(missing)} missing")
-        for name in sorted(found, key=found.get):
-            paths.append([d, found[name]])
-            emb.append(table[name])
+        names = sorted(found, key=found.get)  # row order = path order, as for embedded stores
+        if names:
+            x = torch.stack([table[n] for n in names])  # [n, D]
+            pieces.append(F.normalize(x, dim=-1).half().numpy())  # the official ones are unit-norm already
+        paths += [[d, found[n]] for n in names]
         skipped += [[d, name, "embedding imported, but no image file"] for name in missing]
         del table
     if not paths:
         raise UserError(f"none of the imported embeddings has an image under {dirs}. Expected layout: {LAYOUT}")
-    emb = F.normalize(torch.stack(emb), dim=-1).numpy()  # [N, D]; the pickles are unit-norm already
+    if len({x.shape[1] for x in pieces}) > 1:
+        raise UserError(f"the imported pickles hold embeddings of different sizes: {[x.shape[1] for x in pieces]}")
     meta = {"arch": args.arch, "source": "import", "chunk_size": args.chunk_size, "index_dirs": dirs,
-            "paths": paths, "imported_from": [os.path.abspath(p) for p in args.import_embeddings]}
-    store.write_store(st_dir, meta, emb, np.arange(len(paths)), skipped)
+            "paths": paths, "imported_from": sources}
+    store.write_store(st_dir, meta, pieces, skipped)
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -152,12 +152,13 @@ class Evil:
 
 
 def test_restricted_unpickler(tmp_path):
-    table = {"n01440764_1.JPEG": torch.randn(8), "pass_img.jpg": torch.randn(8)}
+    table = {"n01440764_1.JPEG": torch.randn(8), "pass_img.jpg": torch.randn(8).half(),
+             "a_view.jpg": torch.randn(3, 8)[1]}  # a view: storage offset 8
     for name, dump in [("plain.pkl", lambda obj, f: pickle.dump(obj, f)), ("saved.pt", torch.save)]:
         with open(tmp_path / name, "wb") as f:
             dump(table, f)
         got = store.load_embedding_pickle(str(tmp_path / name))
-        assert sorted(got) == sorted(table) and all(torch.equal(got[n], table[n]) for n in table)
+        assert sorted(got) == sorted(table) and all(torch.equal(got[n], table[n].float()) for n in table)
     marker = tmp_path / "pwned"
     for name, dump in [("evil.pkl", lambda obj, f: pickle.dump(obj, f)), ("evil.pt", torch.save)]:
         with open(tmp_path / name, "wb") as f:
