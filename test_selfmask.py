@@ -157,6 +157,17 @@ def test_pos_embed_identity_at_native_grid_and_resized_elsewhere():
     assert not torch.equal(vit.pos_for(14, 56), vit.pos_embed)
 
 
+def test_resize_matches_torchvision_int_resize():
+    """ZUTIS resizes with torchvision's Resize(512) on a PIL image: same size rule, same pixels."""
+    from torchvision.transforms import functional as TF
+    rng = np.random.default_rng(0)
+    for h, w in ((375, 500), (333, 517), (640, 427)):
+        rgb = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        want = np.asarray(TF.resize(Image.fromarray(rgb), 512))
+        got = selfmask.resize_shorter(rgb, 512, max_side=None)
+        assert got.shape == want.shape and np.array_equal(got, want)
+
+
 def test_coarse_masks_equal_full_upsample_then_argmax():
     """Upsampling only the chosen query must equal the official order (all queries x4, crop, argmax)."""
     model = tiny_selfmask()
