@@ -79,7 +79,7 @@ def mask_is_valid(mask_path, size):
     try:
         with Image.open(mask_path) as m:
             m.load()  # a truncated PNG from a crash fails here
-            if m.mode not in ("L", "1") or m.size != size:
+            if m.mode != "L" or m.size != size:  # we write 8-bit 0/255 PNGs
                 return None
             return float((np.asarray(m) > 127).mean())
     except (OSError, ValueError, SyntaxError):
@@ -224,6 +224,8 @@ def label_shard(jobs, args, model, dist):
             buckets.setdefault(key, []).append(it)
             if len(buckets[key]) >= args.batch_size:
                 flush(key)
+            elif sum(map(len, buckets.values())) > 2 * args.batch_size:  # bound memory: many distinct sizes
+                flush(max(buckets, key=lambda k: len(buckets[k])))
         if dist.is_main and n_seen % 500 == 0:
             print(f"  {n_seen}/{len(jobs)} images ({n_seen / (time.time() - t0):.1f} img/s on rank 0)", flush=True)
     for key in list(buckets):
