@@ -312,13 +312,13 @@ def test_spectral_saliency_runs_on_clip_tokens(tiny_clip):
 
 # ----------------------------------------------------------------------------- pseudo_label.py
 
-def make_archive(root, n=8, size=(48, 64)):
+def make_archive(root, n=8, sizes=((48, 64),)):
     """Generated images under root/imgs (PNG and JPEG, a subfolder, one unreadable file), an
     archive listing some images under two categories -> (archive path, {rel path: truth mask})."""
     rng = np.random.default_rng(0)
     entries, truths = [], {}
     for i in range(n):
-        img, truth = textured_scene(rng, *size)
+        img, truth = textured_scene(rng, *sizes[i % len(sizes)])
         rel = f"sub/im{i}.jpg" if i % 2 else f"im{i}.png"
         common.save_image(img, os.path.join(root, "imgs", rel))
         entries.append({"path": rel, "dir": 0, "score": 0.5})
@@ -368,7 +368,7 @@ def test_pseudo_label_writes_resumes_and_redoes_broken_masks(tmp_path, monkeypat
 
 
 def test_pseudo_label_selfmask_path_and_missing_checkpoint(tmp_path, monkeypatch, released_files):
-    arc_path, truths = make_archive(str(tmp_path), n=3)
+    arc_path, truths = make_archive(str(tmp_path), n=7, sizes=((48, 64), (40, 56), (48, 64), (64, 40)))
     out = str(tmp_path / "masks")
     # The released architecture with random weights, at a tiny working size so it runs in a second.
     run_pseudo_label(monkeypatch, "--archive", arc_path, "--out_dir", out, "--selfmask", released_files[1],
