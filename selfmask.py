@@ -564,6 +564,8 @@ def boundary_saliency(image, k=4, border=0.05, min_cluster=0.2, work_side=160, t
     centres = centres[weight >= min(min_cluster, weight.max())]
     dist = np.sqrt(((feats[:, :, None] - centres[None, None]) ** 2).sum(-1)).min(-1)  # [h, w]
     dist = ndimage.gaussian_filter(dist, s)
+    if dist.max() - dist.min() < 1.0:  # under ~1 Lab unit everywhere: nothing stands out, no object
+        return np.zeros((H, W), bool)
     fg = dist > otsu_threshold(dist)
     if bilateral:
         fg = bilateral_solve(small, fg.astype(np.float64)) > 0.5
@@ -581,7 +583,9 @@ def spectral_cut(feats, border=1):
     f = np.asarray(feats, np.float64).reshape(h * w, C)  # [h, w, C] -> [N, C]
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-8)
     A = f @ f.T
-    A = (A - A.min()) / max(A.max() - A.min(), 1e-8)
+    if A.max() - A.min() < 1e-6:  # all tokens alike: any cut is arbitrary, call it no object
+        return np.zeros((h, w), bool), np.zeros((h, w))
+    A = (A - A.min()) / (A.max() - A.min())
     d = A.sum(1)
     # (D - A) v = lambda D v  <=>  (I - D^-1/2 A D^-1/2) u = lambda u with v = D^-1/2 u.
     s = 1 / np.sqrt(d)

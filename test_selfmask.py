@@ -281,6 +281,12 @@ def test_boundary_saliency_on_textured_objects():
     assert np.mean(scores) > 0.8, scores
 
 
+def test_fallbacks_give_an_empty_mask_on_a_blank_image():
+    blank = np.full((40, 50, 3), 128, np.uint8)
+    assert not selfmask.boundary_saliency(blank).any()
+    assert not selfmask.spectral_cut(np.ones((5, 6, 8)))[0].any()
+
+
 def test_spectral_cut_on_synthetic_token_features():
     """Tokens of a textured object vs a textured background, as two noisy feature clusters with
     per-token texture variation: the cut must find the object (and pick it, not the background)."""
