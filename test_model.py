@@ -300,6 +300,17 @@ def test_zero_instance_images(tiny_model):
         assert tiny_model.decoder.norm.weight.grad is not None
 
 
+def test_bfloat16_autocast_losses_are_fp32(tiny_model):
+    x, batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_model(x)
+        losses = M.criterion(out, batch)  # computes in fp32 inside (autocast disabled there)
+    assert out["mask_logits"].dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    ref = M.criterion({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, batch)
+    assert losses["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
+
+
 def grads(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
