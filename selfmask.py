@@ -222,8 +222,9 @@ def _read(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle/zip errors come in many types; the message is what matters
-        raise UserError(f"cannot read {path!r} as a SelfMask checkpoint: {type(e).__name__}: {e}. "
-                        "If it is a trainer file, save its ['model'] entry with torch.save") from None
+        raise UserError(f"cannot read {path!r} as a SelfMask checkpoint: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}. If it is "
+                        "a trainer file you trust, extract the weights: python -c \"import torch; torch.save("
+                        f"torch.load('{path}', weights_only=False)['model'], 'selfmask_weights.pt')\"") from None
 
 
 def selfmask_hint(name="selfmask_nq20"):
