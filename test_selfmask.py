@@ -168,6 +168,16 @@ def test_resize_matches_torchvision_int_resize():
         assert got.shape == want.shape and np.array_equal(got, want)
 
 
+def test_worked_shapes_of_the_facts_sheet():
+    """375x500 -> 512x682 working size -> padded 512x688 -> 64x86 tokens -> masks 128x172 -> 375x500."""
+    model = tiny_selfmask()
+    x, ref, size = selfmask.prepare(np.zeros((375, 500, 3), np.uint8))
+    assert x.shape == (3, 512, 682) and ref.shape == (512, 682, 3) and tuple(size) == (375, 500)
+    out = model(x[None])
+    assert out["mask_probs"].shape == (1, 3, 128, 172) and out["objectness"].shape == (1, 3)
+    assert selfmask.coarse_masks(model, x[None]).shape == (1, 512, 682)
+
+
 def test_coarse_masks_equal_full_upsample_then_argmax():
     """Upsampling only the chosen query must equal the official order (all queries x4, crop, argmax)."""
     model = tiny_selfmask()
