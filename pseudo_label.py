@@ -61,6 +61,8 @@ def get_args_parser():
     p.add_argument("--post_workers", type=int, default=0,
                    help="processes running the bilateral solver + PNG writes (0 = inline; use ~8 on a GPU box)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--amp", action="store_true",
+                   help="run the network under bf16 autocast (faster on GPUs; default fp32 as upstream)")
     p.add_argument("--limit", type=int, default=0, help="only the first N unique images (0 = all)")
     p.add_argument("--contact_sheet", type=int, default=32, help="images on the contact sheet (0 = none)")
     p.add_argument("--seed", type=int, default=0, help="seed for the contact sheet's random pick")
@@ -136,16 +138,17 @@ def _identity(x):
 
 # ----------------------------------------------------------------------------- SelfMask batches
 
-def run_coarse(model, xs):
+def run_coarse(model, xs, amp=False):
     """coarse_masks on a same-size batch; on CUDA out-of-memory retry one by one, then on the CPU
     (the official code also moves a failing image to the CPU)."""
     dev = next(model.parameters()).device
     try:
-        return list(selfmask.coarse_masks(model, torch.stack(xs).to(dev)).cpu().numpy())
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            return list(selfmask.coarse_masks(model, torch.stack(xs).to(dev)).cpu().numpy())
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         if len(xs) > 1:
-            return sum((run_coarse(model, [x]) for x in xs), [])
+            return sum((run_coarse(model, [x], amp) for x in xs), [])
         print("CUDA out of memory on one image: running it on the CPU")
         model.cpu()
         try:
@@ -201,7 +204,7 @@ def label_shard(jobs, args, model, dist):
 
     def flush(key):
         items = buckets.pop(key)
-        for it, coarse in zip(items, run_coarse(model, [it["x"] for it in items])):
+        for it, coarse in zip(items, run_coarse(model, [it["x"] for it in items], args.amp)):
             writer.submit(finish_and_write, coarse, it["ref"], it["size"], args.bilateral, it["mask_path"])
 
     t0, n_seen = time.time(), 0
@@ -351,12 +354,14 @@ def benchmark(args):
            "network_ms": 1000 * (time.perf_counter() - t) / len(imgs)}
     if dev.type == "cuda":
         xb = torch.stack([p[0] for p in prepped] * max(1, args.batch_size // len(prepped))).to(dev)
-        selfmask.coarse_masks(model, xb)
-        sync()
-        t = time.perf_counter()
-        selfmask.coarse_masks(model, xb)
-        sync()
-        res["network_img_per_s_batched"] = len(xb) / (time.perf_counter() - t)
+        for amp in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                selfmask.coarse_masks(model, xb)
+                sync()
+                t = time.perf_counter()
+                selfmask.coarse_masks(model, xb)
+                sync()
+            res[f"network_img_per_s_batch{len(xb)}{'_bf16' if amp else ''}"] = len(xb) / (time.perf_counter() - t)
     targets = [selfmask.boundary_saliency(ref, bilateral=False) for _, ref, _ in prepped]
     t = time.process_time()
     for (_, ref, _), m in zip(prepped, targets):

@@ -307,7 +307,7 @@ def coarse_masks(model, x):
     B, _, h, w = x.shape
     out = model(x)
     best = out["objectness"].argmax(dim=1)  # [B]
-    probs = out["mask_probs"][torch.arange(B, device=x.device), best]  # [B, Q, h', w'] -> [B, h', w']
+    probs = out["mask_probs"][torch.arange(B, device=x.device), best].float()  # [B, Q, h', w'] -> [B, h', w']
     probs = F.interpolate(probs[:, None], scale_factor=4, mode="bilinear", align_corners=False)[:, 0]
     return probs[:, :h, :w] > 0.5  # crop the padding after upsampling, as the official code does
 
