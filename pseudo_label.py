@@ -310,8 +310,9 @@ def main():
     if dist.is_main:
         print(f"pseudo_label: {len(jobs):,} unique images from {args.archive}")
         common.print_config(config)
+    model = load_saliency_model(args, dist.device, dist.print0)  # fails before anything is written
+    if dist.is_main:
         common.save_json(config, os.path.join(args.out_dir, "config.json"))
-    model = load_saliency_model(args, dist.device, dist.print0)
     t0 = time.time()
     st, skipped = label_shard(jobs[dist.rank::dist.world], args, model, dist)  # entry i -> rank i % world
     stats, skipped = gather(st, dist), sum(gather(skipped, dist), [])
