@@ -460,7 +460,7 @@ def main(argv=None):
     for c, name in enumerate(names):
         archive[name] = [{"path": paths[r][1], "dir": paths[r][0], "score": round(float(s), 6)}
                          for r, s in zip(rows[idx[c].numpy()].tolist(), scores[c].tolist())]
-    n_unique, n_dup = write_outputs(args, args.arch, args.k, dirs, categories, archive, skipped)
+    n_unique, n_dup = write_outputs(args, args.arch, k, dirs, categories, archive, skipped)
     summary = {"images_listed": len(paths) + (len(skipped) if args.import_embeddings else 0), "embedded": n_ok,
                "embedded_this_run": n_new, "skipped": len(skipped), "embed_seconds": round(t_embed, 1),
                "images_per_second": round(n_new / max(t_embed, 1e-9), 1), "retrieval_seconds": round(t_ret, 1),
