@@ -141,6 +141,22 @@ def test_scores_match_clip(tiny_clip_path, tmp_path):
     assert abs(float(img @ txt.t()) - e["score"]) < 2e-3  # float16 storage of the image embedding
 
 
+def test_torchrun_two_ranks_match_one_process(tiny_clip_path, tmp_path):
+    """Under torchrun each rank embeds chunks rank, rank + world, ...; rank 0 merges and retrieves.
+    The archive must equal the single-process one."""
+    imgs = tmp_path / "imgs"
+    make_images(str(imgs), n=8)
+    run_build(tiny_clip_path, imgs, tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "build_archive.py"), "--arch", tiny_clip_path, "--index_dirs", str(imgs),
+           "--categories", "cat,dog,red car", "--k", "4", "--out_dir", str(tmp_path / "two"), "--device", "cpu",
+           "--chunk_size", "5", "--batch_size", "3", "--workers", "0", "--sheet_size", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "two/embeddings/tiny_clip/chunk_000001.npz").exists()  # rank 1's chunk
+    assert (tmp_path / "one/archive.json").read_bytes() == (tmp_path / "two/archive.json").read_bytes()
+
+
 # ----------------------------------------------------------------------------- pickles
 
 class Evil:
