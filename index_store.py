@@ -10,8 +10,8 @@ Store layout (OUT/embeddings/<arch_tag>/):
                           [n_ok, D] (L2-normalised), "rows" int64 [n_ok], "skipped" int64, "reasons" str
     rows.npy, skipped.json, embeddings.npy
                           the merged store: float16 [N_ok, D], the row (into "paths") of each
-                          embedding, the unreadable images as [[dir, rel path, reason], ...]; embeddings.npy is renamed into place last, so its presence
-                          means "complete"
+                          embedding, the unreadable images as [[dir, rel path, reason], ...];
+                          embeddings.npy is renamed into place last: its presence means "complete"
 
 Every file is written atomically (common.atomic_path), so a killed run resumes from the last
 finished chunk.
