@@ -545,7 +545,7 @@ def load_official(path_or_state_dict, categories, arch=None, clip=None, **overri
 def to_official(model):
     """Our model -> the official layout (same names; the official key order): an OrderedDict of CPU
     tensors that `torch.save` writes as a file the official code loads with strict=True."""
-    sd = model.state_dict()
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model.state_dict().items()}
     group = {"query_embed": 0, "encoder": 1, "ffn1": 2, "ffn2": 3, "decoder": 4}
 
     def rank(k):  # within encoder the official file lists its own parameters before submodules
