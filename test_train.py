@@ -4,7 +4,8 @@
 
 Covered: the poly schedule, the deterministic data stream, exact resume (4 steps straight == 2 steps,
 interruption, --resume, 2 steps), the script as a subprocess writing a checkpoint that
-model.load_checkpoint reloads, a non-finite loss stopping the run, and a 2-process torchrun (gloo) run.
+model.load_checkpoint reloads (and the two AdamW groups), a non-finite loss stopping the run, strict
+--init, a 2-process torchrun (gloo) run, and --eval_bench during training.
 """
 import json
 import os
@@ -113,6 +114,10 @@ def test_script_writes_a_checkpoint_model_reloads(tiny_clip_path, data, tmp_path
     net = M.load_checkpoint(str(out / "ckpt.pt"))
     sd = net.state_dict()
     assert sd.keys() == ck["model"].keys() and all(torch.equal(sd[k], ck["model"][k]) for k in sd)
+    enc, rest = ck["optimizer"]["param_groups"]  # the CLIP visual tower (proj included) and the rest
+    assert (enc["name"], rest["name"]) == ("encoder", "rest") and enc["weight_decay"] == rest["weight_decay"] == 0.05
+    n_enc = sum(k.startswith("encoder.") for k in ck["model"])
+    assert len(enc["params"]) == n_enc and len(rest["params"]) == len(ck["model"]) - n_enc
     cfg = json.load(open(out / "config.json"))
     assert cfg["git_sha"] and cfg["n_queries"] == 5 and cfg["stop_grad"] is True
     assert len(open(out / "metrics.jsonl").readlines()) == 2

@@ -19,7 +19,9 @@ Commands (defaults = the official recipe: ViT-B/16, crop 384, batch 8, 20k itera
   faster:    python train.py --dtype bfloat16 --compile
   resume:    the same command plus --resume (exact: same weights as an uninterrupted run)
   fine-tune: python train.py --init official:<name>   (or --init path/to/ckpt.pt)
-  speed:     python train.py --benchmark       (it/s, peak memory, time shares; float32 vs bfloat16)
+  speed:     python train.py --benchmark [--arch random:ViT-B/16 --archive fake]   (it/s, peak memory and
+                 time shares, float32 vs bfloat16; the bracket needs no weights and no data)
+  tests:     python -m pytest -q test_train.py
 
 References: official trainer.py (loop, evaluation every 1000 iterations), utils/utils.py
 (get_optimiser: AdamW, two groups, weight decay 0.05 everywhere), utils/scheduler.py (PolyLR 0.9, floor 1e-6).
@@ -379,6 +381,9 @@ def setup_run(args, dist):
     elif args.resume:
         dist.print0(f"--resume: no {ckpt_path} yet, starting from scratch")
     if ck is not None:
+        lacking = [k for k in MODEL_KEYS if k not in ck["config"]]
+        if lacking:
+            raise UserError(f"{ckpt_path} config lacks {lacking}: not a train.py checkpoint of this version")
         mcfg = {k: ck["config"][k] for k in MODEL_KEYS}  # the architecture is the checkpoint's
         if args.init:
             dist.print0(f"--resume: ignoring --init {args.init} (the checkpoint already holds the weights)")
