@@ -179,11 +179,12 @@ class Transformer(nn.Module):
 def interpolate_pos_embed(pos, h, w, mode="bicubic"):
     """Resize a [1 + g*g, C] positional table to a (h, w) token grid -> [1 + h*w, C].
 
-    Exact identity at the native grid. "bicubic" resizes to size (h, w); "official" uses the
-    scale-factor form of DINO that the official ZUTIS code uses (scale (h+0.1)/g, (w+0.1)/g), whose
-    sampling positions differ slightly from "bicubic" away from the native size."""
+    "bicubic" resizes to size (h, w) and is the exact identity at the native grid. "official" is
+    the scale-factor form of DINO that the official ZUTIS code runs on every forward (scale
+    (h+0.1)/g, (w+0.1)/g): its sampling positions are slightly off the grid, so it resamples the
+    table a little even at the native size, exactly as the released weights were trained."""
     g = int(round((pos.shape[0] - 1) ** 0.5))
-    if (h, w) == (g, g):
+    if (h, w) == (g, g) and mode != "official":
         return pos
     cls, grid = pos[:1], pos[1:]
     grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # [g*g, C] -> [1, C, g, g]

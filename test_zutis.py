@@ -201,8 +201,12 @@ def test_forward_dense_matches_encode_image_path():
     full = v.ln_post(v.transformer(tokens))
     assert torch.allclose(dense.reshape(2, 16, 64), full[:, 1:], atol=0, rtol=0)
     assert torch.allclose(v.ln_post(full[:, 0]) @ v.proj, m.encode_image(x))
-    for mode in ("bicubic", "official"):  # native size: exact identity of the positional table
-        assert torch.equal(clip_model.interpolate_pos_embed(v.positional_embedding, 4, 4, mode), v.positional_embedding)
+    pos = v.positional_embedding
+    assert torch.equal(clip_model.interpolate_pos_embed(pos, 4, 4, "bicubic"), pos)  # native: exact identity
+    # the official form resamples slightly even at the native grid (scale (g+0.1)/g), as the released code does
+    official = clip_model.interpolate_pos_embed(pos, 4, 4, "official")
+    assert torch.equal(official[0], pos[0]) and not torch.equal(official, pos)
+    assert torch.allclose(official, pos, atol=0.5 * pos.abs().max().item())
     for mode in ("bicubic", "official"):  # other sizes and aspect ratios run and interpolate
         out = v.forward_dense(torch.randn(1, 3, 48, 72), pos_interp=mode)
         assert out.shape == (1, 6, 9, 64) and torch.isfinite(out).all()
