@@ -20,9 +20,14 @@ a running exact top-k (ties: lower image index first); never an N x K matrix.
     python build_archive.py --import_archive voc_category_to_p_images_n500.json --remap /old/root=/new/root
     python build_archive.py --benchmark 2700000                 # retrieval time + peak RSS, 919 categories
 
-Expected console output ends with a summary such as
-    summary: 27 images listed, 24 embedded (24 this run, 0.9 s, 26.7 img/s), 3 skipped; 2 categories x k=5,
-    retrieval 0.0 s; 8 distinct images, 2 in more than one archive
+References: ZUTIS paper section 3.2 (archive = top-k CLIP retrievals per category name, k = 500);
+the official repo's datasets/index_dataset.py `_get_category_to_p_images` and
+utils/extract_image_embeddings.py (behaviour and file formats only; zutis_facts.md sections 1-2).
+
+Expected console output ends with a summary such as (3000 images, tiny CLIP, CPU, a resumed run)
+    summary: 3000 images listed, 3000 embedded (1720 this run, 2.1 s, 832.7 img/s), 0 skipped (see
+    out/skipped.txt); 80 categories x k=50 (text 11.6 s, retrieval 0.1 s); 357 distinct images, 225 in
+    more than one archive -> out/archive.json
 """
 import argparse
 import os
@@ -445,6 +450,7 @@ def main(argv=None):
     t0 = time.time()
     with torch.no_grad(), (torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext()):
         text = clip_model.text_embeddings(model, names, clip_model.TEMPLATES).float()  # [K, D]
+    t_text, t0 = time.time() - t0, time.time()
     emb_file = os.path.join(st_dir, "embeddings.npy")
     (n_ok, dim), _, _ = store.npy_shape(emb_file)
     if text.shape[1] != dim:
@@ -463,12 +469,13 @@ def main(argv=None):
     n_unique, n_dup = write_outputs(args, args.arch, k, dirs, categories, archive, skipped)
     summary = {"images_listed": len(paths) + (len(skipped) if args.import_embeddings else 0), "embedded": n_ok,
                "embedded_this_run": n_new, "skipped": len(skipped), "embed_seconds": round(t_embed, 1),
-               "images_per_second": round(n_new / max(t_embed, 1e-9), 1), "retrieval_seconds": round(t_ret, 1),
+               "images_per_second": round(n_new / max(t_embed, 1e-9), 1), "text_seconds": round(t_text, 1),
+               "retrieval_seconds": round(t_ret, 1),
                "categories": len(names), "k": k, "distinct_images": n_unique, "in_several_archives": n_dup}
     common.save_json({"config": config, "summary": summary}, os.path.join(args.out_dir, "build_archive_config.json"))
     print(f"summary: {summary['images_listed']} images listed, {n_ok} embedded ({n_new} this run, {t_embed:.1f} s, "
           f"{summary['images_per_second']} img/s), {len(skipped)} skipped (see {os.path.join(args.out_dir, 'skipped.txt')}); "
-          f"{len(names)} categories x k={k}, retrieval {t_ret:.1f} s; {n_unique} distinct images, "
+          f"{len(names)} categories x k={k} (text {t_text:.1f} s, retrieval {t_ret:.1f} s); {n_unique} distinct images, "
           f"{n_dup} in more than one archive -> {os.path.join(args.out_dir, 'archive.json')}")
     dist.close()
 
