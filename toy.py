@@ -542,7 +542,7 @@ class Stages:
     file under OUT/stages/ is skipped; otherwise its outputs are removed and it runs again."""
 
     def __init__(self, out_dir):
-        self.out_dir, self.seconds = out_dir, {}
+        self.out_dir, self.seconds, self.cpu = out_dir, {}, {}
 
     def run(self, name, settings, outputs, fn):
         marker = os.path.join(self.out_dir, "stages", name + ".json")
@@ -550,17 +550,25 @@ class Stages:
             m = json.load(open(marker))
             if m["settings"] == settings and all(os.path.exists(o) for o in outputs):
                 print(f"[{name}] cached ({m['seconds']:.0f} s when it ran); delete {marker} to redo it")
-                self.seconds[name] = m["seconds"]
+                self.seconds[name], self.cpu[name] = m["seconds"], m.get("cpu_seconds", 0.0)
                 return m["result"]
         for o in outputs:  # stale outputs of other settings: start clean
             shutil.rmtree(o) if os.path.isdir(o) else os.remove(o) if os.path.exists(o) else None
         print(f"[{name}] running", flush=True)
-        t0 = time.time()
+        t0, c0 = time.time(), cpu_seconds()
         result = fn()
-        self.seconds[name] = time.time() - t0
-        common.save_json({"settings": settings, "seconds": self.seconds[name], "result": result}, marker)
+        self.seconds[name], self.cpu[name] = time.time() - t0, cpu_seconds() - c0
+        common.save_json({"settings": settings, "seconds": self.seconds[name], "cpu_seconds": self.cpu[name],
+                          "result": result}, marker)
         print(f"[{name}] done in {self.seconds[name]:.0f} s", flush=True)
         return result
+
+
+def cpu_seconds():
+    """CPU time of this process and its finished children: on a shared machine this says more
+    about a stage's cost than wall time does."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def run_script(script, *args):
@@ -572,7 +580,7 @@ def run_script(script, *args):
         raise common.UserError(f"{script} failed with exit code {r.returncode}: {' '.join(cmd[1:])}")
 
 
-def results_table(res, sec, cfg):
+def results_table(res, sec, cpu, cfg):
     pct = lambda v: "-" if v is None else f"{v:.1f}"
     z, zn, zs, mc = (res.get(k, {}) for k in ("zutis", "zutis_no_nms", "zutis_no_stop_grad", "maskclip"))
     lines = [
@@ -588,8 +596,9 @@ def results_table(res, sec, cfg):
                      ("ZUTIS, no NMS", zn), ("ZUTIS, no stop-gradient (NMS)", zs)):
         if m:
             lines.append(f"| {label} | {pct(m['mIoU'])} | {pct(m['AP'])} | {pct(m['AP50'])} | {pct(m['AP_agn'])} | {pct(m['AP50_agn'])} |")
-    lines += ["", "| stage | wall time (s) |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in sec.items()]
-    lines += [f"| total | {sum(sec.values()):.0f} |", "",
+    lines += ["", "| stage | wall time (s) | CPU time (s) |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.0f} | {cpu.get(k, 0):.0f} |" for k, v in sec.items()]
+    lines += [f"| total | {sum(sec.values()):.0f} | {sum(cpu.values()):.0f} |", "",
               "All numbers in percent. Ground truth and hidden labels are read only here, never by a training stage."]
     return "\n".join(lines) + "\n"
 
@@ -632,7 +641,7 @@ def main():
         "--k", cfg["k"], "--out_dir", archive, *dev))
     arc_json = os.path.join(archive, "archive.json")
     st.run("pseudo_label", s_arc, [masks], lambda: run_script(
-        "pseudo_label.py", "--archive", arc_json, "--out_dir", masks, "--saliency", "boundary", *dev))
+        "pseudo_label.py", "--archive", arc_json, "--out_dir", masks, "--saliency", "boundary", "--num_workers", 0, *dev))
 
     s_train = {**s_arc, "iters": cfg["iters"], "batch_size": cfg["batch_size"], "flags": TRAIN_FLAGS}
     runs = [("train", [])] + ([] if args.no_ablation else [("train_no_stop_grad", ["--no_stop_grad"])])
@@ -653,7 +662,7 @@ def main():
             "evaluate.py", "--bench", "voc", "--data_root", voc, "--classes", cats, "--out_dir", d,
             "--save_vis", 4, *extra, *dev), eval_metrics(d))[1])
 
-    t0 = time.time()
+    t0, c0 = time.time(), cpu_seconds()
     res["archive_precision"], res["archive_k"] = archive_precision(arc_json, world)
     res["archive_precision"] *= 100
     iou, res["pseudo_masks"], missing = pseudo_mask_iou(arc_json, masks, world)
@@ -663,12 +672,12 @@ def main():
     if missing:
         print(f"  warning: {missing} archive images have no pseudo-mask")
     picture_grid(os.path.join(out, "grid.png"), world, clip_path, os.path.join(out, "train", "ckpt.pt"))
-    st.seconds["report"] = time.time() - t0
-    table = results_table(res, st.seconds, cfg)
+    st.seconds["report"], st.cpu["report"] = time.time() - t0, cpu_seconds() - c0
+    table = results_table(res, st.seconds, st.cpu, cfg)
     flat = flat_results(res)
     with common.atomic_path(os.path.join(out, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(table)
-    common.save_json({"config": cfg, "metrics": flat, "seconds": st.seconds,
+    common.save_json({"config": cfg, "metrics": flat, "seconds": st.seconds, "cpu_seconds": st.cpu,
                       "wall_s_this_run": time.time() - t_start, **common.git_info()}, os.path.join(out, "results.json"))
     print("\n" + table + f"\nwrote {out}/results.md, results.json, grid.png ({time.time() - t_start:.0f} s this run)")
     if floors is not None:
