@@ -21,6 +21,19 @@ import train
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core machine: one intra-op thread avoids OpenMP barrier stalls (measured
+    40x slower with 2 threads at load 6). Restored afterwards; subprocesses get OMP_NUM_THREADS=1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     import dataset
@@ -105,7 +118,7 @@ def test_script_writes_a_checkpoint_model_reloads(tiny_clip_path, data, tmp_path
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"),
                         *tiny_argv(tiny_clip_path, data, out, 2, "--dtype", "bfloat16")],
-                       capture_output=True, text=True, cwd=HERE, timeout=300)
+                       capture_output=True, text=True, cwd=HERE, env=ENV, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "step      2/2 | loss" in r.stdout and "it/s" in r.stdout and "ETA" in r.stdout
     ck = torch.load(out / "ckpt.pt", weights_only=False)
@@ -164,7 +177,7 @@ def test_torchrun_two_processes(tiny_clip_path, data, tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         os.path.join(HERE, "train.py"), *tiny_argv(tiny_clip_path, data, out, 2)],
-                       capture_output=True, text=True, cwd=HERE, timeout=300)
+                       capture_output=True, text=True, cwd=HERE, env=ENV, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count("step      2/2 | loss") == 1  # rank 0 logs, rank 1 does not
     ck = torch.load(out / "ckpt.pt", weights_only=False)

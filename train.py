@@ -363,6 +363,8 @@ def seed_all(seed):
 def autocast_ctx(device, dtype):
     if dtype == "float32":
         return nullcontext()
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bfloat16: use --dtype float16 (loss-scaled) or float32")
     return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 
 
