@@ -389,7 +389,7 @@ def benchmark(args):
     n, K, D = args.benchmark, len(IMAGENET_S919) - 1, 768
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    tmp = tempfile.mkdtemp(prefix="zutis_bench_")
+    tmp = tempfile.mkdtemp(prefix="zutis_archive_bench_")
     try:
         path = os.path.join(tmp, "embeddings.npy")
         t0 = time.time()
