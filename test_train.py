@@ -196,3 +196,14 @@ def test_eval_bench_during_training(tiny_clip_path, data, tmp_path):
     assert [r["step"] for r in evals] == [1, 2] and all("mIoU" in r for r in evals)
     assert os.path.isfile(out / "eval_voc_000002" / "metrics.json")
     assert net.training and net.categories == ["background", "thing0", "thing1"]
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--iters", "0"], "--iters must be positive"),
+    (["--eval_bench", "vocc", "--eval_data_root", "."], "unknown --eval_bench"),
+    (["--eval_bench", "voc"], "needs --eval_data_root"),
+    (["--archive", "no/such/archive.json", "--out_dir", "unused"], "archive not found"),
+])
+def test_bad_input_is_a_user_error(argv, msg):
+    with pytest.raises(common.UserError, match=msg):
+        train.main(["--device", "cpu", *argv])

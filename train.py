@@ -91,7 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--log_every", type=int, default=50, help="print and log losses every N iterations")
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/ckpt.pt if it exists (exactly)")
     p.add_argument("--init", default=None, help="start from these weights: our ckpt.pt, an official file, or official:<name>")
-    p.add_argument("--eval_bench", default=None, help="evaluate on this benchmark every --eval_every iterations (voc, coco, ...)")
+    p.add_argument("--eval_bench", default=None, help="evaluate on this benchmark every --eval_every iterations and at the end (voc, coco2017, coco20k, coca, imagenet_s919, cub); off by default")
     p.add_argument("--eval_data_root", default=None, help="data root of --eval_bench")
     p.add_argument("--eval_every", type=int, default=1000, help="evaluation period in iterations (and at the end)")
     p.add_argument("--eval_max_images", type=int, default=None, help="evaluate on the first N images only (quick checks)")
@@ -348,7 +348,10 @@ def check_args(args):
             raise UserError(f"--{k} must be positive, got {getattr(args, k)}")
     if args.num_workers < 0 or not 0 < args.scale_min <= 1:
         raise UserError(f"need --num_workers >= 0 and 0 < --scale_min <= 1, got {args.num_workers}, {args.scale_min}")
-    if args.eval_bench:
+    if args.eval_bench:  # fail now, not after the first 1000 iterations
+        import benchmarks
+        if args.eval_bench not in benchmarks.BENCHES:
+            raise UserError(f"unknown --eval_bench {args.eval_bench!r}: use one of {', '.join(benchmarks.BENCHES)}")
         if not args.eval_data_root:
             raise UserError("--eval_bench needs --eval_data_root (the benchmark's data folder)")
         common.require_dir(args.eval_data_root, f"--eval_data_root of {args.eval_bench}")
