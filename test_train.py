@@ -22,13 +22,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread_with_grad():
     """Tiny ops on a shared 2-core machine: one intra-op thread avoids OpenMP barrier stalls (measured
     40x slower with 2 threads at load 6). Restored afterwards; subprocesses get OMP_NUM_THREADS=1."""
-    n = torch.get_num_threads()
+    n, grad = torch.get_num_threads(), torch.is_grad_enabled()
     torch.set_num_threads(1)
+    torch.set_grad_enabled(True)  # evaluate.main() run in-process by test_evaluate.py leaves grad disabled
     yield
     torch.set_num_threads(n)
+    torch.set_grad_enabled(grad)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
