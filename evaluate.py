@@ -575,6 +575,13 @@ def run_images(seg, src, out_dir, max_size=1024):
 # ----------------------------------------------------------------------------- main
 
 def main():
+    # A context manager, not set_grad_enabled(False): callers that run main() in-process (tests,
+    # notebooks) keep their autograd state.
+    with torch.no_grad():
+        _main()
+
+
+def _main():
     args = get_args_parser().parse_args()
     for flag, ok in (("nms", ("hard", "none")), ("maskclip_proposals", ("components", "classes")), ("model", ("zutis", "maskclip")), ("norm", ("auto", "imagenet", "clip")),
                      ("class_prob", ("sigmoid", "softmax"))):
@@ -583,7 +590,6 @@ def main():
     if args.images is None and args.bench not in B.BENCHES:
         raise UserError(f"unknown benchmark {args.bench!r}: use one of {', '.join(B.BENCHES)}")
     dist = common.Dist(args.device)
-    torch.set_grad_enabled(False)
     config = {**vars(args), **common.git_info()}
     dist.print0("config:")
     if dist.is_main:
