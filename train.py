@@ -15,7 +15,8 @@ Commands (defaults = the official recipe: ViT-B/16, crop 384, batch 8, 20k itera
   2 nodes:   torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py
   CPU tiny:  python train.py --device cpu --arch toy_out/tiny_clip.pt --archive toy_out/archive/archive.json \
                  --masks_dir toy_out/masks --crop 64 --iters 200 --n_queries 20 --n_layers 2 --dim_ffn 256 \
-                 --num_workers 0 --logit_scale 10 --lr 3e-4 --lr_encoder 1e-4     (after python toy.py)
+                 --num_workers 0 --logit_scale 10 --lr 3e-4 --lr_encoder 1e-4     (after python toy.py;
+                 on a busy CPU prefix OMP_NUM_THREADS=1: tiny ops stall on OpenMP barriers, measured 30x)
   faster:    python train.py --dtype bfloat16 --compile
   resume:    the same command plus --resume (exact: same weights as an uninterrupted run)
   fine-tune: python train.py --init official:<name>   (or --init path/to/ckpt.pt)
