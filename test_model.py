@@ -1,4 +1,4 @@
-"""Tests of model.py on CPU with tiny random models (and one full-size key/shape check).
+"""Tests of model.py and criterion.py on CPU with tiny random models (and one full-size key/shape check).
 
     cd /work/main && .venv/bin/python -m pytest -q test_model.py
 """
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 import clip_model
+import criterion as CR
 import model as M
 from common import UserError
 
@@ -208,7 +209,7 @@ def test_text_templates_and_set_categories(tiny_clip_path, tiny_model):
 def test_dice_bce_hand_values():
     p = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.9, 0.2, 0.0, 1.0], [0.0, 1.0, 0.5, 0.5]])
     g = torch.tensor([[1., 1, 0, 0], [1, 0, 0, 1]])
-    dice, bce = M.pairwise_dice_bce(p, g)
+    dice, bce = CR.pairwise_dice_bce(p, g)
     assert dice.shape == bce.shape == (3, 2)
     assert dice[0, 0].item() == pytest.approx(1 - 3 / 5, abs=1e-6)
     assert dice[1, 1].item() == pytest.approx(1 - (2 * 1.9 + 1) / (2.1 + 2 + 1), abs=1e-6)
@@ -232,14 +233,14 @@ def test_matcher_is_optimal(Q, N):
     for _ in range(3):
         probs = torch.rand(Q, 50, generator=g)
         gt = (torch.rand(N, 50, generator=g) > 0.6).float()
-        matcher = M.HungarianMatcher()
+        matcher = CR.HungarianMatcher()
         (qi, ti), = matcher(probs, gt)
         cost = matcher.cost(probs, gt)[0]
         assert qi.dtype == ti.dtype == torch.int64 and len(qi) == min(Q, N)
         assert len(set(qi.tolist())) == len(qi) and len(set(ti.tolist())) == len(ti)
         assert cost[qi, ti].sum().item() == pytest.approx(brute_force(cost.tolist()), abs=1e-5)
     with pytest.raises(AssertionError, match="non-finite"):
-        M.HungarianMatcher.assign(torch.tensor([[float("nan"), 1.0]]))
+        CR.HungarianMatcher.assign(torch.tensor([[float("nan"), 1.0]]))
 
 
 def naive_official_mask_loss(mask_logits, instance_masks):
@@ -273,7 +274,7 @@ def test_mask_loss_matches_naive_official_loop():
     out = {"mask_logits": mask_logits.requires_grad_(), "patch_tokens": torch.randn(3, 5, 7, 8),
            "text_emb": F.normalize(torch.randn(3, 8), dim=-1)}
     batch = {"semantic": torch.randint(0, 3, (3, 20, 28)), "instance_masks": inst}
-    losses = M.criterion(out, batch)
+    losses = CR.criterion(out, batch)
     assert losses["loss_mask"].item() == pytest.approx(naive_official_mask_loss(mask_logits.detach(), inst), rel=1e-5)
     assert sum(losses[f"loss_mask_{l}"] for l in range(2)).item() == pytest.approx(losses["loss_mask"].item(), rel=1e-6)
     assert (losses["loss_dice"] + losses["loss_bce"]).item() == pytest.approx(losses["loss_mask"].item(), rel=1e-5)
@@ -284,7 +285,7 @@ def test_mask_loss_matches_naive_official_loop():
     losses["loss"].backward()
     assert torch.isfinite(mask_logits.grad).all()
     # Mask2Former-style normalisation: divide by the number of target masks used (4 + 2), not by B = 3
-    m2f = M.criterion(out, batch, loss_norm="num_masks")
+    m2f = CR.criterion(out, batch, loss_norm="num_masks")
     assert m2f["loss_mask"].item() == pytest.approx(losses["loss_mask"].item() * 3 / 6, rel=1e-6)
     assert all(v.dtype == torch.float32 and v.dim() == 0 for v in losses.values())
 
@@ -294,7 +295,7 @@ def test_zero_instance_images(tiny_model):
     batch["instance_masks"] = [torch.zeros(0, 64, 64, dtype=torch.bool), torch.zeros(3, 64, 64, dtype=torch.bool)]
     for norm in ("official", "num_masks"):
         tiny_model.zero_grad()
-        losses = M.criterion(tiny_model(x), batch, loss_norm=norm)
+        losses = CR.criterion(tiny_model(x), batch, loss_norm=norm)
         assert losses["loss_mask"].item() == 0 and torch.isfinite(losses["loss"])
         losses["loss"].backward()  # the decoder stays in the graph (zero gradient), as DDP needs
         assert tiny_model.decoder.norm.weight.grad is not None
@@ -304,10 +305,10 @@ def test_bfloat16_autocast_losses_are_fp32(tiny_model):
     x, batch = make_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny_model(x)
-        losses = M.criterion(out, batch)  # computes in fp32 inside (autocast disabled there)
+        losses = CR.criterion(out, batch)  # computes in fp32 inside (autocast disabled there)
     assert out["mask_logits"].dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
-    ref = M.criterion({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, batch)
+    ref = CR.criterion({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, batch)
     assert losses["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
 
 
@@ -325,7 +326,7 @@ def test_stop_gradient(tiny_clip_path, stop_grad):
     torch.manual_seed(0)
     m = M.ZUTIS(tiny_clip_path, CATS, stop_grad=stop_grad, **TINY)
     x, batch = make_batch()
-    losses = M.criterion(m(x), batch)
+    losses = CR.criterion(m(x), batch)
     enc, rest = grads(m, losses["loss_mask"])
     # At init the first layer's self-attention sees tgt = 0, so its output is the (zero) value bias
     # whatever q, k are: those three tensors get no gradient by construction (as in DETR).
@@ -356,7 +357,7 @@ def test_overfit_one_batch(tiny_clip_path):
     torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
     try:
         for _ in range(150):
-            losses = M.criterion(m(x), batch)
+            losses = CR.criterion(m(x), batch)
             opt.zero_grad()
             losses["loss"].backward()
             opt.step()
