@@ -12,6 +12,7 @@ Saliency (--saliency):
             (selfmask.py). --selfmask takes a released name (downloaded once) or a local file.
   boundary  training-free FALLBACK: colour contrast to the image border's colour clusters (ms/img, CPU)
   spectral  training-free FALLBACK: normalised cut of a CLIP ViT's patch tokens (--arch)
+            (both fallbacks and the bilateral solver: saliency.py)
 Resumable: valid masks already on disk are kept (a truncated PNG or one of the wrong size is
 redone), every file is written atomically, unreadable images are skipped and listed.
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 import common
+import saliency
 import selfmask
 
 
@@ -125,7 +127,7 @@ class Jobs(torch.utils.data.Dataset):
             return {**out, "status": "bad", "error": f"{type(e).__name__}: {e}"}
         a = self.args
         if a.saliency == "boundary":
-            return {**out, "status": "mask", "mask": selfmask.boundary_saliency(rgb, bilateral=a.bilateral)}
+            return {**out, "status": "mask", "mask": saliency.boundary_saliency(rgb, bilateral=a.bilateral)}
         if a.saliency == "spectral":
             return {**out, "status": "todo", "rgb": rgb}
         x, ref, size = selfmask.prepare(rgb, a.short_side, a.max_side or None)
@@ -220,7 +222,7 @@ def label_shard(jobs, args, model, dist):
         elif it["status"] == "mask":
             writer.submit(write_mask, it["mask"], it["mask_path"])
         elif args.saliency == "spectral":
-            m = selfmask.spectral_saliency(it["rgb"], model, args.short_side, args.bilateral)
+            m = saliency.spectral_saliency(it["rgb"], model, args.short_side, args.bilateral)
             writer.submit(write_mask, m, it["mask_path"])
         else:
             key = tuple(it["x"].shape)
@@ -363,14 +365,14 @@ def benchmark(args):
                 selfmask.coarse_masks(model, xb)
                 sync()
             res[f"network_img_per_s_batch{len(xb)}{'_bf16' if amp else ''}"] = len(xb) / (time.perf_counter() - t)
-    targets = [selfmask.boundary_saliency(ref, bilateral=False) for _, ref, _ in prepped]
+    targets = [saliency.boundary_saliency(ref, bilateral=False) for _, ref, _ in prepped]
     t = time.process_time()
     for (_, ref, _), m in zip(prepped, targets):
-        selfmask.bilateral_solve(ref, m.astype(np.float64))
+        saliency.bilateral_solve(ref, m.astype(np.float64))
     res["bilateral_cpu_ms"] = 1000 * (time.process_time() - t) / len(imgs)
     t = time.process_time()
     for im in imgs:
-        selfmask.boundary_saliency(im, bilateral=False)
+        saliency.boundary_saliency(im, bilateral=False)
     res["boundary_cpu_ms_375x500"] = 1000 * (time.process_time() - t) / len(imgs)
     print({k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()})
     return res

@@ -1,9 +1,9 @@
-"""Tests for selfmask.py and pseudo_label.py (CPU, tiny shapes, < 60 s on 2 cores).
+"""Tests for selfmask.py, saliency.py and pseudo_label.py (CPU, tiny shapes, < 60 s on 2 cores).
 
     cd /work/main && .venv/bin/python -m pytest -q test_selfmask.py
 
 Also a before/after timing of the bilateral solver at a 512 shorter side (the straightforward
-sparse-matrix form below vs selfmask.bilateral_solve):
+sparse-matrix form below vs saliency.bilateral_solve):
 
     .venv/bin/python test_selfmask.py --bench_bilateral
 """
@@ -19,6 +19,7 @@ from PIL import Image
 
 import common
 import pseudo_label
+import saliency
 import selfmask
 
 
@@ -220,7 +221,7 @@ def reference_bilateral_solve(ref, target, confidence=0.999, ss=16, sl=16, sc=8,
                               A_diag_min=1e-5, tol=1e-5, maxiter=25, bistoch=10):
     """The grid solver written the way the algorithm reads (a pixels x vertices splat matrix S,
     a blur matrix B = 2*dim*I + neighbours, A = lam (Dm - Dn B Dn) + diag(S w)) with a general
-    np.unique hash: the oracle and the 'before' timing for selfmask.bilateral_solve."""
+    np.unique hash: the oracle and the 'before' timing for saliency.bilateral_solve."""
     from scipy.sparse import csr_matrix, diags, eye
     from scipy.sparse.linalg import cg
     H, W = target.shape
@@ -267,7 +268,7 @@ def edge_scene(H=96, W=128, seed=0):
 
 def test_bilateral_solver_snaps_a_blurred_offset_mask_to_the_edge():
     img, truth, rough = edge_scene()
-    out = selfmask.bilateral_solve(img, rough)
+    out = saliency.bilateral_solve(img, rough)
     assert out.shape == truth.shape
     before, after = iou(rough > 0.5, truth), iou(out > 0.5, truth)
     assert after > before + 0.05, (before, after)
@@ -275,7 +276,7 @@ def test_bilateral_solver_snaps_a_blurred_offset_mask_to_the_edge():
 
 def test_fast_bilateral_solver_equals_the_reference_form():
     img, _, rough = edge_scene(seed=1)
-    np.testing.assert_allclose(selfmask.bilateral_solve(img, rough), reference_bilateral_solve(img, rough), atol=1e-8)
+    np.testing.assert_allclose(saliency.bilateral_solve(img, rough), reference_bilateral_solve(img, rough), atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- fallbacks
@@ -285,7 +286,7 @@ def test_boundary_saliency_on_textured_objects():
     scores = []
     for i in range(12):
         img, truth = textured_scene(rng, 64, 64 if i % 2 else 96)
-        m = selfmask.boundary_saliency(img, bilateral=False)
+        m = saliency.boundary_saliency(img, bilateral=False)
         assert m.shape == truth.shape and m.dtype == bool
         scores.append(iou(m, truth))
     assert np.mean(scores) > 0.8, scores
@@ -293,8 +294,8 @@ def test_boundary_saliency_on_textured_objects():
 
 def test_fallbacks_give_an_empty_mask_on_a_blank_image():
     blank = np.full((40, 50, 3), 128, np.uint8)
-    assert not selfmask.boundary_saliency(blank).any()
-    assert not selfmask.spectral_cut(np.ones((5, 6, 8)))[0].any()
+    assert not saliency.boundary_saliency(blank).any()
+    assert not saliency.spectral_cut(np.ones((5, 6, 8)))[0].any()
 
 
 def test_spectral_cut_on_synthetic_token_features():
@@ -307,7 +308,7 @@ def test_spectral_cut_on_synthetic_token_features():
     fg_c, bg_c, fg_t, bg_t = rng.normal(size=(4, C))
     tex = np.where((xx + yy) % 2 == 0, 0.7, -0.7)[..., None]  # alternating texture elements
     feats = np.where(truth[..., None], fg_c + tex * fg_t, bg_c + tex * bg_t) + rng.normal(0, 0.6, (h, w, C))
-    fg, v = selfmask.spectral_cut(feats)
+    fg, v = saliency.spectral_cut(feats)
     assert fg.shape == (h, w) and iou(fg, truth) > 0.8
     assert (v[fg] > 0).all()
 
@@ -320,7 +321,7 @@ def test_spectral_saliency_runs_on_clip_tokens(tiny_clip):
     scores = []
     for _ in range(4):
         img, truth = textured_scene(rng, 64, 64)
-        m = selfmask.spectral_saliency(img, tiny_clip.visual, short_side=128, bilateral=True)
+        m = saliency.spectral_saliency(img, tiny_clip.visual, short_side=128, bilateral=True)
         assert m.shape == truth.shape and m.dtype == bool
         scores.append(iou(m, truth))
     assert np.mean(scores) > 0.8, scores
@@ -412,13 +413,13 @@ def bench_bilateral(n=3):
         img = np.clip(img + 30 * np.sin(xx / 9)[..., None], 0, 255).astype(np.uint8)
         target = np.roll(truth, (12, -15), (0, 1)).astype(float)
         res = {}
-        for name, fn in (("reference", reference_bilateral_solve), ("fast", selfmask.bilateral_solve)):
+        for name, fn in (("reference", reference_bilateral_solve), ("fast", saliency.bilateral_solve)):
             fn(img, target)
             t = time.process_time()
             for _ in range(n):
                 out = fn(img, target)
             res[name] = (1000 * (time.process_time() - t) / n, out)
-        print(f"noise {noise}: {selfmask.BilateralGrid(img).n_vertices} grid vertices; reference "
+        print(f"noise {noise}: {saliency.BilateralGrid(img).n_vertices} grid vertices; reference "
               f"{res['reference'][0]:.0f} ms, fast {res['fast'][0]:.0f} ms (process CPU time); IoU "
               f"{iou(target > 0.5, truth):.3f} -> {iou(res['fast'][1] > 0.5, truth):.3f}; max |diff| "
               f"{np.abs(res['fast'][1] - res['reference'][1]).max():.1e}")

@@ -83,13 +83,13 @@ def test_voc_layout_readable(tmp_path):
 
 
 def test_boundary_saliency_on_generated_images():
-    selfmask = pytest.importorskip("selfmask")
-    if not hasattr(selfmask, "boundary_saliency"):
-        pytest.fail("selfmask.boundary_saliency is missing (toy.py runs pseudo_label.py --saliency boundary)")
+    saliency = pytest.importorskip("saliency")
+    if not hasattr(saliency, "boundary_saliency"):
+        pytest.fail("saliency.boundary_saliency is missing (toy.py runs pseudo_label.py --saliency boundary)")
     imgs, inst, _ = toy.index_pool(np.random.default_rng(3), 40)
     ious = []
     for img, m in zip(imgs, inst > 0):
-        pred = selfmask.boundary_saliency(img)
+        pred = saliency.boundary_saliency(img)
         ious.append((pred & m).sum() / max(1, (pred | m).sum()))
     assert np.mean(ious) > 0.6, np.mean(ious)
 
