@@ -1,6 +1,6 @@
-"""Tests for evaluate.py and benchmarks.py: every reader on a tiny dataset written here in the exact
-on-disk layout, the metrics on hand-computed cases, the pipeline with an oracle, MaskCLIP and a tiny
-ZUTIS end to end, the --images demo, --throughput, and the one-line errors.
+"""Tests for evaluate.py, visualize.py and benchmarks.py: every reader on a tiny dataset written here in
+the exact on-disk layout, the metrics on hand-computed cases, the pipeline with an oracle, MaskCLIP and
+a tiny ZUTIS end to end, the --images demo, --throughput, and the one-line errors.
 
     cd /work/main && .venv/bin/python -m pytest -q test_evaluate.py
 """
@@ -17,6 +17,7 @@ from PIL import Image
 import benchmarks as B
 import categories as C
 import evaluate as E
+import visualize as V
 from common import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def save_palette_png(arr, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     im = Image.fromarray(arr.astype(np.uint8), mode="P")
-    im.putpalette(E.palette(256).ravel().tolist())
+    im.putpalette(V.palette(256).ravel().tolist())
     im.save(path)
 
 

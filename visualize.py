@@ -1,0 +1,79 @@
+"""Drawing of predictions for people to look at: VOC's colour palette, label-map overlays, integer zoom,
+legend strips, and the image | ground truth | semantic | instances panels evaluate.py writes to vis/
+(and to <stem>_semantic.png / <stem>_instances.png with --images). toy.py draws its sheet with these too.
+
+Library only; importing it does no work. Tests: `python -m pytest -q test_evaluate.py`.
+References: the PASCAL VOC devkit's colour map (labelcolormap: label bits spread over R, G, B).
+"""
+import numpy as np
+
+import common
+
+
+def palette(n):
+    """VOC's colour map (bits of the label spread over R, G, B from the top bit down), any n."""
+    pal = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def overlay(img, label_map, colours, alpha=0.55, ignore=None):
+    """Blend a label map [H, W] (0 = background, left unpainted) over an image [H, W, 3]."""
+    out = img.astype(np.float32).copy()
+    m = label_map > 0
+    if ignore is not None:
+        m &= label_map != ignore
+    out[m] = (1 - alpha) * out[m] + alpha * colours[np.clip(label_map[m], 0, len(colours) - 1)]
+    return out.astype(np.uint8)
+
+
+def with_legend(img, entries):
+    """Append a legend strip below an image: entries = [(rgb, text)], one swatch per line."""
+    from PIL import Image, ImageDraw
+    strip = Image.new("RGB", (img.shape[1], 12 * max(1, len(entries)) + 4), (255, 255, 255))
+    d = ImageDraw.Draw(strip)
+    for k, (rgb, text) in enumerate(entries):
+        d.rectangle([2, 2 + 12 * k, 11, 11 + 12 * k], fill=tuple(int(v) for v in rgb))
+        d.text((15, 1 + 12 * k), text, fill=(0, 0, 0))
+    return np.concatenate([img, np.asarray(strip)], axis=0)
+
+
+def zoom(a, f, hw_axes=(0, 1)):
+    """Nearest-neighbour upscaling by an integer factor, so legends stay readable on tiny images."""
+    return a if f == 1 else a.repeat(f, axis=hw_axes[0]).repeat(f, axis=hw_axes[1])
+
+
+def render_semantic(img, sem, names, ignore=None):
+    f = max(1, -(-192 // img.shape[1]))
+    pal = palette(max(len(names), 256))
+    present = [int(c) for c in np.unique(sem) if 0 < c < len(names)]
+    return with_legend(overlay(zoom(img, f), zoom(sem, f), pal, ignore=ignore), [(pal[c], names[c]) for c in present])
+
+
+def render_instances(img, p, names):
+    f = max(1, -(-192 // img.shape[1]))
+    pal = palette(len(p["labels"]) + 2)[1:]
+    lab = np.zeros(img.shape[:2], np.int64)
+    for i in np.argsort(p["scores"].numpy()):  # best last, drawn on top
+        lab[p["masks"][i].numpy()] = i + 1
+    entries = [(pal[i + 1], f"{names[l]} {s:.2f}") for i, (l, s) in enumerate(zip(p["labels"].tolist(), p["scores"].tolist()))]
+    return with_legend(overlay(zoom(img, f), zoom(lab, f), pal), entries[:20])
+
+
+def save_vis(path, img, gt, p, names, ignore):
+    """image | ground truth | semantic prediction | instances, each with its legend."""
+    f = max(1, -(-192 // img.shape[1]))
+    panels = [zoom(img, f)] + ([render_semantic(img, gt, names, ignore)] if gt is not None else [])
+    panels.append(render_semantic(img, p["semantic"].numpy(), names))
+    if "masks" in p:
+        panels.append(render_instances(img, p, names))
+    h = max(q.shape[0] for q in panels)
+    panels = [np.pad(q, ((0, h - q.shape[0]), (0, 4), (0, 0)), constant_values=255) for q in panels]
+    common.save_image(np.concatenate(panels, axis=1), path)
