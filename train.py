@@ -299,7 +299,7 @@ def run_eval(raw_model, args, step, dist, out_dir):
     try:
         return evaluate.run_benchmark(raw_model, args.eval_bench, args.eval_data_root,
                                       out_dir=os.path.join(out_dir, f"eval_{args.eval_bench}_{step:06d}"),
-                                      max_images=args.eval_max_images, dist=dist)
+                                      max_images=args.eval_max_images, dist=dist, norm=args.norm)
     finally:
         raw_model.text_emb, raw_model.categories = text_emb, cats
         raw_model.train(was_training)
