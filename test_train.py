@@ -27,7 +27,7 @@ def one_thread_with_grad():
     40x slower with 2 threads at load 6). Restored afterwards; subprocesses get OMP_NUM_THREADS=1."""
     n, grad = torch.get_num_threads(), torch.is_grad_enabled()
     torch.set_num_threads(1)
-    torch.set_grad_enabled(True)  # evaluate.main() run in-process by test_evaluate.py leaves grad disabled
+    torch.set_grad_enabled(True)  # an earlier in-process main() may have disabled it (evaluate.py once did)
     yield
     torch.set_num_threads(n)
     torch.set_grad_enabled(grad)
