@@ -24,6 +24,10 @@ Commands (CPU only; a GPU is used by the stages when present):
     python toy.py --quick --check_floors README.md   # exit 1 if a metric is below its floor
 Stages are cached under --out_dir (a stage reruns only when its settings change).
 
+Measured (full run, seeds 0/1/2, percent): tiny-CLIP zero-shot 68/70/69, precision@50 77/79/79,
+pseudo-mask IoU 84/85/84, ZUTIS mIoU 24.4/28.9/27.7 vs MaskCLIP 5.4/8.3/9.2, AP50 (NMS) 2.3/1.8/2.5;
+~760 CPU-seconds of single-thread work per full run, ~420 for --quick (README: the whole table).
+
 References: ZUTIS (Shin, Albanie, Xie 2023) section 4; issue 7 of this repository.
 """
 import argparse
