@@ -4,7 +4,7 @@ loading of the official released checkpoints. The Hungarian-matched loss (`crite
 
     model = ZUTIS("ViT-B/16", categories.get_categories("voc"))    # CLIP weights from ~/.cache/clip
     out = model(images)          # {"mask_logits": [B, L, Q, 2h, 2w], "patch_tokens": [B, 2h, 2w, C_t], ...}
-    losses = criterion(out, batch)                                  # {"loss", "loss_ce", "loss_mask", ...}
+    losses = criterion.criterion(out, batch)                        # criterion.py: {"loss", "loss_ce", ...}
     pred = predict(model, image)                                    # semantic map + instances
     model = load_checkpoint("official:coco_vit_b_16")               # published weights, official behaviour
 
@@ -29,8 +29,6 @@ from torch import nn
 
 import clip_model
 from common import UserError
-# Re-exported: train.py still calls M.criterion and patches M.HungarianMatcher.assign.
-from criterion import HungarianMatcher, criterion  # noqa: F401
 
 # ----------------------------------------------------------------------------- official checkpoints
 

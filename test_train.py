@@ -139,8 +139,8 @@ def test_script_writes_a_checkpoint_model_reloads(tiny_clip_path, data, tmp_path
 
 
 def test_non_finite_loss_stops_the_run(tiny_clip_path, data, tmp_path, monkeypatch):
-    import model as M
-    real = M.criterion
+    import criterion as CR
+    real = CR.criterion
 
     def poisoned(outputs, batch, **kw):  # as if the forward pass overflowed at the second step
         losses = real(outputs, batch, **kw)
@@ -149,7 +149,7 @@ def test_non_finite_loss_stops_the_run(tiny_clip_path, data, tmp_path, monkeypat
         poisoned.calls += 1
         return losses
     poisoned.calls = 0
-    monkeypatch.setattr(M, "criterion", poisoned)
+    monkeypatch.setattr(CR, "criterion", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(common.UserError, match=r"non-finite loss at step 1: .*loss=nan"):
         train.main(tiny_argv(tiny_clip_path, data, out, 4, "--save_every", "1"))

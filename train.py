@@ -197,12 +197,12 @@ def build_model(mcfg, init, device, print0):
 
 def compute_losses(net, batch, ctx, args):
     """Forward under autocast, losses in fp32 outside it (the matcher and BCE want fp32)."""
-    import model as M
+    import criterion as CR
     with ctx:
         out = net(batch["image"])
     out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
     with torch.autocast(batch["image"].device.type, enabled=False):
-        losses = M.criterion(out, batch, lambda_mask=args.lambda_mask, loss_norm=args.loss_norm)
+        losses = CR.criterion(out, batch, lambda_mask=args.lambda_mask, loss_norm=args.loss_norm)
     return losses
 
 

@@ -39,25 +39,25 @@ class PhaseTimer:
 
 def instrument(raw_model, timer):
     """Hooks time the whole forward and the CLIP encoder inside it (conv1 .. ln_post); wrapping
-    model.py's HungarianMatcher.assign times the matching (device->host copy + scipy; the matched
+    criterion.py's HungarianMatcher.assign times the matching (device->host copy + scipy; the matched
     costs are the loss itself). Returns a function that removes it all."""
-    import model as M
+    import criterion as CR
     enc = raw_model.encoder
     hooks = [raw_model.register_forward_pre_hook(lambda m, a: timer.start("forward")),
              raw_model.register_forward_hook(lambda m, a, o: timer.stop("forward")),
              enc.conv1.register_forward_pre_hook(lambda m, a: timer.start("encoder")),
              enc.ln_post.register_forward_hook(lambda m, a, o: timer.stop("encoder"))]
-    orig = M.HungarianMatcher.assign
+    orig = CR.HungarianMatcher.assign
 
     def timed(cost):
         timer.start("matcher")
         out = orig(cost)
         timer.stop("matcher")
         return out
-    M.HungarianMatcher.assign = staticmethod(timed)
+    CR.HungarianMatcher.assign = staticmethod(timed)
 
     def undo():
-        M.HungarianMatcher.assign = staticmethod(orig)
+        CR.HungarianMatcher.assign = staticmethod(orig)
         for h in hooks:
             h.remove()
     return undo
