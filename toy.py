@@ -42,6 +42,7 @@ import time
 import numpy as np
 
 import common
+import visualize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE = 64
@@ -265,24 +266,10 @@ def eval_scenes(rng, n, min_area=12):
 
 # ----------------------------------------------------------------------------- writing the world
 
-def voc_palette():
-    """The VOC colour map (label i -> RGB from the bits of i, high bits first), flat, 768 ints."""
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal.reshape(-1).tolist()
-
-
 def save_palette_png(arr, path):
     from PIL import Image
     im = Image.fromarray(arr.astype(np.uint8), mode="P")
-    im.putpalette(voc_palette())
+    im.putpalette(visualize.palette(256).reshape(-1).tolist())  # the VOC colour map
     common.save_image(im, path)
 
 
