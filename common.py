@@ -185,6 +185,15 @@ class Dist:
         if self.ddp:
             dist.barrier()
 
+    def gather(self, obj):
+        """Every rank's picklable `obj`, as a list indexed by rank ([obj] in a single process)."""
+        import torch.distributed as dist
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def print0(self, *a, **kw):
         if self.is_main:
             print(*a, **kw, flush=True)

@@ -261,7 +261,12 @@ def image_tensor(pil):
 # ----------------------------------------------------------------------------- benchmark loop
 
 class _Single:
+    """Stands in for common.Dist when a caller passes no dist (one process, no process group)."""
     rank, world, is_main, ddp = 0, 1, True, False
+
+    @staticmethod
+    def gather(obj):
+        return [obj]
 
 
 def bench_categories(classes, bench):
@@ -277,15 +282,6 @@ def bench_categories(classes, bench):
         raise UserError(f"--classes has {len(names)} names with background; {bench.name} needs {len(bench.categories)} "
                         "(label ids are positional: --classes renames the benchmark's classes)")
     return names
-
-
-def _gather(dist, obj):
-    import torch.distributed as tdist
-    if not dist.ddp:
-        return [obj]
-    out = [None] * dist.world
-    tdist.all_gather_object(out, obj)
-    return out
 
 
 def _all_reduce(dist, arr):
@@ -387,7 +383,7 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
             common.save_torch({**st, "next": i + 1}, part)
     conf = _all_reduce(dist, st["conf"].numpy())
     buckets = _all_reduce(dist, st["buckets"].numpy()) if st["buckets"] is not None else None
-    parts = _gather(dist, [st[k] for k in ("dets", "gt_imgs", "gt_anns", "done", "skipped", "fg_ious")])
+    parts = dist.gather([st[k] for k in ("dets", "gt_imgs", "gt_anns", "done", "skipped", "fg_ious")])
     if not dist.is_main:
         return {}
     lists = [sum((q[k] for q in parts), []) for k in range(6)]

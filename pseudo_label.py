@@ -268,15 +268,6 @@ def contact_sheet(pairs, path, n=32, seed=0, tile=128, cols=8):
     common.save_image(sheet, path, quality=90)
 
 
-def gather(obj, dist):
-    if not dist.ddp:
-        return [obj]
-    import torch.distributed as tdist
-    out = [None] * dist.world
-    tdist.all_gather_object(out, obj)
-    return out
-
-
 def summarise(stats, skipped, seconds, args):
     tot = {k: sum(s[k] for s in stats) for k in stats[0]}
     n_masks = tot["written"] + tot["done"]
@@ -317,7 +308,7 @@ def main():
         common.save_json(config, os.path.join(args.out_dir, "config.json"))
     t0 = time.time()
     st, skipped = label_shard(jobs[dist.rank::dist.world], args, model, dist)  # entry i -> rank i % world
-    stats, skipped = gather(st, dist), sum(gather(skipped, dist), [])
+    stats, skipped = dist.gather(st), sum(dist.gather(skipped), [])
     dist.barrier()
     if dist.is_main:
         summarise(stats, skipped, time.time() - t0, args)
