@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -680,5 +681,12 @@ def main():
             sys.exit(1)
 
 
+def _sigterm(signum, frame):
+    # subprocess.run kills its child when interrupted by an exception, so turning SIGTERM into
+    # KeyboardInterrupt stops the running stage too instead of leaving it orphaned.
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _sigterm)
     common.run_main(main)
