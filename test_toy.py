@@ -1,4 +1,4 @@
-"""Tests of toy.py's world generator, its VOC-layout writer, the stage cache, the floors check, and
+"""Tests of the toy world generator (toy_world.py), its VOC-layout writer, the stage cache, the floors check, and
 the boundary saliency on generated images.
 
     cd /work/main && .venv/bin/python -m pytest -q test_toy.py
@@ -11,26 +11,27 @@ import pytest
 from PIL import Image
 
 import toy
+import toy_world
 
 
 @pytest.fixture
 def black_world(monkeypatch):
     """Objects on a black, noise-free background, so every lit pixel belongs to an object."""
-    monkeypatch.setattr(toy, "render_backgrounds", lambda rng, n: np.zeros((n, toy.SIZE, toy.SIZE, 3)))
-    monkeypatch.setattr(toy, "finish", lambda img, rng: (img.clip(0, 1) * 255 + 0.5).astype(np.uint8))
+    monkeypatch.setattr(toy_world, "render_backgrounds", lambda rng, n: np.zeros((n, toy_world.SIZE, toy_world.SIZE, 3)))
+    monkeypatch.setattr(toy_world, "finish", lambda img, rng: (img.clip(0, 1) * 255 + 0.5).astype(np.uint8))
 
 
 def test_masks_match_pixels(black_world):
     rng = np.random.default_rng(0)
-    imgs, inst, labels = toy.index_pool(rng, 60)
+    imgs, inst, labels = toy_world.index_pool(rng, 60)
     lit = imgs.max(-1) > 0
     assert (lit == (inst > 0)).all()  # object pixels are exactly the mask pixels
-    assert set(labels.tolist()) <= set(range(len(toy.CATEGORIES)))
+    assert set(labels.tolist()) <= set(range(len(toy_world.CATEGORIES)))
     assert (inst == 1).reshape(60, -1).sum(1).min() > 30  # the main object is always visible
 
 
 def test_eval_scene_instances(black_world):
-    imgs, inst, sem = toy.eval_scenes(np.random.default_rng(1), 40)
+    imgs, inst, sem = toy_world.eval_scenes(np.random.default_rng(1), 40)
     lit = imgs.max(-1) > 0
     assert lit[inst > 0].all()  # instance (and void sliver) pixels are object pixels
     assert not lit[inst == 0].any()  # no object pixel is labelled background
@@ -40,24 +41,24 @@ def test_eval_scene_instances(black_world):
         assert 2 <= len(ids) <= 6 and ids == list(range(1, len(ids) + 1))  # unique, consecutive ids
         for k in ids:
             classes = np.unique(sem[i][inst[i] == k])
-            assert len(classes) == 1 and 1 <= classes[0] <= len(toy.CATEGORIES)  # one class per instance
+            assert len(classes) == 1 and 1 <= classes[0] <= len(toy_world.CATEGORIES)  # one class per instance
             assert (inst[i] == k).sum() >= 12
         assert len(set(np.unique(sem[i]).tolist()) - {0, 255}) <= 3  # 1-3 categories per scene
 
 
 def test_generator_is_seeded():
-    a = toy.eval_scenes(np.random.default_rng(5), 4)
-    b = toy.eval_scenes(np.random.default_rng(5), 4)
+    a = toy_world.eval_scenes(np.random.default_rng(5), 4)
+    b = toy_world.eval_scenes(np.random.default_rng(5), 4)
     assert all((x == y).all() for x, y in zip(a, b))
-    imgs, caps = toy.caption_batch(np.random.default_rng(2), 64, p_background=0.5)
+    imgs, caps = toy_world.caption_batch(np.random.default_rng(2), 64, p_background=0.5)
     assert imgs.shape == (64, 64, 64, 3) and imgs.dtype == np.uint8
-    assert any(c in toy.BACKGROUND_CAPTIONS for c in caps)
-    assert all(c in toy.BACKGROUND_CAPTIONS or any(n in c for n in toy.CATEGORIES) for c in caps)
+    assert any(c in toy_world.BACKGROUND_CAPTIONS for c in caps)
+    assert all(c in toy_world.BACKGROUND_CAPTIONS or any(n in c for n in toy_world.CATEGORIES) for c in caps)
 
 
 def test_voc_layout_readable(tmp_path):
     import benchmarks as B
-    info = toy.write_world(str(tmp_path), seed=0, n_index=20, n_eval=12, chunk=8)
+    info = toy_world.write_world(str(tmp_path), seed=0, n_index=20, n_eval=12, chunk=8)
     voc = tmp_path / "VOC2012"
     for sub in ("SegmentationClass", "SegmentationObject"):
         im = Image.open(voc / sub / "2026_000000.png")
@@ -75,7 +76,7 @@ def test_voc_layout_readable(tmp_path):
     assert n == info["eval_instances"]
     # the index pool: anonymous files, labels only in hidden/
     files = sorted(os.listdir(tmp_path / "index"))
-    assert len(files) == 20 and not any(c in f for f in files for c in toy.CATEGORIES)
+    assert len(files) == 20 and not any(c in f for f in files for c in toy_world.CATEGORIES)
     hidden = json.load(open(tmp_path / "hidden" / "index_labels.json"))
     assert hidden["files"] == files and len(hidden["labels"]) == 20
     assert np.load(tmp_path / "hidden" / "index_instances.npy").shape == (20, 64, 64)
@@ -84,7 +85,7 @@ def test_voc_layout_readable(tmp_path):
 
 def test_boundary_saliency_on_generated_images():
     import saliency  # toy.py runs pseudo_label.py --saliency boundary: never skipped
-    imgs, inst, _ = toy.index_pool(np.random.default_rng(3), 40)
+    imgs, inst, _ = toy_world.index_pool(np.random.default_rng(3), 40)
     ious = []
     for img, m in zip(imgs, inst > 0):
         pred = saliency.boundary_saliency(img)
