@@ -120,3 +120,33 @@ def test_floors(tmp_path):
     (tmp_path / "empty.md").write_text("no floors here")
     with pytest.raises(toy.common.UserError):
         toy.read_floors(str(tmp_path / "empty.md"))
+
+
+def _script(path, body):
+    path.write_text("import os, sys, time\n" + body)
+    return str(path)  # absolute: run_parallel's join with the repo folder keeps it
+
+
+def test_parallel_stages(tmp_path):
+    """Script stages run side by side with one thread each, log to files, are cached like any stage,
+    and a failing one stops the others with one line."""
+    out = tmp_path / "out"
+    ok = _script(tmp_path / "ok.py", "print('step 1', os.environ['OMP_NUM_THREADS']); time.sleep(0.3)\n"
+                                     "open(sys.argv[1], 'w').write('done')\n")
+    st = toy.Stages(str(out))
+    jobs = {n: ([str(tmp_path / f"{n}.txt")], [ok, tmp_path / f"{n}.txt"]) for n in ("a", "b")}
+    st.run_scripts(jobs, {"s": 1})
+    assert (tmp_path / "a.txt").read_text() == "done" and (tmp_path / "b.txt").read_text() == "done"
+    assert "step 1 1" in (out / "logs" / "a.log").read_text()  # one thread each
+    assert st.parallel == {"a", "b"} and sorted(st.overlap.values())[0] == 0.0
+    (tmp_path / "a.txt").unlink()
+    st2 = toy.Stages(str(out))
+    st2.run_scripts(jobs, {"s": 1})  # b is cached; a alone reruns
+    assert (tmp_path / "a.txt").exists() and st2.parallel == {"b"}
+
+    slow = _script(tmp_path / "slow.py", "time.sleep(60)\n")
+    bad = _script(tmp_path / "bad.py", "sys.exit(3)\n")
+    t0 = toy.time.time()
+    with pytest.raises(toy.common.UserError, match="exit code 3"):
+        toy.run_parallel({"slow": [slow], "bad": [bad]}, str(tmp_path / "logs"))
+    assert toy.time.time() - t0 < 30  # the slow one was killed, not waited for
