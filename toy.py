@@ -25,8 +25,9 @@ Commands (CPU only; a GPU is used by the stages when present):
 Stages are cached under --out_dir (a stage reruns only when its settings change).
 
 Measured (full run, seeds 0/1/2, percent): tiny-CLIP zero-shot 68/70/69, precision@50 77/79/79,
-pseudo-mask IoU 84/85/84, ZUTIS mIoU 24.4/28.9/27.7 vs MaskCLIP 5.4/8.3/9.2, AP50 (NMS) 2.3/1.8/2.5;
-~760 CPU-seconds of single-thread work per full run, ~420 for --quick (README: the whole table).
+pseudo-mask IoU 84/85/84, ZUTIS mIoU 28.0/31.1/29.4 vs MaskCLIP 5.4/8.3/9.2, AP50 NMS 3.9/2.0/2.4 vs
+no NMS 3.3/1.8/1.9; 526 s wall for seed 0 alone on 2 idle cores (README: the whole table).
+The report lives in toy_report.py, the world generator in toy_world.py.
 
 References: ZUTIS (Shin, Albanie, Xie 2023) section 4; issue 7 of this repository.
 """
@@ -43,6 +44,8 @@ import time
 import numpy as np
 
 import common
+from toy_report import archive_precision, eval_metrics, flat_results, picture_grid, proposal_recall, \
+    pseudo_mask_iou, results_table
 from toy_world import CATEGORIES, SIZE, caption_batch, write_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -128,112 +131,6 @@ def clip_report(path, world_dir, k=50):
     # how distinct "background" is from the categories (the MaskCLIP baseline needs it)
     bg_cos = float((bg[0] @ bg[1:].T).max())
     return {"clip_zero_shot": acc, f"clip_precision@{k}": prec, "clip_background_max_cos": bg_cos}
-
-
-# ----------------------------------------------------------------------------- reporting (hidden labels)
-
-def archive_precision(archive_path, world_dir):
-    """Fraction of each category's archive entries whose hidden main label is that category."""
-    arc = common.load_archive(archive_path)
-    hidden = json.load(open(os.path.join(world_dir, "hidden", "index_labels.json")))
-    label = dict(zip(hidden["files"], hidden["labels"]))
-    prec = [np.mean([label.get(e["path"], -1) == CATEGORIES.index(c) for e in arc["archive"][c]])
-            for c in CATEGORIES if arc["archive"].get(c)]
-    return float(np.mean(prec)), int(arc.get("k", len(arc["archive"][CATEGORIES[0]])))
-
-
-def pseudo_mask_iou(archive_path, masks_dir, world_dir):
-    """Mean IoU of the pseudo-masks with the generator's foreground (all objects) per archive image."""
-    from PIL import Image
-    arc = common.load_archive(archive_path)
-    hidden = json.load(open(os.path.join(world_dir, "hidden", "index_labels.json")))
-    row = {f: i for i, f in enumerate(hidden["files"])}
-    inst = np.load(os.path.join(world_dir, "hidden", "index_instances.npy"), mmap_mode="r")
-    ious, missing = [], 0
-    for e in common.unique_entries(arc):
-        p = os.path.join(masks_dir, common.mask_relpath(arc, e))
-        if not os.path.isfile(p):
-            missing += 1
-            continue
-        pred, gt = np.asarray(Image.open(p)) > 127, inst[row[e["path"]]] > 0
-        ious.append((pred & gt).sum() / max(1, (pred | gt).sum()))
-    return float(np.mean(ious)) if ious else 0.0, len(ious), missing
-
-
-def eval_metrics(out_dir):
-    m = json.load(open(os.path.join(out_dir, "metrics.json")))
-    return {k: m.get(k) for k in ("mIoU", "AP", "AP50", "AP_agn", "AP50_agn", "n_detections")}
-
-
-def proposal_recall(ckpt, world_dir, grid=8, device="cpu"):
-    """Where instance AP is lost (reporting only): the share of ground-truth instances that some
-    decoder proposal (last layer, P > 0.5, before classes and NMS) covers at IoU >= 0.5, for instances
-    whose class is unique in the scene and for those that share it with another instance, next to an
-    oracle: the best mask drawable on the encoder's grid x grid patch grid (majority vote per patch)."""
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-    import evaluate as E
-    import model as M
-    net = M.load_checkpoint(ckpt, categories=["background"] + CATEGORIES, device=device).eval()
-    norm = E.checkpoint_config(ckpt).get("norm", "imagenet")
-    voc = os.path.join(world_dir, "VOC2012")
-    hits = {"unique": [0, 0, 0], "repeated": [0, 0, 0]}  # [instances, covered, oracle-covered]
-    for name in open(os.path.join(voc, "ImageSets", "Segmentation", "trainval.txt")).read().split():
-        pil = common.load_rgb(os.path.join(voc, "JPEGImages", name + ".jpg"))
-        inst = np.asarray(Image.open(os.path.join(voc, "SegmentationObject", name + ".png")))
-        sem = np.asarray(Image.open(os.path.join(voc, "SegmentationClass", name + ".png")))
-        with torch.no_grad():
-            probs = net(E.to_input(E.image_tensor(pil), norm, device))["mask_logits"][0, -1].float().sigmoid()
-            props = (F.interpolate(probs[None], size=inst.shape, mode="bilinear", align_corners=False)[0] > 0.5).cpu().numpy()
-        ids = sorted(set(np.unique(inst).tolist()) - {0, 255})
-        cls = [sem[inst == i][0] for i in ids]
-        H, W = inst.shape
-        for i, c in zip(ids, cls):
-            g = inst == i
-            cell = g.reshape(grid, H // grid, grid, W // grid).mean((1, 3)) > 0.5  # [S, S] -> [grid, grid]
-            oracle = np.kron(cell, np.ones((H // grid, W // grid), bool))  # [grid, grid] -> [S, S]
-            inter, union = (props & g).sum((1, 2)), (props | g).sum((1, 2))
-            h = hits["repeated" if cls.count(c) > 1 else "unique"]
-            h[0] += 1
-            h[1] += bool((inter >= 0.5 * np.maximum(union, 1)).any())
-            h[2] += bool((oracle & g).sum() >= 0.5 * max((oracle | g).sum(), 1))
-    return {f"{k}_{m}": 100.0 * v[j] / max(v[0], 1) for k, v in hits.items() for j, m in ((1, "recall"), (2, "oracle"))} | \
-        {f"{k}_instances": v[0] for k, v in hits.items()}
-
-
-def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
-    """Rows of evaluation scenes: image | ground truth | MaskCLIP | ZUTIS semantic | ZUTIS instances."""
-    import torch
-    from PIL import Image
-    import clip_model
-    import evaluate as E
-    import model as M
-    names = ["background"] + CATEGORIES
-    zutis = E.ZutisSegmenter(M.load_checkpoint(ckpt, categories=names, device=device),
-                             E.checkpoint_config(ckpt).get("norm", "imagenet"))
-    maskclip = E.MaskCLIPSegmenter(clip_model.load(clip_path, device=device)[0], names)
-    voc = os.path.join(world_dir, "VOC2012")
-    ids = open(os.path.join(voc, "ImageSets", "Segmentation", "trainval.txt")).read().split()[:n]
-    pal, f, rows = E.palette(256), 3, []
-    for name in ids:
-        pil = common.load_rgb(os.path.join(voc, "JPEGImages", name + ".jpg"))
-        img = np.asarray(pil)
-        gt = np.asarray(Image.open(os.path.join(voc, "SegmentationClass", name + ".png")))
-        with torch.no_grad():
-            pm, pz = (E.infer(s, E.image_tensor(pil)) for s in (maskclip, zutis))
-        inst = np.zeros(img.shape[:2], np.int64)
-        for i in np.argsort(pz["scores"].numpy()):
-            if pz["scores"][i] > 0.1:  # below that the instance view is noise
-                inst[pz["masks"][i].numpy()] = i + 1
-        cells = [img, E.overlay(img, gt, pal, ignore=255), E.overlay(img, pm["semantic"].numpy(), pal),
-                 E.overlay(img, pz["semantic"].numpy(), pal), E.overlay(img, inst, E.palette(64)[1:][::-1])]
-        rows.append(np.concatenate([np.pad(E.zoom(c, f), ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], 1))
-    grid = np.concatenate(rows, 0)
-    legend = E.with_legend(np.full((1, grid.shape[1], 3), 255, np.uint8),
-                           [((0, 0, 0), "columns: image | ground truth | MaskCLIP | ZUTIS semantic | ZUTIS instances (score > 0.1)")]
-                           + [(pal[c], names[c]) for c in range(1, len(names))])
-    common.save_image(np.concatenate([grid, legend], 0), path)
 
 
 # ----------------------------------------------------------------------------- floors
@@ -420,50 +317,6 @@ def run_parallel(jobs, log_dir, echo_every=30.0):
         for p, _ in procs.values():  # a failure or Ctrl-C: stop the other runs too
             p.kill()
             p.wait()
-    return out
-
-
-def results_table(res, sec, cpu, cfg, overlap=None, parallel=()):
-    pct = lambda v: "-" if v is None else f"{v:.1f}"
-    z, zn, zs, mc = (res.get(k, {}) for k in ("zutis", "zutis_no_nms", "zutis_no_stop_grad", "maskclip"))
-    lines = [
-        f"# toy.py results (seed {cfg['seed']}, {'--quick' if cfg['quick'] else 'full run'})", "",
-        "| tiny CLIP | value |", "|---|---|",
-        f"| zero-shot accuracy, 10 classes (%) | {pct(res['clip_zero_shot'])} |",
-        f"| retrieval precision@50 (%) | {pct(res['clip_precision@50'])} |",
-        f"| archive precision@{res['archive_k']} (%) | {pct(res['archive_precision'])} |",
-        f"| max cosine of 'background' to a category name | {res['clip_background_max_cos']:.2f} |",
-        f"| pseudo-mask IoU vs generator masks (%, {res['pseudo_masks']} images) | {pct(res['pseudo_mask_iou'])} |", "",
-        "| segmenter on the VOC-layout scenes | mIoU | AP | AP50 | AP (agn) | AP50 (agn) |", "|---|---|---|---|---|---|"]
-    for label, m in (("MaskCLIP (training-free baseline)", mc), ("ZUTIS (class-wise NMS 0.3)", z),
-                     ("ZUTIS, no NMS", zn), ("ZUTIS, no stop-gradient (NMS)", zs)):
-        if m:
-            lines.append(f"| {label} | {pct(m['mIoU'])} | {pct(m['AP'])} | {pct(m['AP50'])} | {pct(m['AP_agn'])} | {pct(m['AP50_agn'])} |")
-    pr = res.get("proposals")
-    if pr:
-        lines += ["", "| where instance AP is lost: instances covered at IoU >= 0.5 (%) | by a ZUTIS proposal | "
-                      "by the best 8x8 patch-grid mask |", "|---|---|---|"]
-        lines += [f"| class {k} in its scene ({pr[k + '_instances']} instances) | {pct(pr[k + '_recall'])} | "
-                  f"{pct(pr[k + '_oracle'])} |" for k in ("unique", "repeated")]
-    lines += ["", "| stage | wall time (s) | CPU time (s) |", "|---|---|---|"]
-    overlap = overlap or {}
-    lines += [f"| {k} | {v:.0f}{' (side by side)' if k in parallel else ''} | {cpu.get(k, 0):.0f} |" for k, v in sec.items()]
-    total = sum(sec.values()) - sum(overlap.values())  # stages that ran side by side count once
-    lines += [f"| total | {total:.0f} | {sum(cpu.values()):.0f} |", "",
-              "All numbers in percent. Ground truth and hidden labels are read only here, never by a training stage."]
-    return "\n".join(lines) + "\n"
-
-
-def flat_results(res):
-    """The metrics the floors refer to, as one flat dict (percent)."""
-    out = {k: res[k] for k in ("clip_zero_shot", "clip_precision@50", "archive_precision", "pseudo_mask_iou")}
-    for run in ("zutis", "zutis_no_nms", "zutis_no_stop_grad", "maskclip"):
-        for k, v in res.get(run, {}).items():
-            out[f"{run}_{k}"] = v
-    for k, v in res.get("proposals", {}).items():
-        out[f"proposals_{k}"] = v
-    if res.get("zutis") and res.get("maskclip"):
-        out["zutis_minus_maskclip_mIoU"] = res["zutis"]["mIoU"] - res["maskclip"]["mIoU"]
     return out
 
 
