@@ -131,7 +131,7 @@ def test_parallel_stages(tmp_path):
     """Script stages run side by side with one thread each, log to files, are cached like any stage,
     and a failing one stops the others with one line."""
     out = tmp_path / "out"
-    ok = _script(tmp_path / "ok.py", "print('step 1', os.environ['OMP_NUM_THREADS']); time.sleep(0.3)\n"
+    ok = _script(tmp_path / "ok.py", "print('step 1', os.environ.get('OMP_NUM_THREADS', 'unset')); time.sleep(0.3)\n"
                                      "open(sys.argv[1], 'w').write('done')\n")
     st = toy.Stages(str(out))
     jobs = {n: ([str(tmp_path / f"{n}.txt")], [ok, tmp_path / f"{n}.txt"]) for n in ("a", "b")}
