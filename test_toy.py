@@ -138,11 +138,16 @@ def test_parallel_stages(tmp_path):
     st.run_scripts(jobs, {"s": 1})
     assert (tmp_path / "a.txt").read_text() == "done" and (tmp_path / "b.txt").read_text() == "done"
     assert "step 1 1" in (out / "logs" / "a.log").read_text()  # one thread each
-    assert st.parallel == {"a", "b"} and sorted(st.overlap.values())[0] == 0.0
+    assert st.group == {"a": "a+b", "b": "a+b"}
+    sec = {"world": 10.0, "a": 100.0, "b": 110.0}  # the report counts a side-by-side group's wall once
+    table = toy.results_table({"clip_zero_shot": 1, "clip_precision@50": 1, "archive_k": 5, "archive_precision": 1,
+                               "clip_background_max_cos": 0.5, "pseudo_masks": 3, "pseudo_mask_iou": 1},
+                              sec, {}, {"seed": 0, "quick": True}, st.group)
+    assert "| total | 120 |" in table and "| a | 100 (side by side) |" in table
     (tmp_path / "a.txt").unlink()
     st2 = toy.Stages(str(out))
     st2.run_scripts(jobs, {"s": 1})  # b is cached; a alone reruns
-    assert (tmp_path / "a.txt").exists() and st2.parallel == {"b"}
+    assert (tmp_path / "a.txt").exists() and st2.group == {"b": "a+b"}
 
     slow = _script(tmp_path / "slow.py", "time.sleep(60)\n")
     bad = _script(tmp_path / "bad.py", "sys.exit(3)\n")

@@ -207,8 +207,7 @@ class Stages:
 
     def __init__(self, out_dir):
         self.out_dir, self.seconds, self.cpu = out_dir, {}, {}
-        self.overlap = {}  # stage -> wall seconds it shared with an earlier stage of its parallel group
-        self.parallel = set()  # stages that ran side by side with others
+        self.group = {}  # stage -> name of the side-by-side run it was part of (wall time counts once per group)
 
     def cached(self, name, settings, outputs):
         """(result, True) if the stage's marker matches `settings` and its outputs exist; else
@@ -219,26 +218,26 @@ class Stages:
             if m["settings"] == settings and all(os.path.exists(o) for o in outputs):
                 print(f"[{name}] cached ({m['seconds']:.0f} s when it ran); delete {marker} to redo it")
                 self.seconds[name], self.cpu[name] = m["seconds"], m.get("cpu_seconds", 0.0)
-                self.overlap[name] = m.get("overlap_seconds", 0.0)
-                if m.get("parallel"):
-                    self.parallel.add(name)
+                if m.get("group"):
+                    self.group[name] = m["group"]
                 return m["result"], True
         for o in outputs:  # stale outputs of other settings: start clean
             shutil.rmtree(o) if os.path.isdir(o) else os.remove(o) if os.path.exists(o) else None
         return None, False
 
-    def done(self, name, settings, seconds, cpu, result=None, overlap=None):
-        self.seconds[name], self.cpu[name], self.overlap[name] = seconds, cpu, overlap or 0.0
-        if overlap is not None:
-            self.parallel.add(name)
-        common.save_json({"settings": settings, "seconds": seconds, "cpu_seconds": cpu, "overlap_seconds": overlap or 0.0,
-                          "parallel": overlap is not None, "result": result}, os.path.join(self.out_dir, "stages", name + ".json"))
+    def done(self, name, settings, seconds, cpu, result=None, group=None):
+        self.seconds[name], self.cpu[name] = seconds, cpu
+        if group:
+            self.group[name] = group
+        common.save_json({"settings": settings, "seconds": seconds, "cpu_seconds": cpu, "group": group,
+                          "result": result}, os.path.join(self.out_dir, "stages", name + ".json"))
         print(f"[{name}] done in {seconds:.0f} s", flush=True)
 
     def run(self, name, settings, outputs, fn):
         result, hit = self.cached(name, settings, outputs)
-        if hit:
-            return result
+        return result if hit else self._timed(name, settings, fn)
+
+    def _timed(self, name, settings, fn):
         print(f"[{name}] running", flush=True)
         t0, c0 = time.time(), cpu_seconds()
         result = fn()
@@ -251,16 +250,12 @@ class Stages:
         todo = {n: cmd for n, (outs, cmd) in jobs.items() if not self.cached(n, settings, outs)[1]}
         if len(todo) == 1:
             (name, cmd), = todo.items()
-            print(f"[{name}] running", flush=True)
-            t0, c0 = time.time(), cpu_seconds()
-            run_script(*cmd)
-            self.done(name, settings, time.time() - t0, cpu_seconds() - c0)
+            self._timed(name, settings, lambda: run_script(*cmd))
         elif todo:
             print(f"[{', '.join(todo)}] running at the same time, one thread each", flush=True)
-            ran = run_parallel(todo, os.path.join(self.out_dir, "logs"))
-            first = min(w for w, _ in ran.values())  # wall shared with the shortest run counts once
-            for i, (name, (wall, cpu)) in enumerate(sorted(ran.items(), key=lambda kv: kv[1][0])):
-                self.done(name, settings, wall, cpu, overlap=first if i else 0.0)
+            group = "+".join(todo)
+            for name, (wall, cpu) in run_parallel(todo, os.path.join(self.out_dir, "logs")).items():
+                self.done(name, settings, wall, cpu, group=group)
 
 
 def cpu_seconds():
@@ -270,9 +265,13 @@ def cpu_seconds():
     return t.user + t.system + t.children_user + t.children_system
 
 
+def stage_command(script, args):
+    return [sys.executable, os.path.join(HERE, script), *map(str, args)]
+
+
 def run_script(script, *args):
     """A stage through its real command line; a failure stops the toy run with one line."""
-    cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
+    cmd = stage_command(script, args)
     print("  $ " + " ".join(cmd[1:]), flush=True)
     r = subprocess.run(cmd, cwd=HERE)
     if r.returncode != 0:
@@ -291,7 +290,7 @@ def run_parallel(jobs, log_dir, echo_every=30.0):
     procs, out, t0, last = {}, {}, time.time(), time.time()
     try:
         for name, (script, *args) in jobs.items():
-            cmd = [sys.executable, os.path.join(HERE, script), *map(str, args)]
+            cmd = stage_command(script, args)
             log = os.path.join(log_dir, name + ".log")
             print(f"  $ {' '.join(cmd[1:])} > {log}", flush=True)
             with open(log, "w") as f:
@@ -379,7 +378,7 @@ def main():
     picture_grid(os.path.join(out, "grid.png"), world, clip_path, os.path.join(out, "train", "ckpt.pt"))
     res["proposals"] = proposal_recall(os.path.join(out, "train", "ckpt.pt"), world)
     st.seconds["report"], st.cpu["report"] = time.time() - t0, cpu_seconds() - c0
-    table = results_table(res, st.seconds, st.cpu, cfg, st.overlap, st.parallel)
+    table = results_table(res, st.seconds, st.cpu, cfg, st.group)
     flat = flat_results(res)
     with common.atomic_path(os.path.join(out, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(table)
