@@ -14,6 +14,7 @@ A pseudo-mask lives at <masks_dir>/<dir index>_<index dir basename>/<path withou
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -157,6 +158,36 @@ def unique_entries(archive):
 
 
 # ----------------------------------------------------------------------------- distributed
+
+def log_jsonl(path, rec):
+    """Append one JSON object as a line (metrics.jsonl)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def fmt_time(s):
+    """Seconds -> '4m05s' or '2h13m'."""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def rng_state():
+    """The python, numpy, torch (and CUDA) RNG states, for exact resumption."""
+    import torch
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    import torch
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
 
 class Dist:
     """rank/world/device from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a

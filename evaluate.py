@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import benchmarks as B
+import metrics
 import categories as C
 import common
 from common import UserError
@@ -231,16 +232,16 @@ def _accumulate(st, bench, s, size, gt, objs, p, K, cat_ids):
     pred = p["semantic"].numpy()
     st["done"].append(s["id"])
     if gt is not None:
-        st["conf"] += torch.from_numpy(B.confusion(gt, pred, K))
+        st["conf"] += torch.from_numpy(metrics.confusion(gt, pred, K))
         if st["buckets"] is not None:
             bk = np.zeros((4, K, K), np.int64)
-            B.size_bucket_update(bk, gt, pred, K)
+            metrics.size_bucket_update(bk, gt, pred, K)
             st["buckets"] += torch.from_numpy(bk)
         if bench.name == "cub":
             u = ((gt == 1) | (pred > 0)).sum()
             st["fg_ious"].append(float(((gt == 1) & (pred > 0)).sum() / u) if u else 1.0)
     if "masks" in p:
-        st["dets"] += B.detections(p, s["id"], cat_ids)
+        st["dets"] += metrics.detections(p, s["id"], cat_ids)
     if objs is not None:
         st["gt_imgs"].append({"id": s["id"], "height": size[0], "width": size[1], "file_name": s["name"]})
         st["gt_anns"] += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in objs if l < K]
@@ -312,14 +313,14 @@ def _finalize(bench, names, cat_ids, conf, buckets, dets, gt_imgs, gt_anns, done
     """The metrics dict from the gathered state (rank 0)."""
     m = {"bench": bench.name, "n_images": len(done), "n_skipped": len(skipped), "wall_s": round(wall, 1)}
     if bench.load_semantic is not None:
-        m.update(B.semantic_metrics(conf, names if not bench.per_image_text else ["background", "bird"]))
+        m.update(metrics.semantic_metrics(conf, names if not bench.per_image_text else ["background", "bird"]))
     if buckets is not None:
-        m.update({k: B.bucket_miou(buckets[b]) for b, k in enumerate(("S", "MS", "ML", "L"))})
+        m.update({k: metrics.bucket_miou(buckets[b]) for b, k in enumerate(("S", "MS", "ML", "L"))})
     if bench.name == "cub":  # foreground IoU: dataset-level (headline) and the mean over images
-        m["fg_iou"] = float(B.iou_per_class(conf)[1] * 100)
+        m["fg_iou"] = float(metrics.iou_per_class(conf)[1] * 100)
         m["fg_iou_per_image"] = float(np.mean(fg_ious) * 100) if fg_ious else None
     if need_inst:
-        m.update(B.instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, done))
+        m.update(metrics.instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, done))
     m["notes"] = bench.notes
     return m
 
@@ -396,7 +397,7 @@ def run_images(seg, src, out_dir, max_size=1024):
         common.save_image(render_instances(img, p, names), stem + "_instances.png")
         common.save_image(sem.astype(np.uint8 if len(names) <= 256 else np.uint16), stem + "_labels.png")
         coco["images"].append({"id": i, "file_name": rel, "height": pil.height, "width": pil.width})
-        for d in B.detections(p, i, list(range(len(names)))):
+        for d in metrics.detections(p, i, list(range(len(names)))):
             from pycocotools import mask as mask_util
             coco["annotations"].append({**d, "id": len(coco["annotations"]) + 1, "area": float(mask_util.area(d["segmentation"])),
                                         "bbox": [float(v) for v in mask_util.toBbox(d["segmentation"])], "iscrowd": 0})

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import benchmarks as B
+import metrics
 import categories as C
 import evaluate as E
 import visualize as V
@@ -111,7 +112,7 @@ def test_coco2017_reader(tmp_path):
               {"id": 1, "image_id": 139, "category_id": 18, "iscrowd": 0, "area": 50,
                "segmentation": [[2, 2, 12, 2, 12, 7, 2, 7]]},
               {"id": 2, "image_id": 139, "category_id": 1, "iscrowd": 1, "area": 300,
-               "segmentation": B.mask_to_rle(np.pad(np.ones((10, 30), bool), ((10, 0), (0, 0))))}]}
+               "segmentation": metrics.mask_to_rle(np.pad(np.ones((10, 30), bool), ((10, 0), (0, 0))))}]}
     os.makedirs(f"{root}/annotations")
     with open(f"{root}/annotations/instances_val2017.json", "w") as f:
         json.dump(gt, f)
@@ -124,7 +125,7 @@ def test_coco2017_reader(tmp_path):
 def test_coco20k_reader(tmp_path, monkeypatch):
     root = tmp_path / "coco"
     ims = [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 8, "width": 8} for i in (9, 25, 30)]
-    rle = B.mask_to_rle(np.ones((8, 8), bool))
+    rle = metrics.mask_to_rle(np.ones((8, 8), bool))
     anns = [{"id": k, "image_id": i, "category_id": c, "segmentation": rle, "area": 64, "bbox": [0, 0, 8, 8], "iscrowd": 0}
             for k, (i, c) in enumerate([(9, 1), (25, 17), (30, 1)], 1)]  # 17 = cat, an unseen class
     os.makedirs(f"{root}/annotations")
@@ -212,17 +213,17 @@ def test_reader_errors(tmp_path):
 def test_miou_hand_computed():
     gt = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 3, 3]])
-    conf = B.confusion(gt, pred, 5)
+    conf = metrics.confusion(gt, pred, 5)
     assert conf.sum() == 6  # the two 255 pixels are ignored, whatever was predicted there
     # class 0: tp 1, gt 2, pred 2 -> 1/3; class 1: tp 2, gt 2, pred 3 -> 2/3; class 2: tp 1, gt 2, pred 1 -> 1/2
     # class 3 is predicted only on ignored pixels and class 4 never appears: both absent -> excluded
-    m = B.semantic_metrics(conf, ["a", "b", "c", "d", "e"])
+    m = metrics.semantic_metrics(conf, ["a", "b", "c", "d", "e"])
     assert m["mIoU"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert m["pixel_acc"] == pytest.approx(100 * 4 / 6)
     assert m["per_class_iou"]["d"] is None and m["per_class_iou"]["e"] is None
     # a class predicted but absent from GT counts with IoU 0
-    conf2 = B.confusion(np.array([0, 0]), np.array([0, 1]), 2)
-    assert B.semantic_metrics(conf2, ["a", "b"])["mIoU"] == pytest.approx(100 * (0.5 + 0) / 2)
+    conf2 = metrics.confusion(np.array([0, 0]), np.array([0, 1]), 2)
+    assert metrics.semantic_metrics(conf2, ["a", "b"])["mIoU"] == pytest.approx(100 * (0.5 + 0) / 2)
 
 
 def test_size_buckets():
@@ -232,15 +233,15 @@ def test_size_buckets():
     gt[1:3, :] = 2      # 20% -> MS
     gt[5:, :] = 3       # 50% -> ML
     confs = np.zeros((4, K, K), np.int64)
-    B.size_bucket_update(confs, gt, gt.copy(), K)
-    assert [B.bucket_miou(c) for c in confs] == [100.0, 100.0, 100.0, None]
+    metrics.size_bucket_update(confs, gt, gt.copy(), K)
+    assert [metrics.bucket_miou(c) for c in confs] == [100.0, 100.0, 100.0, None]
     assert confs[0][1, 1] == 3 and confs[0][2, 2] == 0 and confs[0][0, 0] == (gt == 0).sum()
     pred = gt.copy()
     pred[0, :3] = 0  # the small object missed: S = mean(bg IoU, class-1 IoU 0)
     confs = np.zeros((4, K, K), np.int64)
-    B.size_bucket_update(confs, gt, pred, K)
+    metrics.size_bucket_update(confs, gt, pred, K)
     bg = (gt == 0).sum()
-    assert B.bucket_miou(confs[0]) == pytest.approx(100 * (bg / (bg + 3) + 0) / 2)
+    assert metrics.bucket_miou(confs[0]) == pytest.approx(100 * (bg / (bg + 3) + 0) / 2)
 
 
 def coco_gt_from(masks, labels, h, w):
@@ -257,12 +258,12 @@ def test_ap_perfect_and_shuffled():
         masks.append(m)
     labels = [1, 2, 3, 4, 5]
     gt = coco_gt_from(masks, labels, 40, 40)
-    dets = [{"image_id": 1, "category_id": l, "segmentation": B.mask_to_rle(m), "score": 0.9} for m, l in zip(masks, labels)]
-    assert B.coco_segm_ap(gt, dets, [1]) == [pytest.approx(100.0)] * 3
+    dets = [{"image_id": 1, "category_id": l, "segmentation": metrics.mask_to_rle(m), "score": 0.9} for m, l in zip(masks, labels)]
+    assert metrics.coco_segm_ap(gt, dets, [1]) == [pytest.approx(100.0)] * 3
     wrong = [{**d, "category_id": labels[(k + 1) % 5]} for k, d in enumerate(dets)]
-    assert B.coco_segm_ap(gt, wrong, [1])[0] == pytest.approx(0.0)
-    assert B.coco_segm_ap(gt, wrong, [1], use_cats=False) == [pytest.approx(100.0)] * 3  # class-agnostic
-    assert B.coco_segm_ap(gt, [], [1]) == [0.0] * 3
+    assert metrics.coco_segm_ap(gt, wrong, [1])[0] == pytest.approx(0.0)
+    assert metrics.coco_segm_ap(gt, wrong, [1], use_cats=False) == [pytest.approx(100.0)] * 3  # class-agnostic
+    assert metrics.coco_segm_ap(gt, [], [1]) == [0.0] * 3
 
 
 def test_mask_nms_in_the_zutis_path():

@@ -15,7 +15,7 @@ Commands (defaults = the official recipe: ViT-B/16, crop 384, batch 8, 20k itera
   2 nodes:   torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 --nproc_per_node 8 train.py
   CPU tiny:  python train.py --device cpu --arch toy_out/tiny_clip.pt --archive toy_out/archive/archive.json \
                  --masks_dir toy_out/masks --crop 64 --iters 200 --n_queries 20 --n_layers 2 --dim_ffn 256 \
-                 --num_workers 0 --logit_scale 10 --lr 3e-4 --lr_encoder 1e-4     (after python toy.py;
+                 --num_workers 0 --logit_scale 10 --lr 1e-3 --lr_encoder 3e-4     (after python toy.py;
                  on a busy CPU prefix OMP_NUM_THREADS=1: tiny ops stall on OpenMP barriers, measured 30x)
   faster:    python train.py --dtype bfloat16 --compile
   resume:    the same command plus --resume (exact: same weights as an uninterrupted run)
@@ -227,21 +227,6 @@ def check_finite(vals, step, ckpt_path):
 
 # ----------------------------------------------------------------------------- checkpoints, logs
 
-def rng_state():
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st):
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def load_resume(path, args, dist):
     """Read <out_dir>/ckpt.pt; the model-defining config comes from it (as nanoGPT's resume)."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
@@ -263,7 +248,7 @@ def restore(ck, raw_model, optimizer, scaler, dist, metrics_path):
     scaler.load_state_dict(ck["scaler"])
     rngs = ck.get("rng") or []
     if len(rngs) == dist.world:
-        set_rng_state(rngs[dist.rank])
+        common.set_rng_state(rngs[dist.rank])
     else:
         dist.print0(f"note: the checkpoint has RNG states for {len(rngs)} ranks, this run has {dist.world}: "
                     "RNG not restored (the data stream still is exact)")
@@ -279,16 +264,6 @@ def trim_metrics(path, step):
         lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
     with common.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
-
-
-def log_jsonl(path, rec):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def run_eval(raw_model, args, step, dist, out_dir):
@@ -308,11 +283,11 @@ def run_eval(raw_model, args, step, dist, out_dir):
 def save_checkpoint(path, raw_model, optimizer, scaler, step, config, dist):
     """One file, written atomically by rank 0 from the unwrapped, uncompiled model (no prefixes).
     Every rank's RNG state goes in (a list indexed by rank) so --resume restores each rank exactly."""
-    rngs = [rng_state()]
+    rngs = [common.rng_state()]
     if dist.ddp:
         import torch.distributed as tdist
         rngs = [None] * dist.world
-        tdist.all_gather_object(rngs, rng_state())
+        tdist.all_gather_object(rngs, common.rng_state())
     if dist.is_main:
         common.save_torch({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scaler": scaler.state_dict(), "step": step, "config": config, "rng": rngs}, path)
@@ -479,9 +454,9 @@ def train(args, dist):
                              if k != "loss" and not k[-1].isdigit())  # per-layer terms: metrics.jsonl only
             dist.print0(f"step {done:>6}/{args.iters} | loss {rec['loss']:.4f} ({terms}) | lr {rec['lr']:.2e} "
                         f"enc {rec['lr_encoder']:.2e} | {rec['it_s']:.2f} it/s | data {100 * rec['data_frac']:.0f}% "
-                        f"| ETA {fmt_time((args.iters - done) / rec['it_s'])}")
+                        f"| ETA {common.fmt_time((args.iters - done) / rec['it_s'])}")
             if dist.is_main:
-                log_jsonl(metrics_path, rec)
+                common.log_jsonl(metrics_path, rec)
             sums, n_sum, t_data, t_log = {}, 0, 0.0, time.time()
         t_save = time.time()
         if done % args.save_every == 0 or done == args.iters:
@@ -491,9 +466,9 @@ def train(args, dist):
             res = run_eval(raw_model, args, done, dist, out_dir)
             dist.print0(f"eval {args.eval_bench} at step {done}: " + json.dumps(res)[:500])
             if dist.is_main:
-                log_jsonl(metrics_path, {"step": done, "eval": args.eval_bench, **res})
+                common.log_jsonl(metrics_path, {"step": done, "eval": args.eval_bench, **res})
             t_log = time.time()  # evaluation time is not training speed
-    dist.print0(f"done: {args.iters} iterations in {fmt_time(time.time() - t_run)}; checkpoint {ckpt_path}")
+    dist.print0(f"done: {args.iters} iterations in {common.fmt_time(time.time() - t_run)}; checkpoint {ckpt_path}")
     return raw_model
 
 
