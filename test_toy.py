@@ -155,3 +155,43 @@ def test_parallel_stages(tmp_path):
     with pytest.raises(toy.common.UserError, match="exit code 3"):
         toy.run_parallel({"slow": [slow], "bad": [bad]}, str(tmp_path / "logs"))
     assert toy.time.time() - t0 < 30  # the slow one was killed, not waited for
+
+
+def test_proposal_recall_with_an_oracle_network(tmp_path, monkeypatch):
+    """toy_report.proposal_recall on a stand-in network that proposes each true instance and encodes each
+    pixel's true class as its token: every instance the 16 x 16 proposal grid can draw is covered and
+    classed; with every object class shifted by one, none is classed, by proposal or semantic majority."""
+    import torch
+    import evaluate
+    import model
+    import toy_report
+    toy_world.write_world(str(tmp_path), seed=0, n_index=8, n_eval=10, chunk=8)
+    voc = tmp_path / "VOC2012"
+    names = open(voc / "ImageSets/Segmentation/trainval.txt").read().split()
+    K = len(toy_world.CATEGORIES) + 1
+
+    def outputs(shift):
+        for n in names:  # proposal_recall reads the scenes in this order
+            inst = torch.from_numpy(np.array(Image.open(voc / "SegmentationObject" / f"{n}.png")).astype(np.int64))
+            sem = torch.from_numpy(np.array(Image.open(voc / "SegmentationClass" / f"{n}.png")).astype(np.int64))
+            inst16, sem16 = inst[2::4, 2::4], sem[2::4, 2::4].clone()  # [64, 64] -> [16, 16], block centres
+            obj = (sem16 > 0) & (sem16 < K)
+            sem16[obj] = (sem16[obj] - 1 + shift) % (K - 1) + 1
+            sem16[~obj] = 0
+            masks = torch.stack([inst16 == i for i in range(1, 8)]).float()  # [Q=7, 16, 16]
+            yield {"mask_logits": (masks * 20 - 10)[None, None], "patch_tokens": torch.eye(K)[sem16][None],
+                   "text_emb": torch.eye(K)}
+
+    for shift in (0, 1):
+        stream = outputs(shift)
+        monkeypatch.setattr(model, "load_checkpoint", lambda *a, **k: type("Net", (), {
+            "eval": lambda self: self, "__call__": lambda self, x: next(stream)})())
+        monkeypatch.setattr(evaluate, "checkpoint_config", lambda spec: {})
+        pr = toy_report.proposal_recall("unused.pt", str(tmp_path))
+        assert pr["unique_instances"] + pr["repeated_instances"] > 20
+        for k in ("unique", "repeated"):
+            if shift == 0:
+                assert pr[f"{k}_recall"] >= 70 and pr[f"{k}_classed"] == pr[f"{k}_recall"], pr
+                assert pr[f"{k}_semantic"] >= 70, pr
+            else:
+                assert pr[f"{k}_recall"] >= 70 and pr[f"{k}_classed"] == 0 and pr[f"{k}_semantic"] == 0, pr
