@@ -157,7 +157,7 @@ def unique_entries(archive):
     return out
 
 
-# ----------------------------------------------------------------------------- distributed
+# ----------------------------------------------------------------------------- run logs and RNG state
 
 def log_jsonl(path, rec):
     """Append one JSON object as a line (metrics.jsonl)."""
@@ -188,6 +188,8 @@ def set_rng_state(st):
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
+
+# ----------------------------------------------------------------------------- distributed
 
 class Dist:
     """rank/world/device from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a

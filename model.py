@@ -259,6 +259,13 @@ def mask_nms(masks, scores, labels, iou=0.3, score_floor=0.001):
 
 
 @torch.no_grad()
+def mean_token_cos(binary, tokens, text_emb):
+    """The official instance class rule: binary masks [Q, N], unit tokens [N, C_t], text [K, C_t] -> cos [Q, K]
+    between each mask's L2-normalised mean token and each text embedding."""
+    mean = (binary @ tokens) / (binary.sum(1, keepdim=True) + 1e-7)  # [Q, C_t]
+    return (mean / (mean.norm(dim=-1, keepdim=True) + 1e-7)) @ text_emb.t()
+
+
 def instances_from_outputs(outputs, size, text_emb=None, t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid",
                            temperature=5.0, score_floor=0.001):
     """Official instance rules on the last decoder layer: low-res binary masks P > t, confidence = mean
@@ -274,8 +281,7 @@ def instances_from_outputs(outputs, size, text_emb=None, t=0.5, nms="hard", nms_
     binary = (probs > t).flatten(1).float()  # [Q, 4hw]
     area = binary.sum(1)
     conf = (probs.flatten(1) * binary).sum(1) / (area + 1e-7)
-    mean = (binary @ tokens) / (area[:, None] + 1e-7)  # [Q, C_t]
-    cos = (mean / (mean.norm(dim=-1, keepdim=True) + 1e-7)) @ te.t()  # [Q, K]
+    cos = mean_token_cos(binary, tokens, te)  # [Q, K]
     if class_prob == "sigmoid":
         prob = torch.sigmoid(temperature * cos)
     else:

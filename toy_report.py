@@ -72,11 +72,10 @@ def proposal_recall(ckpt, world_dir, grid=8, device="cpu"):
             out = net(E.to_input(E.image_tensor(pil), norm, device))
             probs = out["mask_logits"][0, -1].float().sigmoid()  # [Q, 2h, 2w]
             props = (F.interpolate(probs[None], size=inst.shape, mode="bilinear", align_corners=False)[0] > 0.5).cpu().numpy()
-            tok = out["patch_tokens"][0].float()  # [2h, 2w, C_t]
-            mean = (probs > 0.5).flatten(1).float() @ tok.flatten(0, 1)  # [Q, 2h*2w] @ [2h*2w, C_t] -> [Q, C_t]
-            prop_cls = (F.normalize(mean, dim=-1) @ out["text_emb"].t()).argmax(-1).cpu().numpy()  # [Q]
-            logits = torch.einsum("hwc,kc->khw", tok, out["text_emb"].float())  # [K, 2h, 2w]
-            sem_pred = F.interpolate(logits[None], size=inst.shape, mode="bilinear", align_corners=False)[0].argmax(0).cpu().numpy()
+            tokens = out["patch_tokens"][0].float().flatten(0, 1)  # [2h, 2w, C_t] -> [2h*2w, C_t]
+            binary = (probs > 0.5).flatten(1).float()  # [Q, 2h*2w]
+            prop_cls = M.mean_token_cos(binary, tokens, out["text_emb"].float()).argmax(-1).cpu().numpy()  # [Q]
+            sem_pred = M.semantic_from_outputs(out, inst.shape).cpu().numpy()  # [H, W]
         ids = sorted(set(np.unique(inst).tolist()) - {0, 255})
         cls = [sem[inst == i][0] for i in ids]
         H, W = inst.shape
@@ -151,7 +150,7 @@ def results_table(res, sec, cpu, cfg, group=None):
                       "... and it has the right class | covered by the best 8x8 patch-grid mask | "
                       "right class by the semantic majority in the true mask |", "|---|---|---|---|---|"]
         lines += [f"| class {k} in its scene ({pr[k + '_instances']} instances) | {pct(pr[k + '_recall'])} | "
-                  f"{pct(pr.get(k + '_classed'))} | {pct(pr[k + '_oracle'])} | {pct(pr.get(k + '_semantic'))} |"
+                  f"{pct(pr[k + '_classed'])} | {pct(pr[k + '_oracle'])} | {pct(pr[k + '_semantic'])} |"
                   for k in ("unique", "repeated")]
     lines += ["", "| stage | wall time (s) | CPU time (s) |", "|---|---|---|"]
     group = group or {}

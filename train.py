@@ -283,11 +283,7 @@ def run_eval(raw_model, args, step, dist, out_dir):
 def save_checkpoint(path, raw_model, optimizer, scaler, step, config, dist):
     """One file, written atomically by rank 0 from the unwrapped, uncompiled model (no prefixes).
     Every rank's RNG state goes in (a list indexed by rank) so --resume restores each rank exactly."""
-    rngs = [common.rng_state()]
-    if dist.ddp:
-        import torch.distributed as tdist
-        rngs = [None] * dist.world
-        tdist.all_gather_object(rngs, common.rng_state())
+    rngs = dist.gather(common.rng_state())  # [state of rank 0, rank 1, ...]
     if dist.is_main:
         common.save_torch({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scaler": scaler.state_dict(), "step": step, "config": config, "rng": rngs}, path)
