@@ -11,9 +11,10 @@ One scene (zutis_facts.md section 4; the official datasets/index_dataset.py beha
   n ~ randint(1, max_n) images (canvas included); with p_same all from one random category's archive,
   else uniform over all archive entries (duplicates included). Each image: scale s ~ U(scale_range) of its
   original size (image bilinear, mask nearest), pad (image: its mean colour, mask: ignore_index) and random
-  crop to crop x crop, h-flip p=0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur
-  p=0.5. Image 1 is the canvas; the object pixels of images 2..n are pasted at uniform random offsets, later
-  pastes occluding earlier ones. Targets: semantic map (0 bg / label / ignore) and one boolean mask per image
+  crop to crop x crop, h-flip p=0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2 (strengths: the
+  `jitter` and `p_gray` arguments; toy.py turns hue and grayscale off), Gaussian blur p=0.5. Image 1 is the
+  canvas; the object pixels of images 2..n are pasted at uniform random offsets, later pastes occluding
+  earlier ones. Targets: semantic map (0 bg / label / ignore) and one boolean mask per image
   (instance id = paste order, all-zero masks kept, ignore counts as background), as the official code does.
 
 Reproducibility: every random number of item i comes from one numpy Generator seeded with
@@ -88,15 +89,19 @@ def apply_op(img, op, factor=None):
     raise ValueError(op)
 
 
-def photometric_params(rng, crop):
+JITTER, P_GRAY = (0.8, 0.8, 0.8, 0.2), 0.2  # the official ColorJitter strengths and grayscale probability
+
+
+def photometric_params(rng, crop, jitter=JITTER, p_gray=P_GRAY):
     """The official photometric draws: ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur
-    p=0.5 with sigma ~ U(0.1, 2) and kernel int(0.1 * crop) // 2 * 2 + 1 (39 at 384).
+    p=0.5 with sigma ~ U(0.1, 2) and kernel int(0.1 * crop) // 2 * 2 + 1 (39 at 384). `jitter` and `p_gray`
+    override the strengths (the random draws stay the same, so only the amounts change).
     Returns (ops, sigma or None, ksize) with ops a list of (name, factor) in application order."""
     ops = []
     if rng.random() < 0.8:
-        order, factors = jitter_params(rng)
-        ops += [(op, factors[op]) for op in order]
-    if rng.random() < 0.2:
+        order, factors = jitter_params(rng, jitter)
+        ops += [(op, factors[op]) for op in order if factors[op] != (0.0 if op == "hue" else 1.0)]
+    if rng.random() < p_gray:
         ops.append(("gray", None))
     sigma = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else None
     return ops, sigma, int(0.1 * crop) // 2 * 2 + 1
@@ -171,18 +176,22 @@ class ArchiveDataset(torch.utils.data.Dataset):
     with DataLoader workers each worker counts its own; `check_masks()` lists missing masks up front)."""
 
     def __init__(self, archive_json, masks_dir, categories=None, crop=384, scale_range=(0.1, 1.0), max_n=10,
-                 p_same=0.5, ignore_index=255, norm="imagenet", seed=0, length=None, index_dirs=None, rank=0):
+                 p_same=0.5, ignore_index=255, norm="imagenet", seed=0, length=None, index_dirs=None, rank=0,
+                 jitter=JITTER, p_gray=P_GRAY):
         if norm not in NORMS:
             raise common.UserError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
         lo, hi = (float(v) for v in scale_range)
-        if not (0 < lo <= hi) or crop < 1 or max_n < 1 or not 0 <= p_same <= 1 or ignore_index < 1:
-            raise common.UserError(f"bad dataset settings: crop={crop} scale_range={scale_range} "
-                                   f"max_n={max_n} p_same={p_same} ignore_index={ignore_index}")
+        jitter = tuple(float(v) for v in jitter)
+        if (not (0 < lo <= hi) or crop < 1 or max_n < 1 or not 0 <= p_same <= 1 or ignore_index < 1
+                or len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5 or not 0 <= p_gray <= 1):
+            raise common.UserError(f"bad dataset settings: crop={crop} scale_range={scale_range} max_n={max_n} "
+                                   f"p_same={p_same} ignore_index={ignore_index} jitter={jitter} p_gray={p_gray}")
         self.archive = common.load_archive(archive_json, index_dirs)
         self.masks_dir = common.require_dir(masks_dir, "masks dir", "<masks_dir>/<dir>_<basename>/<path>.png")
         self.categories = self._resolve_categories(categories)
         self.crop, self.scale_range, self.max_n, self.p_same = int(crop), (lo, hi), int(max_n), float(p_same)
         self.ignore_index, self.seed, self.rank, self.epoch = int(ignore_index), int(seed), int(rank), 0
+        self.jitter, self.p_gray = jitter, float(p_gray)
         self.mean, self.std = NORMS[norm]
         self._build_pools()
         self.length = int(length) if length is not None else len(self.flat)
@@ -288,7 +297,7 @@ class ArchiveDataset(torch.utils.data.Dataset):
         box = None if is_canvas else paste_box(obj)
         window = (y0, y0 + lh, x0, x0 + lw)
         # a pasted image with nothing to paste skips the photometric work (it would never be seen)
-        rgb = photometric(rgb, photometric_params(rng, c), window, geom["fill"], box) if is_canvas or box else None
+        rgb = photometric(rgb, photometric_params(rng, c, self.jitter, self.p_gray), window, geom["fill"], box) if is_canvas or box else None
         return {"rgb": rgb, "obj": obj, "box": box, "valid": window, "label": self.labels[idx]}
 
     def _load_scaled_crop(self, path, s, pad_side, rng):

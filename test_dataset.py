@@ -210,6 +210,24 @@ def test_photometric_probabilities_and_ranges():
     assert {d[2] for d in draws} == {39} and dataset.photometric_params(np.random.default_rng(0), 64)[2] == 7
 
 
+def test_photometric_strength_overrides(arc):
+    """--jitter / --p_gray change only the amounts: hue 0 and p_gray 0 leave no hue or gray op, the other
+    ops keep their ranges, and the blur draws are the same as the official ones for the same seed."""
+    for seed in range(300):
+        off = dataset.photometric_params(np.random.default_rng(seed), 64, (0.4, 0.8, 0.8, 0.0), 0.0)
+        ref = dataset.photometric_params(np.random.default_rng(seed), 64)
+        names = [op for op, _ in off[0]]
+        assert "hue" not in names and "gray" not in names and off[1:] == ref[1:]
+        assert all(0.6 <= f <= 1.4 for op, f in off[0] if op == "brightness")
+        assert [op for op, _ in ref[0] if op not in ("hue", "gray")] == names
+    none = dataset.photometric_params(np.random.default_rng(0), 64, (0, 0, 0, 0), 0.0)
+    assert none[0] == []
+    with pytest.raises(common.UserError, match="jitter"):
+        make(arc, jitter=(0.8, 0.8, 0.8, 0.7))  # torchvision's hue range is [-0.5, 0.5]
+    with pytest.raises(common.UserError, match="p_gray"):
+        make(arc, p_gray=1.5)
+
+
 def reference_photometric(img, params):
     """The plain path: every op on the whole image with torchvision's PIL kernels, then the blur."""
     ops, sigma, ksize = params
