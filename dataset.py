@@ -100,6 +100,7 @@ def photometric_params(rng, crop, jitter=JITTER, p_gray=P_GRAY):
     ops = []
     if rng.random() < 0.8:
         order, factors = jitter_params(rng, jitter)
+        # a zero-strength op draws its identity factor (hue 0, others 1): skip it, a PIL pass saved
         ops += [(op, factors[op]) for op in order if factors[op] != (0.0 if op == "hue" else 1.0)]
     if rng.random() < p_gray:
         ops.append(("gray", None))
@@ -297,7 +298,8 @@ class ArchiveDataset(torch.utils.data.Dataset):
         box = None if is_canvas else paste_box(obj)
         window = (y0, y0 + lh, x0, x0 + lw)
         # a pasted image with nothing to paste skips the photometric work (it would never be seen)
-        rgb = photometric(rgb, photometric_params(rng, c, self.jitter, self.p_gray), window, geom["fill"], box) if is_canvas or box else None
+        rgb = (photometric(rgb, photometric_params(rng, c, self.jitter, self.p_gray), window, geom["fill"], box)
+               if is_canvas or box else None)
         return {"rgb": rgb, "obj": obj, "box": box, "valid": window, "label": self.labels[idx]}
 
     def _load_scaled_crop(self, path, s, pad_side, rng):
