@@ -258,7 +258,6 @@ def mask_nms(masks, scores, labels, iou=0.3, score_floor=0.001):
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
-@torch.no_grad()
 def mean_token_cos(binary, tokens, text_emb):
     """The official instance class rule: binary masks [Q, N], unit tokens [N, C_t], text [K, C_t] -> cos [Q, K]
     between each mask's L2-normalised mean token and each text embedding."""
@@ -266,6 +265,7 @@ def mean_token_cos(binary, tokens, text_emb):
     return (mean / (mean.norm(dim=-1, keepdim=True) + 1e-7)) @ text_emb.t()
 
 
+@torch.no_grad()
 def instances_from_outputs(outputs, size, text_emb=None, t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid",
                            temperature=5.0, score_floor=0.001):
     """Official instance rules on the last decoder layer: low-res binary masks P > t, confidence = mean

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 import common
+import dataset
 from common import UserError
 
 # ----------------------------------------------------------------------------- CLI
@@ -57,9 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--crop", type=int, default=384, help="training crop size in pixels (official 384)")
     p.add_argument("--max_n", type=int, default=10, help="max images pasted into one scene (official 10)")
     p.add_argument("--scale_min", type=float, default=0.1, help="each image is scaled by U(scale_min, 1) (official 0.1)")
-    p.add_argument("--jitter", type=float, nargs=4, default=[0.8, 0.8, 0.8, 0.2], metavar=("B", "C", "S", "H"),
+    p.add_argument("--jitter", type=float, nargs=4, default=list(dataset.JITTER), metavar=("B", "C", "S", "H"),
                    help="ColorJitter brightness, contrast, saturation, hue strengths (official 0.8 0.8 0.8 0.2)")
-    p.add_argument("--p_gray", type=float, default=0.2, help="probability of grayscale (official 0.2)")
+    p.add_argument("--p_gray", type=float, default=dataset.P_GRAY, help="probability of grayscale (official 0.2)")
     p.add_argument("--norm", default="imagenet", choices=["imagenet", "clip"], help="input normalisation (official: imagenet)")
     # model
     p.add_argument("--n_queries", type=int, default=100, help="number of learned instance queries")
@@ -155,15 +156,14 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 def make_loader(args, categories, dist, start_step, local_batch):
-    import dataset as ds
     n_items = (args.iters + 1) * args.batch_size  # every (step, rank, i) gets its own index
-    data = ds.ArchiveDataset(args.archive, args.masks_dir, categories=categories, crop=args.crop,
-                             scale_range=(args.scale_min, 1.0), max_n=args.max_n, norm=args.norm,
-                             seed=args.seed, length=max(n_items, 1), index_dirs=args.index_dirs,
-                             jitter=args.jitter, p_gray=args.p_gray)
+    data = dataset.ArchiveDataset(args.archive, args.masks_dir, categories=categories, crop=args.crop,
+                                  scale_range=(args.scale_min, 1.0), max_n=args.max_n, norm=args.norm,
+                                  seed=args.seed, length=max(n_items, 1), index_dirs=args.index_dirs,
+                                  jitter=args.jitter, p_gray=args.p_gray)
     sampler = StepBatches(local_batch, dist.rank, dist.world, start_step)
     return torch.utils.data.DataLoader(
-        data, batch_sampler=sampler, collate_fn=ds.collate_fn, num_workers=args.num_workers,
+        data, batch_sampler=sampler, collate_fn=dataset.collate_fn, num_workers=args.num_workers,
         pin_memory=dist.device.type == "cuda")
 
 
