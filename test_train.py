@@ -209,3 +209,16 @@ def test_eval_bench_during_training(tiny_clip_path, data, tmp_path):
 def test_bad_input_is_a_user_error(argv, msg):
     with pytest.raises(common.UserError, match=msg):
         train.main(["--device", "cpu", *argv])
+
+
+def test_benchmark_runs_and_cleans_up(tmp_path, monkeypatch, capsys):
+    """--benchmark with a random ViT-B/32 and a fake archive: one row per dtype with a positive speed,
+    and the ~600 MB of temporary weights and images it wrote are gone afterwards."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    rows = train.main(["--benchmark", "--arch", "random:ViT-B/32", "--archive", "fake", "--crop", "64",
+                       "--batch_size", "1", "--bench_iters", "1", "--n_layers", "1", "--device", "cpu",
+                       "--num_workers", "0"])
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert all(r["it_s"] > 0 and abs(sum(r["share"].values()) - 1) < 0.05 for r in rows)
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().out
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("zutis_bench_")]

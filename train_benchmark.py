@@ -130,6 +130,12 @@ def benchmark(args):
     """Train-step speed for float32 vs bfloat16 (and float16 on CUDA) on the current device, with the
     real loader, model, matcher and loss. `--arch random:ViT-B/16` times a randomly initialised CLIP
     of that shape and `--archive fake` generated 500x375 JPEGs (speed only: no weights or data needed)."""
+    # the random ViT-B/16 alone is ~570 MB: everything made for the run is deleted when it ends, even on error
+    with tempfile.TemporaryDirectory(prefix="zutis_bench_") as tmp:
+        return _benchmark(args, tmp)
+
+
+def _benchmark(args, tmp):
     import clip_model
     import train as T  # not at the top: train.py imports this file (lazily, for --benchmark)
     dist = common.Dist(args.device)
@@ -139,11 +145,11 @@ def benchmark(args):
     if args.arch.startswith("random:"):
         name = args.arch.split(":", 1)[1]
         print(f"WARNING: --arch {args.arch}: a RANDOMLY INITIALISED CLIP {name}, for timing only")
-        args.arch = os.path.join(tempfile.mkdtemp(prefix="zutis_bench_"), name.replace("/", "-") + ".pt")
+        args.arch = os.path.join(tmp, name.replace("/", "-") + ".pt")
         torch.save(clip_model.random_model(name).state_dict(), args.arch)
     if args.archive == "fake":
         import dataset
-        args.archive, args.masks_dir = dataset.make_fake_archive(tempfile.mkdtemp(prefix="zutis_bench_"))
+        args.archive, args.masks_dir = dataset.make_fake_archive(os.path.join(tmp, "archive"))
     categories = T.resolve_categories(args)
     T.seed_all(args.seed)
     raw_model = T.build_model(T.model_config(args, categories), args.init, device, print).train()
