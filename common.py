@@ -12,6 +12,7 @@ A pseudo-mask lives at <masks_dir>/<dir index>_<index dir basename>/<path withou
 (`mask_relpath`), one single-channel PNG (0/255) at the image's original size.
 """
 import contextlib
+import functools
 import json
 import os
 import random
@@ -53,6 +54,19 @@ def require_dir(path, what, layout_hint=""):
 
 # ----------------------------------------------------------------------------- atomic writes
 
+@functools.lru_cache(maxsize=None)
+def _umask():
+    """The process umask, read once. os.umask can only be read by setting it, which races with
+    other threads creating files, so Linux's /proc is asked first."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; on success it is renamed onto `path` in one step,
@@ -63,6 +77,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files: give outputs the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
