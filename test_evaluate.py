@@ -485,3 +485,16 @@ def test_interrupted_evaluation_resumes(voc_root, tmp_path, monkeypatch):
     assert len(calls) == 1 and m["n_images"] == 4 and not os.path.exists(os.path.join(out, ".partial_rank0of1.pt"))
     ref = E.evaluate_bench(Oracle(b, {0: 0, 12: 15, 15: 12}), b, None)
     assert all(m[k] == ref[k] for k in ("mIoU", "pixel_acc", "AP", "AP_agn", "n_gt_instances", "n_detections"))
+
+
+def test_legend_layout():
+    """with_legend appends 12 px per row of entries below the image, filled row by row into `cols`
+    columns; a swatch has its colour, a None colour draws text only."""
+    img = np.zeros((10, 100, 3), np.uint8)
+    one = V.with_legend(img, [((255, 0, 0), "a"), ((0, 255, 0), "b"), ((0, 0, 255), "c")])
+    assert one.shape == (10 + 12 * 3 + 4, 100, 3) and (one[:10] == 0).all()
+    assert tuple(one[10 + 2 + 12 * 2 + 4, 6]) == (0, 0, 255)  # third swatch, third line
+    two = V.with_legend(img, [((255, 0, 0), "a"), ((0, 255, 0), "b"), (None, "note")], cols=2)
+    assert two.shape == (10 + 12 * 2 + 4, 100, 3)
+    assert tuple(two[10 + 6, 50 + 6]) == (0, 255, 0)  # second entry: first row, second column
+    assert two[10 + 2 + 12:10 + 12 + 12, 2:12].mean() > 150  # text-only entry: mostly white, no swatch

@@ -122,10 +122,12 @@ def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
                  E.overlay(img, pz["semantic"].numpy(), pal), E.overlay(img, inst, E.palette(64)[1:][::-1])]
         rows.append(np.concatenate([np.pad(E.zoom(c, f), ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], 1))
     grid = np.concatenate(rows, 0)
+    titles = ["image", "ground truth", "MaskCLIP", "ZUTIS semantic", "ZUTIS instances (score > 0.1)"]
+    header = E.with_legend(np.zeros((0, grid.shape[1], 3), np.uint8), [(None, t) for t in titles], cols=len(titles))
     legend = E.with_legend(np.full((1, grid.shape[1], 3), 255, np.uint8),
-                           [((0, 0, 0), "columns: image | ground truth | MaskCLIP | ZUTIS semantic | ZUTIS instances (score > 0.1)")]
-                           + [(pal[c], names[c]) for c in range(1, len(names))])
-    common.save_image(np.concatenate([grid, legend], 0), path)
+                           [(pal[c], names[c]) for c in range(1, len(names))]
+                           + [(None, "background: no overlay"), (None, "instances: a colour each")], cols=len(titles))
+    common.save_image(np.concatenate([header, grid, legend], 0), path)
 
 
 def results_table(res, sec, cpu, cfg, group=None):

@@ -34,14 +34,18 @@ def overlay(img, label_map, colours, alpha=0.55, ignore=None):
     return out.astype(np.uint8)
 
 
-def with_legend(img, entries):
-    """Append a legend strip below an image: entries = [(rgb, text)], one swatch per line."""
+def with_legend(img, entries, cols=1):
+    """Append a legend strip below an image: entries = [(rgb, text)], a swatch each, filled row by
+    row into `cols` equal columns (rgb None: text only)."""
     from PIL import Image, ImageDraw
-    strip = Image.new("RGB", (img.shape[1], 12 * max(1, len(entries)) + 4), (255, 255, 255))
+    rows, cw = -(-max(1, len(entries)) // cols), img.shape[1] // cols
+    strip = Image.new("RGB", (img.shape[1], 12 * rows + 4), (255, 255, 255))
     d = ImageDraw.Draw(strip)
     for k, (rgb, text) in enumerate(entries):
-        d.rectangle([2, 2 + 12 * k, 11, 11 + 12 * k], fill=tuple(int(v) for v in rgb))
-        d.text((15, 1 + 12 * k), text, fill=(0, 0, 0))
+        x, y = 2 + cw * (k % cols), 2 + 12 * (k // cols)
+        if rgb is not None:
+            d.rectangle([x, y, x + 9, y + 9], fill=tuple(int(v) for v in rgb))
+        d.text((x + (13 if rgb is not None else 0), y - 1), text, fill=(0, 0, 0))
     return np.concatenate([img, np.asarray(strip)], axis=0)
 
 
