@@ -108,6 +108,45 @@ def test_stage_cache(tmp_path):
     assert st.run("a", {"s": 2}, [str(out)], work) == {"v": 3}  # output gone: rerun
 
 
+def test_interrupted_stage_resumes_or_starts_over(tmp_path):
+    """A killed resumable stage keeps its partial outputs when rerun with the same settings (the
+    script continues them; script stages get `resume_args`); with other settings, or when it is not
+    resumable, its outputs are removed first."""
+    out, part = tmp_path / "out", tmp_path / "part"
+
+    def killed():
+        part.mkdir(exist_ok=True)
+        (part / "half").write_text("x")
+        raise KeyboardInterrupt
+    for resumable, settings, kept in ((True, {"s": 1}, True), (True, {"s": 2}, False), (False, {"s": 1}, False)):
+        with pytest.raises(KeyboardInterrupt):
+            toy.Stages(str(out)).run("a", {"s": 1}, [str(part)], killed, resumable=True)
+        st = toy.Stages(str(out))
+        assert st.run("a", settings, [str(part)], lambda: sorted(os.listdir(part)) if part.exists() else [],
+                      resumable=resumable) == (["half"] if kept else [])
+        assert ("a" in st.resuming) == kept and not (out / "stages" / "a.started.json").exists()
+        (out / "stages" / "a.json").unlink()  # the next round starts from no finished run
+
+    echo = _script(tmp_path / "echo.py", "os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)\n"
+                                         "open(sys.argv[1], 'a').write(' '.join(sys.argv[2:]) + ';')\n")
+    log = tmp_path / "t" / "argv.txt"
+    log.parent.mkdir()
+    jobs = {"t": ([str(log.parent)], [echo, log, "--iters", "5"])}
+    toy.Stages(str(out)).start("t", {"s": 1})  # as if a train stage had been killed mid-run
+    log.write_text("first run;")
+    toy.Stages(str(out)).run_scripts(jobs, {"s": 1}, resume_args=["--resume"])
+    assert log.read_text() == "first run;--iters 5 --resume;"
+    st = toy.Stages(str(out))
+    st.run_scripts(jobs, {"s": 1}, resume_args=["--resume"])  # finished: cached, its time still partial
+    assert st.resumed == {"t"} and "| t | 0 (resumed: after the interruption only) |" in toy.results_table(
+        {"clip_zero_shot": 1, "clip_precision@50": 1, "archive_k": 5, "archive_precision": 1,
+         "clip_background_max_cos": 0.5, "pseudo_masks": 3, "pseudo_mask_iou": 1},
+        st.seconds, st.cpu, {"seed": 0, "quick": True}, st.group, st.resumed)
+    st = toy.Stages(str(out))
+    st.run_scripts(jobs, {"s": 2}, resume_args=["--resume"])  # new settings: from scratch
+    assert log.read_text() == "--iters 5;" and not st.resumed
+
+
 def test_floors(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n| `zutis_mIoU` | 99 |\n" + toy.FLOORS_BEGIN +

@@ -22,7 +22,8 @@ Commands (CPU only; a GPU is used by the stages when present):
     python toy.py                       # full run, <= 10 min on 2 CPU cores
     python toy.py --quick               # CI run, <= 5 min
     python toy.py --quick --check_floors README.md   # exit 1 if a metric is below its floor
-Stages are cached under --out_dir (a stage reruns only when its settings change).
+Stages are cached under --out_dir (a stage reruns only when its settings change); a killed run
+resumes when rerun (the trainings from their last ckpt.pt, saved every 200 iterations).
 
 Measured (full run, seeds 0/1/2, percent): tiny-CLIP zero-shot 68/70/69, precision@50 77/79/79,
 pseudo-mask IoU 84/85/84, ZUTIS mIoU 38.5/40.8/43.0 vs MaskCLIP 5.4/8.3/9.2, AP50 NMS 5.5/4.7/5.4 vs
@@ -185,6 +186,7 @@ TRAIN_FLAGS = ["--crop", "64", "--lr", "1e-3", "--lr_encoder", "3e-4", "--logit_
                "--jitter", "0.4", "0.4", "0.4", "0", "--p_gray", "0", "--n_queries", "20",
                "--n_layers", "2", "--n_heads", "4", "--dim_ffn", "256", "--mlp_hidden", "128",
                "--num_workers", "0", "--log_every", "50"]
+SAVE_EVERY = 200  # ckpt.pt (16 MB, well under a second) every 200 iterations: a killed toy run resumes from there
 
 
 def get_args_parser():
@@ -206,16 +208,25 @@ def get_args_parser():
 
 class Stages:
     """Run named stages once: a stage whose settings (and upstream settings) match its marker
-    file under OUT/stages/ is skipped; otherwise its outputs are removed and it runs again."""
+    file under OUT/stages/ is skipped; otherwise its outputs are removed and it runs again.
+    A resumable stage (a script that continues its own interrupted work: build_archive.py,
+    pseudo_label.py, train.py --resume) that was killed keeps its outputs when it is rerun with
+    the same settings, so a killed toy run loses at most the work since the stage's last save."""
 
     def __init__(self, out_dir):
         self.out_dir, self.seconds, self.cpu = out_dir, {}, {}
         self.group = {}  # stage -> name of the side-by-side run it was part of (wall time counts once per group)
+        self.resuming = set()  # stages continuing an interrupted run of the same settings
+        self.resumed = set()  # stages whose recorded time covers only the part after an interruption
 
-    def cached(self, name, settings, outputs):
+    def _marker(self, name, suffix=""):
+        return os.path.join(self.out_dir, "stages", name + suffix + ".json")
+
+    def cached(self, name, settings, outputs, resumable=False):
         """(result, True) if the stage's marker matches `settings` and its outputs exist; else
-        remove its stale outputs and return (None, False)."""
-        marker = os.path.join(self.out_dir, "stages", name + ".json")
+        remove its stale outputs (kept if `resumable` and an interrupted run had the same
+        settings) and return (None, False)."""
+        marker = self._marker(name)
         if os.path.isfile(marker):
             m = json.load(open(marker))
             if m["settings"] == settings and all(os.path.exists(o) for o in outputs):
@@ -223,40 +234,62 @@ class Stages:
                 self.seconds[name], self.cpu[name] = m["seconds"], m.get("cpu_seconds", 0.0)
                 if m.get("group"):
                     self.group[name] = m["group"]
+                if m.get("resumed"):
+                    self.resumed.add(name)
                 return m["result"], True
+        started = self._marker(name, ".started")
+        if resumable and not os.path.isfile(marker) and os.path.isfile(started) \
+                and json.load(open(started))["settings"] == settings:
+            print(f"[{name}] was interrupted: continuing it (delete {started} to start it over)")
+            self.resuming.add(name)
+            return None, False
         for o in outputs:  # stale outputs of other settings: start clean
             shutil.rmtree(o) if os.path.isdir(o) else os.remove(o) if os.path.exists(o) else None
         return None, False
+
+    def start(self, name, settings):
+        if os.path.isfile(self._marker(name)):
+            os.remove(self._marker(name))  # a done-marker of other settings must not outlive this run
+        common.save_json({"settings": settings}, self._marker(name, ".started"))
 
     def done(self, name, settings, seconds, cpu, result=None, group=None):
         self.seconds[name], self.cpu[name] = seconds, cpu
         if group:
             self.group[name] = group
+        if name in self.resuming:
+            self.resumed.add(name)
         common.save_json({"settings": settings, "seconds": seconds, "cpu_seconds": cpu, "group": group,
-                          "result": result}, os.path.join(self.out_dir, "stages", name + ".json"))
+                          "resumed": name in self.resumed, "result": result}, self._marker(name))
+        if os.path.isfile(self._marker(name, ".started")):
+            os.remove(self._marker(name, ".started"))
         print(f"[{name}] done in {seconds:.0f} s", flush=True)
 
-    def run(self, name, settings, outputs, fn):
-        result, hit = self.cached(name, settings, outputs)
+    def run(self, name, settings, outputs, fn, resumable=False):
+        result, hit = self.cached(name, settings, outputs, resumable)
         return result if hit else self._timed(name, settings, fn)
 
     def _timed(self, name, settings, fn):
         print(f"[{name}] running", flush=True)
+        self.start(name, settings)
         t0, c0 = time.time(), cpu_seconds()
         result = fn()
         self.done(name, settings, time.time() - t0, cpu_seconds() - c0, result)
         return result
 
-    def run_scripts(self, jobs, settings):
+    def run_scripts(self, jobs, settings, resume_args=()):
         """Script stages {name: (outputs, [script, *args])} that are not cached run at the same time,
-        one CPU thread each (run_parallel); a single one runs alone with every thread."""
-        todo = {n: cmd for n, (outs, cmd) in jobs.items() if not self.cached(n, settings, outs)[1]}
+        one CPU thread each (run_parallel); a single one runs alone with every thread. They are
+        resumable: one continuing an interrupted run gets `resume_args` added to its command."""
+        todo = {n: cmd for n, (outs, cmd) in jobs.items() if not self.cached(n, settings, outs, resumable=True)[1]}
+        todo = {n: [*cmd, *resume_args] if n in self.resuming else cmd for n, cmd in todo.items()}
         if len(todo) == 1:
             (name, cmd), = todo.items()
             self._timed(name, settings, lambda: run_script(*cmd))
         elif todo:
             print(f"[{', '.join(todo)}] running at the same time, one thread each", flush=True)
             group = "+".join(todo)
+            for name in todo:
+                self.start(name, settings)
             for name, (wall, cpu) in run_parallel(todo, os.path.join(self.out_dir, "logs")).items():
                 self.done(name, settings, wall, cpu, group=group)
 
@@ -346,17 +379,18 @@ def main():
     s_arc = {**s_clip, "k": cfg["k"]}
     st.run("build_archive", s_arc, [archive], lambda: run_script(
         "build_archive.py", "--index_dirs", os.path.join(world, "index"), "--categories", cats, "--arch", clip_path,
-        "--k", cfg["k"], "--out_dir", archive, *dev))
+        "--k", cfg["k"], "--out_dir", archive, *dev), resumable=True)
     arc_json = os.path.join(archive, "archive.json")
     st.run("pseudo_label", s_arc, [masks], lambda: run_script(
-        "pseudo_label.py", "--archive", arc_json, "--out_dir", masks, "--saliency", "boundary", "--num_workers", 0, *dev))
+        "pseudo_label.py", "--archive", arc_json, "--out_dir", masks, "--saliency", "boundary", "--num_workers", 0, *dev), resumable=True)
 
     s_train = {**s_arc, "iters": cfg["iters"], "batch_size": cfg["batch_size"], "flags": TRAIN_FLAGS}
     runs = {"train": []} if args.no_ablation else {"train": [], "train_no_stop_grad": ["--no_stop_grad"]}
     st.run_scripts({name: ([os.path.join(out, name)], [
         "train.py", "--arch", clip_path, "--archive", arc_json, "--masks_dir", masks, "--iters", cfg["iters"],
         "--batch_size", cfg["batch_size"], "--seed", seed, "--out_dir", os.path.join(out, name),
-        "--save_every", cfg["iters"], *TRAIN_FLAGS, *extra, *dev]) for name, extra in runs.items()}, s_train)
+        "--save_every", SAVE_EVERY, *TRAIN_FLAGS, *extra, *dev]) for name, extra in runs.items()}, s_train,
+        resume_args=["--resume"])
 
     evals = [("zutis", ["--ckpt", os.path.join(out, "train", "ckpt.pt")]),
              ("zutis_no_nms", ["--ckpt", os.path.join(out, "train", "ckpt.pt"), "--nms", "none"]),
@@ -381,7 +415,7 @@ def main():
     picture_grid(os.path.join(out, "grid.png"), world, clip_path, os.path.join(out, "train", "ckpt.pt"))
     res["proposals"] = proposal_recall(os.path.join(out, "train", "ckpt.pt"), world)
     st.seconds["report"], st.cpu["report"] = time.time() - t0, cpu_seconds() - c0
-    table = results_table(res, st.seconds, st.cpu, cfg, st.group)
+    table = results_table(res, st.seconds, st.cpu, cfg, st.group, st.resumed)
     flat = flat_results(res)
     with common.atomic_path(os.path.join(out, "results.md")) as tmp, open(tmp, "w") as f:
         f.write(table)

@@ -130,7 +130,7 @@ def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
     common.save_image(np.concatenate([header, grid, legend], 0), path)
 
 
-def results_table(res, sec, cpu, cfg, group=None):
+def results_table(res, sec, cpu, cfg, group=None, resumed=()):
     pct = lambda v: "-" if v is None else f"{v:.1f}"
     z, zn, zs, mc = (res.get(k, {}) for k in ("zutis", "zutis_no_nms", "zutis_no_stop_grad", "maskclip"))
     lines = [
@@ -156,7 +156,8 @@ def results_table(res, sec, cpu, cfg, group=None):
                   for k in ("unique", "repeated")]
     lines += ["", "| stage | wall time (s) | CPU time (s) |", "|---|---|---|"]
     group = group or {}
-    lines += [f"| {k} | {v:.0f}{' (side by side)' if k in group else ''} | {cpu.get(k, 0):.0f} |" for k, v in sec.items()]
+    tag = lambda k: (" (side by side)" if k in group else "") + (" (resumed: after the interruption only)" if k in resumed else "")
+    lines += [f"| {k} | {v:.0f}{tag(k)} | {cpu.get(k, 0):.0f} |" for k, v in sec.items()]
     # stages that ran side by side started together: their group took as long as its longest member
     total = sum(v for k, v in sec.items() if k not in group)
     total += sum(max(sec[k] for k in group if group[k] == g) for g in set(group.values()))
