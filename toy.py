@@ -382,7 +382,8 @@ def main():
         "--k", cfg["k"], "--out_dir", archive, *dev), resumable=True)
     arc_json = os.path.join(archive, "archive.json")
     st.run("pseudo_label", s_arc, [masks], lambda: run_script(
-        "pseudo_label.py", "--archive", arc_json, "--out_dir", masks, "--saliency", "boundary", "--num_workers", 0, *dev), resumable=True)
+        "pseudo_label.py", "--archive", arc_json, "--out_dir", masks, "--saliency", "boundary", "--num_workers", 0,
+        *dev), resumable=True)
 
     s_train = {**s_arc, "iters": cfg["iters"], "batch_size": cfg["batch_size"], "flags": TRAIN_FLAGS}
     runs = {"train": []} if args.no_ablation else {"train": [], "train_no_stop_grad": ["--no_stop_grad"]}
