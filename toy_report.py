@@ -156,7 +156,8 @@ def results_table(res, sec, cpu, cfg, group=None, resumed=()):
                   for k in ("unique", "repeated")]
     lines += ["", "| stage | wall time (s) | CPU time (s) |", "|---|---|---|"]
     group = group or {}
-    tag = lambda k: (" (side by side)" if k in group else "") + (" (resumed: after the interruption only)" if k in resumed else "")
+    tag = lambda k: ((" (side by side)" if k in group else "")
+                     + (" (resumed: after the interruption only)" if k in resumed else ""))
     lines += [f"| {k} | {v:.0f}{tag(k)} | {cpu.get(k, 0):.0f} |" for k, v in sec.items()]
     # stages that ran side by side started together: their group took as long as its longest member
     total = sum(v for k, v in sec.items() if k not in group)
