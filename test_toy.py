@@ -147,6 +147,34 @@ def test_interrupted_stage_resumes_or_starts_over(tmp_path):
     assert log.read_text() == "--iters 5;" and not st.resumed
 
 
+def test_tiny_clip_pretraining_resumes_exactly(tmp_path, monkeypatch):
+    """Killed after step 3 of 5 and rerun, pre-training ends with the same weights as a run never
+    interrupted (weights, optimizer and both RNGs come back), and leaves no resume file behind."""
+    import torch
+    kw = dict(seed=0, steps=5, batch_size=6, warmup=2, save_every=1)
+    toy.pretrain_clip(str(tmp_path / "straight.pt"), **kw)
+    calls, real = [], toy.caption_batch
+
+    def dies_on_the_fourth(rng, n):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(rng, n)
+    monkeypatch.setattr(toy, "caption_batch", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        toy.pretrain_clip(str(tmp_path / "killed.pt"), **kw)
+    assert torch.load(tmp_path / "killed.pt.resume.pt")["step"] == 3
+    monkeypatch.setattr(toy, "caption_batch", real)
+    toy.pretrain_clip(str(tmp_path / "killed.pt"), **kw)
+    a, b = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "killed.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a) and sorted(os.listdir(tmp_path)) == ["killed.pt", "straight.pt"]
+    # a resume file left by a run of other settings is not used: the run starts over
+    torch.save({"args": {"seed": 9}, "step": 4}, tmp_path / "fresh.pt.resume.pt")
+    toy.pretrain_clip(str(tmp_path / "fresh.pt"), **kw)
+    c = torch.load(tmp_path / "fresh.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a) and not (tmp_path / "fresh.pt.resume.pt").exists()
+
+
 def test_floors(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n| `zutis_mIoU` | 99 |\n" + toy.FLOORS_BEGIN +

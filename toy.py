@@ -23,7 +23,7 @@ Commands (CPU only; a GPU is used by the stages when present):
     python toy.py --quick               # CI run, <= 5 min
     python toy.py --quick --check_floors README.md   # exit 1 if a metric is below its floor
 Stages are cached under --out_dir (a stage reruns only when its settings change); a killed run
-resumes when rerun (the trainings from their last ckpt.pt, saved every 200 iterations).
+resumes when rerun (tiny CLIP from its last 50-step save, the trainings from their last ckpt.pt).
 
 Measured (full run, seeds 0/1/2, percent): tiny-CLIP zero-shot 68/70/69, precision@50 77/79/79,
 pseudo-mask IoU 84/85/84, ZUTIS mIoU 38.5/40.8/43.0 vs MaskCLIP 5.4/8.3/9.2, AP50 NMS 5.5/4.7/5.4 vs
@@ -34,6 +34,7 @@ References: ZUTIS (Shin, Albanie, Xie 2023) section 4; issue 7 of this repositor
 """
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -70,9 +71,11 @@ def to_clip_input(imgs):
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
-def pretrain_clip(path, seed, steps, batch_size=128, lr=1e-3, warmup=30, log_every=25):
+def pretrain_clip(path, seed, steps, batch_size=128, lr=1e-3, warmup=30, log_every=25, save_every=50):
     """Contrastive pre-training (symmetric InfoNCE, learned temperature) on freshly generated
-    captioned images, like CLIP's web data; saved as a plain state dict (clip_model.load reads it)."""
+    captioned images, like CLIP's web data; saved as a plain state dict (clip_model.load reads it).
+    Every `save_every` steps the whole state (weights, optimizer, both RNGs) goes to PATH.resume.pt,
+    so a killed run continues exactly where it stopped when rerun with the same arguments."""
     import torch
     import torch.nn.functional as F
     import clip_model
@@ -83,11 +86,15 @@ def pretrain_clip(path, seed, steps, batch_size=128, lr=1e-3, warmup=30, log_eve
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)
     rng = np.random.default_rng([seed, 1])  # stream (a)
+    resume, args = path + ".resume.pt", dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup)
+    start = _load_clip_state(resume, args, model, opt, rng)
     labels = torch.arange(batch_size)
     t0 = time.time()
-    for step in range(steps):
+    for step in range(start, steps):
         # linear warm-up then cosine decay to zero
-        f = (step + 1) / warmup if step < warmup else 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup)))
+        # (a Python float, not numpy's: it goes into the optimizer state that the resume file saves)
+        f = (step + 1) / warmup if step < warmup else \
+            0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for g in opt.param_groups:
             g["lr"] = lr * f
         imgs, caps = caption_batch(rng, batch_size)
@@ -100,10 +107,33 @@ def pretrain_clip(path, seed, steps, batch_size=128, lr=1e-3, warmup=30, log_eve
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))  # CLIP's cap on the temperature
         if step % log_every == 0 or step == steps - 1:
-            el = time.time() - t0
+            el, done = time.time() - t0, step + 1 - start
             print(f"  clip step {step:4d}/{steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():5.1f} "
-                  f"{el / (step + 1):.2f} s/step, ETA {el / (step + 1) * (steps - step - 1):.0f} s", flush=True)
+                  f"{el / done:.2f} s/step, ETA {el / done * (steps - step - 1):.0f} s", flush=True)
+        if (step + 1) % save_every == 0 and step + 1 < steps:
+            common.save_torch({"args": args, "step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
+                               "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, resume)
     common.save_torch(model.state_dict(), path)
+    if os.path.exists(resume):
+        os.remove(resume)
+
+
+def _load_clip_state(resume, args, model, opt, rng):
+    """Restore an interrupted pre-training saved with the same arguments; returns the step to start
+    from (0 when there is none, or it was made with other arguments)."""
+    import torch
+    if not os.path.isfile(resume):
+        return 0
+    ck = torch.load(resume, map_location="cpu", weights_only=True)
+    if ck.get("args") != args:
+        print(f"  {resume} was made with other settings: starting over")
+        return 0
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["opt"])
+    rng.bit_generator.state = ck["rng"]
+    torch.set_rng_state(ck["torch_rng"])
+    print(f"  resumed tiny-CLIP pre-training at step {ck['step']} from {resume}")
+    return ck["step"]
 
 
 def load_index(world_dir):
@@ -209,8 +239,8 @@ def get_args_parser():
 class Stages:
     """Run named stages once: a stage whose settings (and upstream settings) match its marker
     file under OUT/stages/ is skipped; otherwise its outputs are removed and it runs again.
-    A resumable stage (a script that continues its own interrupted work: build_archive.py,
-    pseudo_label.py, train.py --resume) that was killed keeps its outputs when it is rerun with
+    A resumable stage (one that continues its own interrupted work: tiny-CLIP pre-training,
+    build_archive.py, pseudo_label.py, train.py --resume) that was killed keeps its outputs when rerun with
     the same settings, so a killed toy run loses at most the work since the stage's last save."""
 
     def __init__(self, out_dir):
@@ -374,7 +404,7 @@ def main():
     print(f"  world: {info}")
     s_clip = {**s_world, "clip_steps": cfg["clip_steps"]}
     res = st.run("tiny_clip", s_clip, [clip_path], lambda: (pretrain_clip(clip_path, seed, cfg["clip_steps"]),
-                                                             clip_report(clip_path, world))[1])
+                                                             clip_report(clip_path, world))[1], resumable=True)
     print(f"  tiny CLIP: {res}")
     s_arc = {**s_clip, "k": cfg["k"]}
     st.run("build_archive", s_arc, [archive], lambda: run_script(
