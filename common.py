@@ -24,6 +24,10 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+TMP_PREFIX = ".tmp_"  # atomic writes in progress; a killed run leaves these behind (see remove_stale_tmp)
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
@@ -33,8 +37,14 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, no traceback, exit code 2."""
 
 
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # `kill` and a scheduler's time limit stop a stage like Ctrl-C does
+
+
 def run_main(main):
-    """Run a script's main(); UserError and Ctrl-C become one clear line and a non-zero exit."""
+    """Run a script's main(); UserError, Ctrl-C and SIGTERM become one clear line and a non-zero exit."""
+    import signal
+    signal.signal(signal.SIGTERM, _sigterm)
     try:
         main()
     except UserError as e:
@@ -73,7 +83,7 @@ def atomic_path(path):
     so a killed run never leaves a half-written file under the final name."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
         yield tmp
@@ -82,6 +92,89 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_tmp(root, recursive=True):
+    """Delete the temp files of atomic writes that a killed run left below `root`. Call it only when
+    this process owns `root` (a stage at start-up, rank 0), never while another writer may be running."""
+    n = 0
+    if not os.path.isdir(root):
+        return n
+    for d, dirs, files in os.walk(root):
+        for f in files:
+            if f.startswith(TMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(d, f))
+                    n += 1
+        if not recursive:
+            break
+    return n
+
+
+def load_json(path, what="JSON file"):
+    """Read a JSON file; a missing or malformed one is a UserError naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} {path!r} is not valid JSON ({e})") from None
+
+
+def torch_load(path, what="checkpoint"):
+    """The one reader of our .pt files: tensors and plain types only (weights_only=True), on CPU.
+    A missing, truncated or foreign file is a UserError naming the file."""
+    import pickle
+    import zipfile
+    import torch
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} {path!r} cannot be read as a PyTorch file of tensors ({first[:160]})") from None
+
+
+def _few(keys, n=6):
+    return "none" if not keys else ", ".join(map(str, keys[:n])) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_strict(module, sd, what="state dict", assign=False):
+    """The one strict state-dict check: every key present, none extra, every shape equal; the error
+    names the offending keys. `assign` keeps the file's tensors (works for a meta-device module)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} (model {tuple(own[k].shape)})" for k in own
+             if k in sd and (not hasattr(sd[k], "shape") or tuple(sd[k].shape) != tuple(own[k].shape))]
+    if missing or unexpected or shape:
+        raise UserError(f"{what} does not match the model: missing keys: {_few(missing)}; "
+                        f"unexpected keys: {_few(unexpected)}; wrong shapes: {_few(shape)}")
+    module.load_state_dict(sd, strict=True, assign=assign)
+    return module
+
+
+def cpu_threads():
+    """Intra-op threads for CPU work: the cores not already busy. More threads than idle cores makes
+    small models many times slower (OpenMP threads spin waiting for each other), while a big run on an
+    idle machine still gets every core. ZUTIS_THREADS or OMP_NUM_THREADS, when set, win."""
+    for var in ("ZUTIS_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return int(os.environ[var])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def set_cpu_threads():
+    import torch
+    torch.set_num_threads(cpu_threads())
+    return torch.get_num_threads()
 
 
 def save_json(obj, path, indent=1):
@@ -187,9 +280,14 @@ def fmt_time(s):
 
 
 def rng_state():
-    """The python, numpy, torch (and CUDA) RNG states, for exact resumption."""
+    """The python, numpy, torch (and CUDA) RNG states as tensors and plain types, so that a checkpoint
+    holding them loads with weights_only=True."""
     import torch
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": torch.tensor(py_state, dtype=torch.int64), "python_gauss": gauss,
+          "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_rest": [int(pos), int(has_gauss), float(cached)],
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -197,8 +295,9 @@ def rng_state():
 
 def set_rng_state(st):
     import torch
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    random.setstate((3, tuple(st["python"].tolist()), st["python_gauss"]))
+    pos, has_gauss, cached = st["numpy_rest"]
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
