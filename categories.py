@@ -8,7 +8,10 @@ al. 2020) used for the paper's Table 7.
     get_categories("voc") -> ["background", "aeroplane", ...]
     get_categories("my_names.txt") -> ["background", <one name per line>]
 """
+import difflib
 import os
+
+from common import UserError
 
 VOC = [
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
@@ -288,10 +291,10 @@ BUILTIN = {"voc": VOC, "coco": COCO, "coco2017": COCO, "coco20k": COCO, "coca": 
 
 
 def get_categories(spec):
-    """A built-in list name, a text file (one name per line), or a comma-separated string.
+    """A built-in list name, a text file (one name per line), a comma-separated string, or one name.
 
     Always returns a new list with "background" first (added if a file/string lacks it).
-    Raises ValueError with a one-line message for an unknown name or an empty file.
+    Raises UserError with a one-line message for a missing file, an empty list or a duplicate name.
     """
     if isinstance(spec, (list, tuple)):
         names = [str(s).strip() for s in spec if str(s).strip()]
@@ -302,12 +305,18 @@ def get_categories(spec):
             names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     elif "," in spec:
         names = [s.strip() for s in spec.split(",") if s.strip()]
+    elif spec.endswith(".txt") or os.sep in spec:
+        raise UserError(f"category file not found: {spec!r}")
+    elif difflib.get_close_matches(spec, BUILTIN, n=1, cutoff=0.8):
+        close = difflib.get_close_matches(spec, BUILTIN, n=1, cutoff=0.8)[0]  # a typo of a list name
+        raise UserError(f"unknown category list {spec!r}: did you mean {close!r}? (for a class of that "
+                        f"name write {spec + ','!r}); lists: {sorted(BUILTIN)}")
     else:
-        raise ValueError(f"unknown category list {spec!r}: use one of {sorted(BUILTIN)}, "
-                         "a text file with one name per line, or a comma-separated list")
+        names = [spec.strip()] if spec.strip() else []  # one class name, e.g. --classes bird
     names = [n for n in names if n != "background"]
     if not names:
-        raise ValueError(f"category list {spec!r} is empty")
-    if len(set(names)) != len(names):
-        raise ValueError(f"category list {spec!r} has duplicate names")
+        raise UserError(f"category list {spec!r} is empty")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"category list {spec!r} names {', '.join(map(repr, dup))} more than once")
     return ["background"] + names

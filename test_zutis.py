@@ -257,8 +257,11 @@ def test_categories_and_common(tmp_path):
     f = tmp_path / "names.txt"
     f.write_text("red bicycle\n\nbackground\ncat\n")
     assert categories.get_categories(str(f)) == ["background", "red bicycle", "cat"]
-    with pytest.raises(ValueError):
-        categories.get_categories("no_such_list")
+    assert categories.get_categories("bird") == ["background", "bird"]  # one class name
+    for bad, says in [("cocoo", "did you mean 'coco'"), ("a,b,a", "'a' more than once"), ("", "empty"),
+                      (str(tmp_path / "missing.txt"), "not found")]:
+        with pytest.raises(common.UserError, match=says):
+            categories.get_categories(bad)
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     for name in ["a.JPG", "sub/b.png", "sub/c.txt", ".hidden.jpg"]:
         (tmp_path / "imgs" / name).write_bytes(b"x")
