@@ -290,6 +290,25 @@ BUILTIN = {"voc": VOC, "coco": COCO, "coco2017": COCO, "coco20k": COCO, "coca": 
            "imagenet_s919": IMAGENET_S919, "cub": ["background", "bird"]}
 
 
+# The official configs' per-benchmark recipe (configs/*.yaml of the official repository): which index
+# sets the archive is retrieved from, how long the segmenter trains, and the label id that marks
+# "ignore". ImageNet-S919 is the paper's domain-adaptation setting (ImageNet train only, 80k
+# iterations); every other list is zero-shot transfer (ImageNet train + PASS, 20k iterations). With
+# 920 classes the ignore id cannot be 255, which is a real class there ("pug").
+IMAGENET_TRAIN, PASS = "data/ImageNet2012/train", "data/pass/images"
+RECIPES = {"imagenet_s919": {"index_dirs": [IMAGENET_TRAIN], "iters": 80000, "ignore_index": 1000}}
+DEFAULT_RECIPE = {"index_dirs": [IMAGENET_TRAIN, PASS], "iters": 20000, "ignore_index": 255}
+
+
+def recipe(spec, n_categories=None):
+    """The official defaults for a category list (a built-in name, or anything else: zero-shot transfer).
+    A custom list of more than 255 classes gets ignore id 1000, so no label id can equal it."""
+    r = dict(RECIPES.get(spec, DEFAULT_RECIPE) if isinstance(spec, str) else DEFAULT_RECIPE)
+    if n_categories is not None and n_categories > 255 and r["ignore_index"] == 255:
+        r["ignore_index"] = 1000
+    return r
+
+
 def get_categories(spec):
     """A built-in list name, a text file (one name per line), a comma-separated string, or one name.
 
