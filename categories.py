@@ -302,10 +302,10 @@ DEFAULT_RECIPE = {"index_dirs": [IMAGENET_TRAIN, PASS], "iters": 20000, "ignore_
 
 def recipe(spec, n_categories=None):
     """The official defaults for a category list (a built-in name, or anything else: zero-shot transfer).
-    A custom list of more than 255 classes gets ignore id 1000, so no label id can equal it."""
+    The ignore id of a list of K classes is never a label id (0 .. K-1): 255, else 1000, else K."""
     r = dict(RECIPES.get(spec, DEFAULT_RECIPE) if isinstance(spec, str) else DEFAULT_RECIPE)
-    if n_categories is not None and n_categories > 255 and r["ignore_index"] == 255:
-        r["ignore_index"] = 1000
+    if n_categories is not None and n_categories > r["ignore_index"]:
+        r["ignore_index"] = 1000 if n_categories <= 1000 else n_categories
     return r
 
 
