@@ -369,7 +369,8 @@ def git_info():
     return {"git_sha": sha or "unknown", "git_dirty": dirty}
 
 
-def print_config(config):
-    w = max(len(k) for k in config)
-    for k, v in config.items():
-        print(f"  {k:<{w}} = {v}")
+def print_config(config, width=110):
+    """The run's settings as a few wrapped `key=value` lines (the full record goes to the run's own files)."""
+    import textwrap
+    print(textwrap.fill("  ".join(f"{k}={v}" for k, v in config.items()), width, initial_indent="config: ",
+                        subsequent_indent="  ", break_on_hyphens=False), flush=True)

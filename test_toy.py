@@ -5,6 +5,8 @@ the boundary saliency on generated images.
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -176,17 +178,30 @@ def test_tiny_clip_pretraining_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_floors(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n| `zutis_mIoU` | 99 |\n" + toy.FLOORS_BEGIN +
-                      "\n| metric | floor |\n|---|---|\n| `zutis_mIoU` | 20.5 |\n| `clip_zero_shot` | 32 |\n" + toy.FLOORS_END)
-    floors = toy.read_floors(str(readme))
+    floors = toy.read_floors(os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_floors.json"))
+    assert floors["zutis_mIoU"] > 0 and "zutis_AP50" in floors  # the file CI checks is readable
+    f = tmp_path / "floors.json"
+    f.write_text('{"zutis_mIoU": 20.5, "clip_zero_shot": 32}')
+    floors = toy.read_floors(str(f))
     assert floors == {"zutis_mIoU": 20.5, "clip_zero_shot": 32.0}
     assert toy.check_floors({"zutis_mIoU": 25.0, "clip_zero_shot": 40.0}, floors) == []
     bad = toy.check_floors({"zutis_mIoU": 19.0}, floors)
     assert len(bad) == 2 and "zutis_mIoU" in bad[0] and "missing" in bad[1]
-    (tmp_path / "empty.md").write_text("no floors here")
-    with pytest.raises(toy.common.UserError):
-        toy.read_floors(str(tmp_path / "empty.md"))
+    for text in ("no json", "[1, 2]", '{"a": "x"}'):
+        f.write_text(text)
+        with pytest.raises(toy.common.UserError):
+            toy.read_floors(str(f))
+
+
+@pytest.mark.parametrize("flags, says", [(["--iters", "-5"], "--iters must be a positive"),
+                                         (["--n_index", "20"], "--n_index must be at least"),
+                                         (["--device", "tpu"], "--device must be"),
+                                         (["--check_floors", "nope.json"], "floors file not found")])
+def test_bad_flags_fail_before_any_work(tmp_path, flags, says):
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.py"),
+                        "--out_dir", str(tmp_path / "o"), *flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 def _script(path, body):

@@ -19,33 +19,31 @@ detector: each category has a typical hue 70% of the time (a tiny ViT learns sha
 for a minutes budget).
 
 Commands (CPU only; a GPU is used by the stages when present):
-    python toy.py                       # full run, <= 10 min on 2 CPU cores
-    python toy.py --quick               # CI run, <= 5 min
-    python toy.py --quick --check_floors README.md   # exit 1 if a metric is below its floor
+    python toy.py                                        # full run
+    python toy.py --quick                                # the CI run: fewer images and steps
+    python toy.py --quick --check_floors toy_floors.json # exit 1 if a metric is below its floor
 Stages are cached under --out_dir (a stage reruns only when its settings change); a killed run
 resumes when rerun (tiny CLIP from its last 50-step save, the trainings from their last ckpt.pt).
-
-Measured (full run, seeds 0/1/2, percent): tiny-CLIP zero-shot 68/70/69, precision@50 77/79/79,
-pseudo-mask IoU 84/85/84, ZUTIS mIoU 38.5/40.8/43.0 vs MaskCLIP 5.4/8.3/9.2, AP50 NMS 5.5/4.7/5.4 vs
-no NMS 4.4/4.1/4.3; 488 s wall for seed 0 alone on 2 idle cores (README: the whole table).
+Every model here is tiny, so every process runs one CPU thread: a second thread buys little for
+such small tensors and costs a lot on a busy machine. docs/toy.md explains the results.
 The report lives in toy_report.py, the world generator in toy_world.py.
-
-References: ZUTIS (Shin, Albanie, Xie 2023) section 4; issue 7 of this repository.
 """
 import argparse
 import json
 import math
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+import clip_model
 import common
+from categories import TEMPLATES
 from toy_report import archive_precision, eval_metrics, flat_results, picture_grid, proposal_recall, \
     pseudo_mask_iou, results_table
 from toy_world import CATEGORIES, SIZE, caption_batch, write_world
@@ -56,7 +54,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def tiny_clip(context_length=16):
     """A CLIP small enough to pre-train on 2 CPU cores in minutes. The text context is 16 tokens
     (our captions are short); clip_model.build_model reads it back from the tensor shapes."""
-    import clip_model
     return clip_model.CLIP(embed_dim=128, image_resolution=SIZE, vision_layers=4, vision_width=128,
                            vision_patch_size=8, context_length=context_length, vocab_size=49408,
                            transformer_width=128, transformer_heads=2, transformer_layers=3)
@@ -64,21 +61,16 @@ def tiny_clip(context_length=16):
 
 def to_clip_input(imgs):
     """uint8 [B, S, S, 3] -> CLIP-normalised float [B, 3, S, S] (CLIP's own preprocess at 64 px)."""
-    import torch
-    import clip_model
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255  # [B, S, S, 3] -> [B, 3, S, S]
-    mean, std = torch.tensor(clip_model.CLIP_MEAN), torch.tensor(clip_model.CLIP_STD)
+    mean, std = torch.tensor(common.CLIP_MEAN), torch.tensor(common.CLIP_STD)
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
-def pretrain_clip(path, seed, steps, batch_size=128, lr=1e-3, warmup=30, log_every=25, save_every=50):
+def pretrain_clip(path, seed, steps, batch_size=128, lr=1e-3, warmup=30, log_seconds=20.0, save_every=50):
     """Contrastive pre-training (symmetric InfoNCE, learned temperature) on freshly generated
     captioned images, like CLIP's web data; saved as a plain state dict (clip_model.load reads it).
     Every `save_every` steps the whole state (weights, optimizer, both RNGs) goes to PATH.resume.pt,
     so a killed run continues exactly where it stopped when rerun with the same arguments."""
-    import torch
-    import torch.nn.functional as F
-    import clip_model
     torch.manual_seed(seed)
     model = tiny_clip().train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -89,7 +81,7 @@ def pretrain_clip(path, seed, steps, batch_size=128, lr=1e-3, warmup=30, log_eve
     resume, args = path + ".resume.pt", dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup)
     start = _load_clip_state(resume, args, model, opt, rng)
     labels = torch.arange(batch_size)
-    t0 = time.time()
+    t0 = last = time.time()
     for step in range(start, steps):
         # linear warm-up then cosine decay to zero
         # (a Python float, not numpy's: it goes into the optimizer state that the resume file saves)
@@ -106,8 +98,8 @@ def pretrain_clip(path, seed, steps, batch_size=128, lr=1e-3, warmup=30, log_eve
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100))  # CLIP's cap on the temperature
-        if step % log_every == 0 or step == steps - 1:
-            el, done = time.time() - t0, step + 1 - start
+        if step == start or step == steps - 1 or time.time() - last > log_seconds:  # by time: steps vary 10x with load
+            last, el, done = time.time(), time.time() - t0, step + 1 - start
             print(f"  clip step {step:4d}/{steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():5.1f} "
                   f"{el / done:.2f} s/step, ETA {el / done * (steps - step - 1):.0f} s", flush=True)
         if (step + 1) % save_every == 0 and step + 1 < steps:
@@ -121,10 +113,9 @@ def pretrain_clip(path, seed, steps, batch_size=128, lr=1e-3, warmup=30, log_eve
 def _load_clip_state(resume, args, model, opt, rng):
     """Restore an interrupted pre-training saved with the same arguments; returns the step to start
     from (0 when there is none, or it was made with other arguments)."""
-    import torch
     if not os.path.isfile(resume):
         return 0
-    ck = torch.load(resume, map_location="cpu", weights_only=True)
+    ck = common.torch_load(resume, "tiny-CLIP resume file")
     if ck.get("args") != args:
         print(f"  {resume} was made with other settings: starting over")
         return 0
@@ -146,14 +137,12 @@ def load_index(world_dir):
 def clip_report(path, world_dir, k=50):
     """Zero-shot accuracy over the ten categories (85-template prompts, as the retrieval stage uses)
     and retrieval precision@k on the index pool, both from the hidden labels."""
-    import torch
-    import clip_model
     model, _ = clip_model.load(path)  # the same loader every stage uses
     imgs, labels, _ = load_index(world_dir)
     with torch.no_grad():
         emb = torch.cat([model.encode_image(to_clip_input(imgs[i:i + 256])) for i in range(0, len(imgs), 256)])
         emb = torch.nn.functional.normalize(emb, dim=-1)
-        txt = clip_model.text_embeddings(model, CATEGORIES)
+        txt = clip_model.text_embeddings(model, CATEGORIES, templates=TEMPLATES)
         bg = clip_model.text_embeddings(model, ["background"] + CATEGORIES, templates=None)
     sim = (emb @ txt.T).numpy()  # [N, K]
     acc = float((sim.argmax(1) == labels).mean())
@@ -166,24 +155,12 @@ def clip_report(path, world_dir, k=50):
 
 # ----------------------------------------------------------------------------- floors
 
-FLOORS_BEGIN, FLOORS_END = "<!-- toy floors -->", "<!-- /toy floors -->"
-
-
 def read_floors(path):
-    """Floors from a JSON file {metric: floor} or from the table rows `| \\`metric\\` | floor |`
-    between the markers <!-- toy floors --> and <!-- /toy floors --> of a markdown file."""
-    if not os.path.isfile(path):
-        raise common.UserError(f"floors file not found: {path!r}")
-    text = open(path, encoding="utf-8").read()
-    if path.endswith(".json"):
-        return {k: float(v) for k, v in json.loads(text).items()}
-    if FLOORS_BEGIN not in text or FLOORS_END not in text:
-        raise common.UserError(f"{path} has no '{FLOORS_BEGIN}' ... '{FLOORS_END}' block of floors")
-    block = text.split(FLOORS_BEGIN, 1)[1].split(FLOORS_END, 1)[0]
-    floors = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\|\s*`([^`]+)`\s*\|\s*(-?[\d.]+)\s*\|", block, re.M)}
-    if not floors:
-        raise common.UserError(f"no floor rows (| `metric` | number |) between the markers in {path}")
-    return floors
+    """Floors {metric: lowest acceptable value} from a JSON file such as toy_floors.json."""
+    floors = common.load_json(path, "floors file")
+    if not isinstance(floors, dict) or not floors or not all(isinstance(v, (int, float)) for v in floors.values()):
+        raise common.UserError(f"{path} must be a JSON object {{metric: number}}")
+    return {k: float(v) for k, v in floors.items()}
 
 
 def check_floors(results, floors):
@@ -200,30 +177,27 @@ def check_floors(results, floors):
 
 # ----------------------------------------------------------------------------- the pipeline
 
-# Budgets measured on 2 idle CPU cores (see README): full <= 10 min, quick <= 5 min.
 PRESETS = {
     "full": dict(n_index=5000, n_eval=300, clip_steps=200, k=200, iters=1800, batch_size=8),
     "quick": dict(n_index=3000, n_eval=150, clip_steps=120, k=150, iters=800, batch_size=8),
 }
-# The segmenter for a 64 px world: decoder sized for the budget; logit scale 10 (the official
-# temperature 1 collapses to all-background here); encoder lr 3e-4 (measured at 1,800 iterations, seed 0:
-# mIoU 28.0 vs 27.1 at 2e-4 and 24.8 at 1e-4; 1e-5 learns a third as well); decoder lr 1e-3 (3e-4 learned
-# masks ~6x slower in 500 iterations). Scenes of up to 10 images as the official recipe (max_n 6 gave half
-# the AP50 at 1,500 iterations). Photometric jitter 0.4 without hue or grayscale: the official hue shift
-# (up to 0.2 of the colour circle) and 20% grayscale erase colour, which is most of what names a category
-# here (seeds 0/1/2 at 1,800 iterations: mIoU 28.0/31.1/29.4 -> 38.5/40.8/43.0, AP50 3.9/2.0/2.4 -> 5.5/4.7/5.4).
+# The segmenter for a 64 px world (docs/toy.md has the measurements behind each choice): a decoder sized
+# for a CPU budget; logit scale 10, because the official temperature 1 collapses to all-background on a
+# tiny CLIP; a higher encoder lr than the official one, since the tiny encoder starts far from useful
+# features; scenes of up to 10 images as the official recipe; photometric jitter without hue shifts or
+# grayscale, which erase colour, and colour is most of what names a category in this world.
 TRAIN_FLAGS = ["--crop", "64", "--lr", "1e-3", "--lr_encoder", "3e-4", "--logit_scale", "10",
                "--jitter", "0.4", "0.4", "0.4", "0", "--p_gray", "0", "--n_queries", "20",
                "--n_layers", "2", "--n_heads", "4", "--dim_ffn", "256", "--mlp_hidden", "128",
                "--num_workers", "0", "--log_every", "50"]
-SAVE_EVERY = 200  # ckpt.pt (16 MB, well under a second) every 200 iterations: a killed toy run resumes from there
+SAVE_EVERY = 200  # a small ckpt.pt every 200 iterations: a killed toy run resumes from there
 
 
 def get_args_parser():
     # --- CLI ---
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="toy_out", help="everything goes here; finished stages are reused")
-    p.add_argument("--quick", action="store_true", help="the CI run (<= 5 min on 2 cores): fewer images and steps")
+    p.add_argument("--quick", action="store_true", help="the CI run: fewer images and steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every stage")
     p.add_argument("--device", default="cpu", help="device for the stages: cpu, cuda or auto")
     p.add_argument("--clip_steps", type=int, default=None, help="tiny-CLIP pre-training steps (default: preset)")
@@ -231,8 +205,8 @@ def get_args_parser():
     p.add_argument("--n_index", type=int, default=None, help="index pool size (default: preset)")
     p.add_argument("--n_eval", type=int, default=None, help="evaluation scenes (default: preset)")
     p.add_argument("--no_ablation", action="store_true", help="skip the no-stop-gradient training run")
-    p.add_argument("--check_floors", default=None, help="README.md (rows between <!-- toy floors --> markers) or a "
-                                                          "JSON {metric: floor}: exit 1 if a metric is below its floor")
+    p.add_argument("--check_floors", default=None, help="a JSON file {metric: floor} such as toy_floors.json: "
+                                                          "exit 1 if a metric is below its floor")
     return p
 
 
@@ -335,23 +309,25 @@ def stage_command(script, args):
     return [sys.executable, os.path.join(HERE, script), *map(str, args)]
 
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: see the module docstring
+
+
 def run_script(script, *args):
     """A stage through its real command line; a failure stops the toy run with one line."""
     cmd = stage_command(script, args)
     print("  $ " + " ".join(cmd[1:]), flush=True)
-    r = subprocess.run(cmd, cwd=HERE)
+    r = subprocess.run(cmd, cwd=HERE, env=ONE_THREAD)
     if r.returncode != 0:
         raise common.UserError(f"{script} failed with exit code {r.returncode}: {' '.join(cmd[1:])}")
 
 
 def run_parallel(jobs, log_dir, echo_every=30.0):
-    """Run stage scripts {name: [script, *args]} at the same time with OMP_NUM_THREADS=1, each
-    writing to log_dir/<name>.log (its last progress line is echoed every `echo_every` s).
-    Why: on 2 cores the two tiny-model trainings take ~200 s side by side against ~320 s one after the
-    other with two threads each (measured, 1,200 iterations): tiny ops gain little from a second
-    thread, and each run's data loading is single-threaded anyway. Returns {name: (wall s, CPU s)};
-    a failure kills the others and stops the toy run with one line."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """Run stage scripts {name: [script, *args]} at the same time, one thread each, each writing to
+    log_dir/<name>.log (its last progress line is echoed every `echo_every` s). Side by side on one
+    thread each beats one after the other with two threads: tiny ops gain little from a second thread,
+    and each run's data loading is single-threaded anyway. Returns {name: (wall s, CPU s)}; a failure
+    kills the others and stops the toy run with one line."""
+    env = ONE_THREAD
     os.makedirs(log_dir, exist_ok=True)
     procs, out, t0, last = {}, {}, time.time(), time.time()
     try:
@@ -385,10 +361,28 @@ def run_parallel(jobs, log_dir, echo_every=30.0):
     return out
 
 
+def check_args(args):
+    """Every flag is checked before any work: a bad value fails now, not half an hour in."""
+    for k in ("clip_steps", "iters", "n_index", "n_eval"):
+        v = getattr(args, k)
+        if v is not None and v < 1:
+            raise common.UserError(f"--{k} must be a positive number, got {v}")
+    if args.n_index is not None and args.n_index < 10 * len(CATEGORIES):
+        raise common.UserError(f"--n_index must be at least {10 * len(CATEGORIES)} (ten images per category)")
+    if args.device not in ("cpu", "cuda", "auto") and not args.device.startswith("cuda:"):
+        raise common.UserError(f"--device must be cpu, cuda, cuda:N or auto, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise common.UserError("--device cuda asked for, but torch sees no CUDA device")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise common.UserError(f"--out_dir {args.out_dir!r} is a file")
+    return read_floors(args.check_floors) if args.check_floors else None
+
+
 def main():
     args = get_args_parser().parse_args()
+    floors = check_args(args)
+    torch.set_num_threads(1)  # tiny models: see the module docstring
     cfg = {**PRESETS["quick" if args.quick else "full"], **{k: v for k, v in vars(args).items() if v is not None}}
-    floors = read_floors(args.check_floors) if args.check_floors else None  # a bad file fails before the work
     print("toy.py config:")
     common.print_config(cfg)
     out = os.path.abspath(args.out_dir)
@@ -460,12 +454,5 @@ def main():
             sys.exit(1)
 
 
-def _sigterm(signum, frame):
-    # subprocess.run kills its child when interrupted by an exception, so turning SIGTERM into
-    # KeyboardInterrupt stops the running stage too instead of leaving it orphaned.
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _sigterm)
     common.run_main(main)

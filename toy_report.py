@@ -1,5 +1,6 @@
 """toy_report.py: toy.py's report: metrics from the generator's hidden labels, the results table, the
-picture grid. Library file, no side effects at import; nothing here feeds a training stage.
+picture grid. Library file, no side effects at import; nothing here feeds a training stage. The toy
+corner sits above every stage, so it uses evaluate.py's segmenters the way a user's script would.
 
     python toy.py            # writes toy_out/results.md, results.json and grid.png through these functions
 """
@@ -7,8 +8,14 @@ import json
 import os
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
+import clip_model
 import common
+import evaluate as E
+import model as M
 from toy_world import CATEGORIES
 
 # ----------------------------------------------------------------------------- reporting (hidden labels)
@@ -25,7 +32,6 @@ def archive_precision(archive_path, world_dir):
 
 def pseudo_mask_iou(archive_path, masks_dir, world_dir):
     """Mean IoU of the pseudo-masks with the generator's foreground (all objects) per archive image."""
-    from PIL import Image
     arc = common.load_archive(archive_path)
     hidden = json.load(open(os.path.join(world_dir, "hidden", "index_labels.json")))
     row = {f: i for i, f in enumerate(hidden["files"])}
@@ -54,11 +60,6 @@ def proposal_recall(ckpt, world_dir, grid=8, device="cpu"):
     its scene or shared with another instance. Next to two oracles: the best mask drawable on the
     encoder's grid x grid patch grid (majority vote per patch), and the class that the semantic argmax
     gives most pixels inside the true mask ("semantic")."""
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-    import evaluate as E
-    import model as M
     net = M.load_checkpoint(ckpt, categories=["background"] + CATEGORIES, device=device).eval()
     norm = E.checkpoint_config(ckpt).get("norm", "imagenet")
     voc = os.path.join(world_dir, "VOC2012")
@@ -96,11 +97,6 @@ def proposal_recall(ckpt, world_dir, grid=8, device="cpu"):
 
 def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
     """Rows of evaluation scenes: image | ground truth | MaskCLIP | ZUTIS semantic | ZUTIS instances."""
-    import torch
-    from PIL import Image
-    import clip_model
-    import evaluate as E
-    import model as M
     names = ["background"] + CATEGORIES
     zutis = E.ZutisSegmenter(M.load_checkpoint(ckpt, categories=names, device=device),
                              E.checkpoint_config(ckpt).get("norm", "imagenet"))

@@ -13,9 +13,13 @@ minutes budget).
 import os
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 import common
 import visualize
+from categories import TEMPLATES
 SIZE = 64
 CATEGORIES = ["circle", "square", "triangle", "star", "ring", "cross", "moon", "heart", "bar", "arrow"]
 HUES = np.arange(len(CATEGORIES)) / len(CATEGORIES)  # each category's typical hue, 36 degrees apart
@@ -110,8 +114,6 @@ def render_objects(rng, obj):
 def render_backgrounds(rng, n):
     """Cluttered, mostly desaturated backgrounds float [n, S, S, 3]: colour clouds, gradients,
     stripes/checker, distractor blobs, noise."""
-    import torch
-    import torch.nn.functional as F
     g = int(rng.integers(3, 7))
     cloud = hsv_to_rgb(rng.random((n, g, g)), rng.uniform(0, 0.35, (n, g, g)), rng.uniform(0.25, 0.9, (n, g, g)))
     cloud = F.interpolate(torch.from_numpy(cloud).permute(0, 3, 1, 2).float(), size=(SIZE, SIZE),
@@ -168,7 +170,6 @@ def caption_batch(rng, n, p_background=0.1):
     """Stream (a): captioned images for CLIP pre-training, like web alt-text: a template with the
     category name, sometimes with colour and texture words; some object-free images captioned
     as background so that the word means something to the tiny CLIP."""
-    from categories import TEMPLATES
     bg = rng.random(n) < p_background
     cats = rng.integers(0, len(CATEGORIES), n)
     cats = np.where(bg, -1, cats)[:, None]
@@ -238,7 +239,6 @@ def eval_scenes(rng, n, min_area=12):
 # ----------------------------------------------------------------------------- writing the world
 
 def save_palette_png(arr, path):
-    from PIL import Image
     im = Image.fromarray(arr.astype(np.uint8), mode="P")
     im.putpalette(visualize.palette(256).reshape(-1).tolist())  # the VOC colour map
     common.save_image(im, path)
