@@ -287,7 +287,8 @@ TEMPLATES = [
 ]
 
 BUILTIN = {"voc": VOC, "coco": COCO, "coco2017": COCO, "coco20k": COCO, "coca": COCA,
-           "imagenet_s919": IMAGENET_S919, "cub": ["background", "bird"]}
+           "imagenet_s919": IMAGENET_S919, "cub": ["background", "bird"],
+           "coco_seen65": [c for c in COCO if c not in COCO_UNSEEN]}  # Table 7: archives of the seen classes only
 
 
 # The official configs' per-benchmark recipe (configs/*.yaml of the official repository): which index
