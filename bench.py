@@ -80,6 +80,54 @@ def print_table(rows, title=""):
 
 
 
+# ----------------------------------------------------------------------------- smoke: every accelerator path once
+
+# (subcommand, arguments on a GPU: the real shapes, arguments on a CPU: reduced sizes); the torchrun
+# rows exercise the multi-process code paths on one device.
+SMOKE = []
+
+
+def smoke_parts(device):
+    """[(part name, argv for `python bench.py`)] for one smoke run on `device`."""
+    gpu = torch.device(device).type == "cuda"
+    return [(name, [name, *(g if gpu else c)]) for name, g, c in SMOKE]
+
+
+@command("smoke", "every accelerator code path once, timed (reduced sizes on a CPU); one table + JSON")
+def smoke(device, argv):
+    p = argparse.ArgumentParser(prog="bench.py smoke")
+    p.add_argument("--only", nargs="+", default=None, help="run only these parts")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed per part")
+    a = p.parse_args(argv)
+    import subprocess
+    import tempfile
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory(prefix="zutis_smoke_") as tmp:
+        for part, args in smoke_parts(device):
+            if a.only and part not in a.only:
+                continue
+            out = os.path.join(tmp, part + ".json")
+            cmd = [sys.executable, os.path.abspath(__file__), *args[:1], "--device", device, "--json", out, *args[1:]]
+            print(f"[smoke] {part}: {' '.join(cmd[2:])}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+                ok, tail = r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
+                print(r.stdout, end="", flush=True)
+            except subprocess.TimeoutExpired:
+                ok, tail = False, f"timed out after {a.timeout:.0f} s"
+            sec = time.perf_counter() - t0
+            results[part] = {"seconds": sec, "ok": ok, "error": None if ok else tail,
+                             "results": common.load_json(out)["results"] if ok and os.path.isfile(out) else None}
+            rows.append({"part": part, "seconds": sec, "status": "ok" if ok else "FAILED: " + tail[:80]})
+    print_table(rows, f"\nsmoke on {device}: {sum(r['seconds'] for r in rows):.0f} s in all")
+    failed = [r["part"] for r in rows if r["status"] != "ok"]
+    if failed:
+        common.save_json({"name": "smoke", "device": device, "results": results}, os.path.join("out", "bench_smoke.json"))
+        raise common.UserError(f"smoke parts failed: {', '.join(failed)} (details above and in out/bench_smoke.json)")
+    return results
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
