@@ -228,10 +228,9 @@ def load_archive(path, index_dirs=None):
     """Read an archive JSON and resolve its index dirs to absolute paths (or use `index_dirs`)."""
     if not os.path.isfile(path):
         raise UserError(f"archive not found: {path!r} (run build_archive.py first)")
-    with open(path, encoding="utf-8") as f:
-        arc = json.load(f)
+    arc = load_json(path, "archive")
     for key in ("index_dirs", "categories", "archive"):
-        if key not in arc:
+        if not isinstance(arc, dict) or key not in arc:
             raise UserError(f"{path!r} is not a zutis archive (no {key!r}); convert official "
                             "archives with build_archive.py --import_archive")
     base = os.path.dirname(os.path.abspath(path))
