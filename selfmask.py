@@ -187,9 +187,8 @@ def load_selfmask(name_or_path="selfmask_nq20", device="cpu", download_root=None
     try:
         sd = common.torch_load(path, "SelfMask checkpoint")
     except common.UserError as e:  # the old trainer files may hold objects beyond tensors
-        raise common.UserError(f"{e}. If it is a trainer file you trust, extract the weights: python -c \"import "
-                               f"torch; torch.save(torch.load('{path}', weights_only=False)['model'], "
-                               "'selfmask_weights.pt')\"") from None
+        raise common.UserError(f"{e}. If it is a SelfMask trainer file you trust, extract its weights as "
+                               "docs/pseudo_label.md shows ('The SelfMask checkpoint')") from None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     if not isinstance(sd, dict):

@@ -143,7 +143,7 @@ def test_missing_checkpoint_says_how_to_get_it(tmp_path):
         selfmask.load_selfmask(str(tmp_path / "nope.pt"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(common.UserError, match="cannot be read.*trainer file you trust"):
+    with pytest.raises(common.UserError, match="cannot be read.*trainer file you trust.*docs"):
         selfmask.load_selfmask(str(bad))
 
 
