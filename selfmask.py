@@ -138,11 +138,11 @@ class SelfMask(nn.Module):
     def __init__(self, n_queries=20, patch_size=8, dim=384, depth=12, n_heads=6, n_dec_layers=6, dim_ffn=1536):
         super().__init__()
         self.encoder = ViT(patch_size, dim, depth, n_heads)
-        self.decoder = nn.ModuleDict(dict(layers=nn.ModuleList([DecoderLayer(dim, n_heads, dim_ffn)
-                                                                for _ in range(n_dec_layers)]), norm=nn.LayerNorm(dim)))
+        layers = nn.ModuleList([DecoderLayer(dim, n_heads, dim_ffn) for _ in range(n_dec_layers)])
+        self.decoder = nn.ModuleDict(dict(layers=layers, norm=nn.LayerNorm(dim)))  # + one final LayerNorm
         self.query_embed = nn.Parameter(torch.randn(n_queries, dim))  # an nn.Embedding weight upstream
-        # objectness head: Linear-ReLU-Linear-ReLU-Linear
-        self.ffn = nn.ModuleDict(dict(layers=nn.ModuleList([nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, 1)])))
+        head = [nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, 1)]  # objectness: Linear-ReLU-Linear-ReLU-Linear
+        self.ffn = nn.ModuleDict(dict(layers=nn.ModuleList(head)))
 
     def forward(self, x):
         """Normalised images [B, 3, H, W] -> {"mask_probs": [B, Q, h*2, w*2] (stride 4 of the padded
