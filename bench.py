@@ -68,6 +68,67 @@ def print_table(rows, title=""):
 # ----------------------------------------------------------------------------- SelfMask pseudo-labels
 # (selfmask.py, pseudo_label.py)
 
+import concurrent.futures as cf  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import pseudo_label  # noqa: E402
+import selfmask  # noqa: E402
+
+
+def photo_like(rng, H, W):
+    """An object (ellipse) on a background, two random colours, stripes and pixel noise: uint8 [H, W, 3]."""
+    yy, xx = np.mgrid[:H, :W]
+    obj = ((yy - rng.uniform(0.3, 0.7) * H) / (0.25 * H)) ** 2 + ((xx - rng.uniform(0.3, 0.7) * W) / (0.25 * W)) ** 2 < 1
+    img = np.where(obj[..., None], rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)) + rng.normal(0, 12, (H, W, 3))
+    return np.clip(img + 25 * np.sin(xx / rng.uniform(4, 12))[..., None], 0, 255).astype(np.uint8)
+
+
+@command("selfmask", "SelfMask batches at the working size and the bilateral solver in worker processes")
+def bench_selfmask(device, argv):
+    p = argparse.ArgumentParser(prog="bench.py selfmask", description="Random weights of the released shapes, "
+                                "generated images; the pipeline is pseudo_label.py's (network, then solver pool).")
+    p.add_argument("--images", type=int, default=64, help="Generated images per timing.")
+    p.add_argument("--size", type=int, nargs=2, default=[375, 500], help="Their height and width.")
+    p.add_argument("--short_side", type=int, default=selfmask.SHORT_SIDE, help="The working shorter side.")
+    p.add_argument("--batch_size", type=int, default=8, help="Images per forward pass.")
+    p.add_argument("--post_workers", type=int, default=8, help="Bilateral solver processes.")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast.")
+    a = p.parse_args(argv)
+    rng = np.random.default_rng(0)
+    prepped = [selfmask.prepare(photo_like(rng, *a.size), a.short_side) for _ in range(a.images)]
+    model = selfmask.SelfMask().to(device).eval()
+    batches = [[x for x, _, _ in prepped[i:i + a.batch_size]] for i in range(0, a.images, a.batch_size)]
+    network = timed(lambda: [pseudo_label.run_coarse(model, b, a.amp) for b in batches], device, warmup=1, iters=1)
+    coarse = sum((pseudo_label.run_coarse(model, b, a.amp) for b in batches), [])
+    solver = timed(lambda: [selfmask.finish_mask(c, ref, size) for c, (_, ref, size) in zip(coarse, prepped)],
+                   "cpu", warmup=0, iters=1)
+    with tempfile.TemporaryDirectory() as tmp, cf.ProcessPoolExecutor(
+            a.post_workers, mp.get_context("spawn"), pseudo_label.die_with_parent, (os.getpid(),)) as pool:
+        list(pool.map(abs, range(4 * a.post_workers)))  # start every process before the clock
+        pending, waited, t0 = [], 0.0, time.perf_counter()
+        for i, b in enumerate(batches):  # the loop of pseudo_label.label_shard
+            for j, c in enumerate(pseudo_label.run_coarse(model, b, a.amp)):
+                _, ref, size = prepped[i * a.batch_size + j]
+                pending.append(pool.submit(pseudo_label.write_mask, c, f"{tmp}/{i}_{j}.png", ref, size, True))
+                while len(pending) > 4 * a.post_workers:
+                    t = time.perf_counter()
+                    pending.pop(0).result()
+                    waited += time.perf_counter() - t
+        [f.result() for f in pending]
+        pipeline = time.perf_counter() - t0
+    n = a.images
+    rows = [{"part": f"network, batch {a.batch_size}{', bf16' if a.amp else ''}", "images/s": n / network},
+            {"part": "bilateral solver + resize, 1 process", "images/s": n / solver},
+            {"part": f"pipeline, {a.post_workers} solver process(es)", "images/s": n / pipeline}]
+    work = tuple(prepped[0][0].shape[1:])
+    print_table(rows, f"SelfMask pseudo-labels on {device}: {n} images {a.size[0]}x{a.size[1]} -> working size {work}")
+    waits = waited / pipeline
+    print(f"the network waits on the solver for {100 * waits:.0f}% of the pipeline's time"
+          f"{' (add --post_workers)' if waits > 0.1 else ''}")
+    return {"rows": rows, "working_size": list(work), "network_waits_on_solver": waits, "args": vars(a)}
 
 
 # ----------------------------------------------------------------------------- training

@@ -1,109 +1,175 @@
-"""pseudo_label.py: stage 2 of ZUTIS (paper section 3.2): one class-agnostic saliency mask per
-archive image. The segmenter learns only from these masks.
+"""pseudo_label.py: stage 2 of ZUTIS (paper section 3.2). It writes one class-agnostic saliency mask
+per image of the archive, the only supervision the segmenter gets.
 
-Reads  --archive (build_archive.py's archive.json; format at the top of common.py) and its images.
-Writes --out_dir/<dir index>_<index dir name>/<image path without extension>.png (common.mask_relpath):
-       one single-channel PNG, 0 = background, 255 = salient, at the image's original size; an image
-       retrieved for several categories gets one mask. Also --out_dir/{config.json, summary.json,
-       skipped.txt (unreadable images), contact_sheet.jpg (random images with their masks)}.
+It reads --archive (from build_archive.py) and its images, and writes one PNG per unique image (0 =
+background, 255 = salient, at the image's size) to --out_dir/<dir index>_<index dir name>/<image path
+without extension>.png, plus config.json, summary.json, skipped.txt (unreadable images) and
+contact_sheet.jpg. Files are written atomically and valid masks on disk are kept, so a rerun resumes.
 
-Saliency (--saliency):
-  selfmask  (default) the released SelfMask network with ZUTIS's protocol and bilateral solver
-            (selfmask.py). --selfmask takes a released name (downloaded once) or a local file.
-  boundary  training-free FALLBACK: colour contrast to the image border's colour clusters (ms/img, CPU)
-  spectral  training-free FALLBACK: normalised cut of a CLIP ViT's patch tokens (--arch)
-            (both fallbacks and the bilateral solver: saliency.py)
-Resumable: valid masks already on disk are kept (a truncated PNG or one of the wrong size is
-redone), every file is written atomically, unreadable images are skipped and listed.
+The default is ZUTIS's protocol: the released SelfMask network and the bilateral solver. Without its
+checkpoint, --saliency boundary is a training-free fallback that needs no weights but gives worse masks
+(colour contrast to the image border). Reference: docs/pseudo_label.md.
 
-Commands:
-  CPU:      python pseudo_label.py --archive out/archive.json --out_dir out/masks --device cpu
-  1 GPU:    python pseudo_label.py --archive out/archive.json --out_dir out/masks --post_workers 8
-  N GPUs:   torchrun --nproc_per_node 8 pseudo_label.py --archive out/archive.json --out_dir out/masks
-  no checkpoint: python pseudo_label.py --saliency boundary
-  timing:   python pseudo_label.py --benchmark [--selfmask PATH] [--device cuda]
-Expected end of the output (numbers vary):
-  summary: 9,871 masks written, 0 already done, 2 unreadable, 41 empty, mean foreground 0.31, ...
+Examples:
+  python pseudo_label.py --archive out/archive.json --out_dir out/masks --post_workers 8
+  torchrun --nproc_per_node 8 pseudo_label.py --archive out/archive.json --out_dir out/masks
+  python pseudo_label.py --archive out/archive.json --out_dir out/masks --saliency boundary
 """
 import argparse
 import concurrent.futures as cf
+import ctypes
+import functools
 import multiprocessing as mp
 import os
+import signal
+import sys
 import time
 
 import numpy as np
 import torch
+from PIL import Image
+from scipy import ndimage
 
 import common
-import saliency
 import selfmask
 
 
-# ----------------------------------------------------------------------------- CLI
-
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archive", default="out/archive.json", help="archive JSON from build_archive.py")
-    p.add_argument("--index_dirs", nargs="+", default=None, help="override the archive's index dirs (data moved)")
-    p.add_argument("--out_dir", default="out/masks", help="where the mask PNGs, summary and contact sheet go")
-    p.add_argument("--saliency", default="selfmask", choices=["selfmask", "boundary", "spectral"],
-                   help="selfmask = the released network (ZUTIS); boundary/spectral = training-free fallbacks")
-    p.add_argument("--selfmask", default="selfmask_nq20",
-                   help=f"SelfMask checkpoint: a name {sorted(selfmask.SELFMASK_MODELS)} or a local .pt path")
-    p.add_argument("--arch", default="ViT-B/16", help="CLIP name or checkpoint path for --saliency spectral")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archive", default="out/archive.json", help="The archive JSON written by build_archive.py.")
+    p.add_argument("--index_dirs", nargs="+", help="The index image folders, if they moved since the archive was built.")
+    p.add_argument("--out_dir", default="out/masks", help="Where the masks, summary and contact sheet go.")
+    p.add_argument("--saliency", default="selfmask", choices=["selfmask", "boundary"],
+                   help="SelfMask (ZUTIS) or the training-free boundary-prior fallback.")
+    p.add_argument("--selfmask", default="selfmask_nq20", help="The SelfMask checkpoint: a released name "
+                   f"{sorted(selfmask.SELFMASK_MODELS)} (downloaded into ~/.cache/selfmask) or a local file.")
     p.add_argument("--bilateral", action=argparse.BooleanOptionalAction, default=True,
-                   help="refine masks with the bilateral solver (ZUTIS: on; also improves the fallbacks)")
-    p.add_argument("--short_side", type=int, default=None,
-                   help="working resolution, shorter side in px (default: 512 selfmask, 224 spectral)")
-    p.add_argument("--max_side", type=int, default=2048,
-                   help="cap on the longer working side in px (0 = none, the official behaviour); only "
-                        "images more elongated than 4:1 are affected")
-    p.add_argument("--batch_size", type=int, default=8, help="SelfMask batch (images of equal working size)")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers decoding images per process")
-    p.add_argument("--post_workers", type=int, default=0,
-                   help="processes running the bilateral solver + PNG writes (0 = inline; use ~8 on a GPU box)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--amp", action="store_true",
-                   help="run the network under bf16 autocast (faster on GPUs; default fp32 as upstream)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N unique images (0 = all)")
-    p.add_argument("--contact_sheet", type=int, default=32, help="images on the contact sheet (0 = none)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the contact sheet's random pick")
-    p.add_argument("--benchmark", action="store_true",
-                   help="time the network, bilateral solver and fallbacks at --short_side on synthetic images, then exit")
-    p.add_argument("--benchmark_images", type=int, default=3, help="images per timing in --benchmark")
+                   help="Refine each mask with the bilateral solver (ZUTIS: on; it helps the fallbacks too).")
+    p.add_argument("--short_side", type=int, default=selfmask.SHORT_SIDE, help="SelfMask's working shorter side in pixels.")
+    p.add_argument("--batch_size", type=int, default=8, help="SelfMask images per forward pass.")
+    p.add_argument("--num_workers", type=int, default=4, help="DataLoader processes decoding images.")
+    p.add_argument("--post_workers", type=int, default=0, help="Processes running the bilateral solver and the "
+                   "PNG writes, so that a GPU does not wait on them (0 = the main process; about 8 suit one GPU).")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+    p.add_argument("--amp", action="store_true", help="Run SelfMask under bf16 autocast (the official code uses fp32).")
+    p.add_argument("--contact_sheet", type=int, default=32, help="Random images shown on the contact sheet (0 = none).")
     return p
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- training-free fallbacks
 
-def mask_is_valid(mask_path, size):
-    """A finished mask: decodes completely, single channel, (W, H) == size. Returns its foreground
-    fraction, or None when it has to be (re)done."""
-    from PIL import Image
+def rgb_to_lab(rgb):
+    """uint8 sRGB [..., 3] -> CIE L*a*b* (D65) float32 [..., 3]: Euclidean distances there roughly
+    follow perceived colour differences, unlike RGB."""
+    c = rgb.astype(np.float32) / 255
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = c @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]],
+                       np.float32).T / np.array([0.9505, 1.0, 1.089], np.float32)
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def kmeans(x, k, iters=10, seed=0):
+    """Lloyd's k-means on rows of x [N, D], farthest-point init -> (centres [k', D], each cluster's
+    share of the points [k'])."""
+    x = x.astype(np.float32)
+    first = int(np.random.default_rng(seed).integers(len(x)))
+    chosen, d = [first], ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, min(k, len(x))):
+        chosen.append(int(d.argmax()))
+        d = np.minimum(d, ((x - x[chosen[-1]]) ** 2).sum(1))
+    c = x[chosen]
+    for it in range(iters + 1):
+        assign = ((c * c).sum(1) - 2 * x @ c.T).argmin(1)  # ||x - c||^2 up to the constant ||x||^2
+        count = np.bincount(assign, minlength=len(c))
+        if it == iters:
+            return c, count / len(x)
+        sums = np.eye(len(c), dtype=np.float32)[assign].T @ x  # [k, N] @ [N, D] -> [k, D]
+        c = np.where(count[:, None] > 0, sums / np.maximum(count, 1)[:, None], c)
+
+
+def otsu_threshold(v, bins=256):
+    """Otsu's threshold of the values v: maximises the between-class variance."""
+    hist, edges = np.histogram(v, bins=bins)
+    p = hist / max(hist.sum(), 1)
+    w0, mu = np.cumsum(p), np.cumsum(p * (edges[:-1] + edges[1:]) / 2)
+    between = (mu[-1] * w0 - mu) ** 2 / np.maximum(w0 * (1 - w0), 1e-12)
+    return edges[int(np.argmax(between[:-1])) + 1]
+
+
+def largest_component(mask):
+    """The largest connected component with its holes filled."""
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    return ndimage.binary_fill_holes(lab == 1 + int(np.bincount(lab.ravel())[1:].argmax()))
+
+
+def boundary_saliency(image, bilateral=False, k=4, border=0.05, min_cluster=0.2, work_side=160):
+    """Training-free fallback from the boundary prior: the image border is mostly background, so a pixel
+    is salient when its smoothed colour and texture are far from every dominant border colour cluster.
+    Otsu threshold, largest component, holes filled. Image -> bool [H, W]."""
+    rgb = selfmask.to_rgb(image)
+    H, W = rgb.shape[:2]
+    small = selfmask.resize_shorter(rgb, min(H, W, work_side), max_side=None) if max(H, W) > work_side else rgb
+    h, w = small.shape[:2]
+    s = max(1.0, min(h, w) / 48)  # smoothing scale: averages over a fine texture period
+    lab = rgb_to_lab(small)
+    mean = ndimage.gaussian_filter(lab, (s, s, 0))
+    # Texture energy (local standard deviation of lightness), so stripes and a flat patch of the same
+    # mean colour still differ.
+    energy = np.sqrt(np.maximum(ndimage.gaussian_filter((lab[..., 0] - mean[..., 0]) ** 2, s), 0))
+    feats = np.concatenate([mean, energy[..., None]], -1)  # [h, w, 4]
+    b = max(1, int(round(border * min(h, w))))
+    ring = np.ones((h, w), bool)
+    ring[b:-b, b:-b] = False
+    centres, weight = kmeans(feats[ring][:: max(1, ring.sum() // 2000)], k)
+    # Clusters holding little of the border are more likely object parts touching the edge.
+    centres = centres[weight >= min(min_cluster, weight.max())]
+    dist = np.sqrt(((feats[:, :, None] - centres[None, None]) ** 2).sum(-1)).min(-1)  # [h, w]
+    dist = ndimage.gaussian_filter(dist, s)
+    if dist.max() - dist.min() < 1.0:  # under one Lab unit everywhere: nothing stands out, no object
+        return np.zeros((H, W), bool)
+    fg = dist > otsu_threshold(dist)
+    if bilateral:
+        fg = selfmask.bilateral_solve(small, fg.astype(np.float64)) > 0.5
+    return selfmask.finish_mask(largest_component(fg), orig_size=(H, W), bilateral=False)
+
+
+# ----------------------------------------------------------------------------- workers
+
+def die_with_parent(parent_pid, *_):
+    """Initialiser of every worker process: the kernel kills it when the stage dies (Linux), so a killed
+    run leaves no worker behind blocked on a full pipe. Its own work is single-threaded."""
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(1)
+
+
+def valid_mask_fraction(mask_path, size):
+    """Foreground fraction of a finished mask (decodes completely, 8-bit, (W, H) == size), else None."""
     try:
         with Image.open(mask_path) as m:
-            m.load()  # a truncated PNG from a crash fails here
-            if m.mode != "L" or m.size != size:  # we write 8-bit 0/255 PNGs
-                return None
-            return float((np.asarray(m) > 127).mean())
+            m.load()  # a truncated PNG fails here
+            return float((np.asarray(m) > 127).mean()) if m.mode == "L" and m.size == size else None
     except (OSError, ValueError, SyntaxError):
         return None
 
 
-def write_mask(mask, path):
-    """bool [H, W] -> PNG 0/255, atomically. Returns the foreground fraction."""
+def write_mask(mask, path, ref=None, size=None, bilateral=False):
+    """(Bilateral solver and resize of a coarse SelfMask mask, then) PNG 0/255, atomically -> foreground fraction."""
+    if size is not None:
+        mask = selfmask.finish_mask(mask, ref, size, bilateral)
     common.save_image(mask.astype(np.uint8) * 255, path)
     return float(mask.mean())
 
 
-def finish_and_write(coarse, ref, size, bilateral, path):
-    """Runs in a post-processing process (or inline): bilateral solver, resize, PNG."""
-    return write_mask(selfmask.finish_mask(coarse, ref, size, bilateral), path)
-
-
 class Jobs(torch.utils.data.Dataset):
-    """Item i: check the existing mask, else decode the image and do the CPU-side work of the chosen
-    method (SelfMask: resize + normalise; boundary: the whole saliency). Runs in DataLoader workers."""
+    """Item i, in a DataLoader worker: check the existing mask, else decode the image and do the CPU
+    side of the method (SelfMask: resize + normalise; boundary: all of it). Arrays go back as tensors,
+    which travel through shared memory instead of the pipe."""
 
     def __init__(self, jobs, args):
         self.jobs, self.args = jobs, args
@@ -112,37 +178,29 @@ class Jobs(torch.utils.data.Dataset):
         return len(self.jobs)
 
     def __getitem__(self, i):
-        from PIL import Image
         img_path, mask_path = self.jobs[i]
-        out = {"i": i, "path": img_path, "mask_path": mask_path}
+        out = {"path": img_path, "mask_path": mask_path, "status": "todo"}
         try:
             with Image.open(img_path) as im:
-                size = im.size  # header only: cheap
-            if os.path.exists(mask_path):
-                fg = mask_is_valid(mask_path, size)
-                if fg is not None:
-                    return {**out, "status": "done", "fg": fg}
+                size = im.size  # header only
+            fg = valid_mask_fraction(mask_path, size) if os.path.exists(mask_path) else None
+            if fg is not None:
+                return {**out, "status": "done", "fg": fg}
             rgb = np.asarray(common.load_rgb(img_path))
         except (OSError, ValueError, SyntaxError) as e:
             return {**out, "status": "bad", "error": f"{type(e).__name__}: {e}"}
         a = self.args
         if a.saliency == "boundary":
-            return {**out, "status": "mask", "mask": saliency.boundary_saliency(rgb, bilateral=a.bilateral)}
-        if a.saliency == "spectral":
-            return {**out, "status": "todo", "rgb": rgb}
-        x, ref, size = selfmask.prepare(rgb, a.short_side, a.max_side or None)
-        return {**out, "status": "todo", "x": x, "ref": ref, "size": size}
+            return {**out, "status": "mask", "mask": torch.from_numpy(boundary_saliency(rgb, a.bilateral))}
+        x, ref, size = selfmask.prepare(rgb, a.short_side)
+        return {**out, "x": x, "ref": torch.from_numpy(ref.copy()), "size": tuple(size)}
 
 
-def _identity(x):
-    return x
-
-
-# ----------------------------------------------------------------------------- SelfMask batches
+# ----------------------------------------------------------------------------- labelling
 
 def run_coarse(model, xs, amp=False):
-    """coarse_masks on a same-size batch; on CUDA out-of-memory retry one by one, then on the CPU
-    (the official code also moves a failing image to the CPU)."""
+    """coarse_masks on a same-sized batch; on CUDA out-of-memory one by one, then on the CPU (the
+    official code also moves a failing image to the CPU)."""
     dev = next(model.parameters()).device
     try:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -152,78 +210,49 @@ def run_coarse(model, xs, amp=False):
         if len(xs) > 1:
             return sum((run_coarse(model, [x], amp) for x in xs), [])
         print("CUDA out of memory on one image: running it on the CPU")
-        model.cpu()
-        try:
-            return list(selfmask.coarse_masks(model, xs[0][None]).numpy())
-        finally:
-            model.to(dev)
+        out = list(selfmask.coarse_masks(model.cpu(), xs[0][None]).numpy())
+        model.to(dev)
+        return out
 
 
-class Writer:
-    """Bilateral solver + PNG writes, inline or in a process pool (the solver is CPU work that would
-    otherwise leave the GPU idle). Keeps at most a few jobs per process in flight."""
-
-    def __init__(self, n_procs):
-        # spawn, not fork: forking a process that holds CUDA and OpenMP thread pools can deadlock.
-        self.pool = cf.ProcessPoolExecutor(n_procs, mp_context=mp.get_context("spawn"),
-                                           initializer=torch.set_num_threads, initargs=(1,)) if n_procs > 0 else None
-        self.limit, self.inflight, self.results = 4 * max(n_procs, 1), [], []
-
-    def submit(self, fn, *a):
-        if self.pool is None:
-            self.results.append(fn(*a))
-            return
-        self.inflight.append(self.pool.submit(fn, *a))
-        if len(self.inflight) >= self.limit:
-            self.results.append(self.inflight.pop(0).result())
-
-    def close(self):
-        self.results += [f.result() for f in self.inflight]
-        if self.pool is not None:
-            self.pool.shutdown()
-        return self.results
-
-
-def load_saliency_model(args, device, say=print):
+def load_saliency_model(args, device, say):
     if args.saliency == "selfmask":
-        say(f"saliency: SelfMask {args.selfmask!r} (ZUTIS protocol, bilateral solver {'on' if args.bilateral else 'OFF'})")
+        say(f"saliency: SelfMask {args.selfmask!r}, bilateral solver {'on' if args.bilateral else 'OFF'}")
         return selfmask.load_selfmask(args.selfmask, device)
-    if args.saliency == "spectral":
-        import clip_model
-        say(f"saliency: spectral FALLBACK on CLIP {args.arch!r} patch tokens (not SelfMask)")
-        return clip_model.load(args.arch, device)[0].visual
-    say("saliency: boundary-prior FALLBACK (not SelfMask)")
-    return None
+    say("WARNING: saliency: the training-free boundary FALLBACK, not SelfMask: the masks will be worse than "
+        "ZUTIS's (docs/pseudo_label.md)")
 
 
 def label_shard(jobs, args, model, dist):
-    """Process this rank's jobs; returns stats and the skipped (path, error) list."""
-    st = {"written": 0, "done": 0, "bad": 0, "empty": 0, "fg_sum": 0.0}
-    skipped, buckets = [], {}
-    writer = Writer(args.post_workers)
-    loader = torch.utils.data.DataLoader(Jobs(jobs, args), batch_size=None, shuffle=False,
-                                         num_workers=args.num_workers, collate_fn=_identity)
+    """This rank's jobs -> {"done": [fg], "written": [fg], "skipped": [(path, error)]}: foreground fractions
+    of the masks found on disk and written. The bilateral solver and the PNG writes run in --post_workers
+    processes (spawned: forking a process that holds CUDA can deadlock), a few jobs each in flight."""
+    pool = args.post_workers and cf.ProcessPoolExecutor(args.post_workers, mp.get_context("spawn"),
+                                                        die_with_parent, (os.getpid(),))
+    res, pending, buckets = {"done": [], "written": [], "skipped": []}, [], {}
+    loader = torch.utils.data.DataLoader(Jobs(jobs, args), batch_size=None, num_workers=args.num_workers,
+                                         worker_init_fn=functools.partial(die_with_parent, os.getpid()))
+
+    def submit(*a):
+        if not pool:
+            return res["written"].append(write_mask(*a))
+        pending.append(pool.submit(write_mask, *a))
+        while len(pending) > 4 * args.post_workers:
+            res["written"].append(pending.pop(0).result())
 
     def flush(key):
         items = buckets.pop(key)
         for it, coarse in zip(items, run_coarse(model, [it["x"] for it in items], args.amp)):
-            writer.submit(finish_and_write, coarse, it["ref"], it["size"], args.bilateral, it["mask_path"])
+            submit(coarse, it["mask_path"], it["ref"].numpy(), it["size"], args.bilateral)
 
-    t0, n_seen = time.time(), 0
-    for it in loader:
-        n_seen += 1
+    t0 = time.time()
+    for n, it in enumerate(loader, 1):
         if it["status"] == "done":
-            st["done"] += 1
-            st["fg_sum"] += it["fg"]
-            st["empty"] += it["fg"] == 0
+            res["done"].append(it["fg"])
         elif it["status"] == "bad":
-            st["bad"] += 1
-            skipped.append((it["path"], it["error"]))
+            res["skipped"].append((it["path"], it["error"]))
         elif it["status"] == "mask":
-            writer.submit(write_mask, it["mask"], it["mask_path"])
-        elif args.saliency == "spectral":
-            m = saliency.spectral_saliency(it["rgb"], model, args.short_side, args.bilateral)
-            writer.submit(write_mask, m, it["mask_path"])
+            submit(it["mask"].numpy(), it["mask_path"])
         else:
             key = tuple(it["x"].shape)
             buckets.setdefault(key, []).append(it)
@@ -231,142 +260,77 @@ def label_shard(jobs, args, model, dist):
                 flush(key)
             elif sum(map(len, buckets.values())) > 2 * args.batch_size:  # bound memory: many distinct sizes
                 flush(max(buckets, key=lambda k: len(buckets[k])))
-        if dist.is_main and n_seen % 500 == 0:
-            print(f"  {n_seen}/{len(jobs)} images ({n_seen / (time.time() - t0):.1f} img/s on rank 0)", flush=True)
+        if dist.is_main and n % 500 == 0:
+            print(f"  {n}/{len(jobs)} images ({n / (time.time() - t0):.1f} img/s on rank 0)", flush=True)
     for key in list(buckets):
         flush(key)
-    for fg in writer.close():
-        st["written"] += 1
-        st["fg_sum"] += fg
-        st["empty"] += fg == 0
-    return st, skipped
+    res["written"] += [f.result() for f in pending]
+    if pool:
+        pool.shutdown()
+    return res
 
 
 # ----------------------------------------------------------------------------- outputs
 
-def contact_sheet(pairs, path, n=32, seed=0, tile=128, cols=8):
+def contact_sheet(pairs, path, n=32, tile=128, cols=8):
     """`n` random (image, mask) pairs, each image with its mask tinted red, on one JPEG."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    pick = [pairs[i] for i in sorted(rng.choice(len(pairs), min(n, len(pairs)), replace=False))]
-    rows = max(1, -(-len(pick) // cols))
-    sheet = np.full((rows * tile, cols * tile, 3), 255, np.uint8)
+    pick = [pairs[i] for i in sorted(np.random.default_rng(0).choice(len(pairs), min(n, len(pairs)), replace=False))]
+    sheet = Image.new("RGB", (cols * tile, -(-len(pick) // cols) * tile), "white")
     for k, (img_path, mask_path) in enumerate(pick):
         try:
             img = common.load_rgb(img_path)
+            img.thumbnail((tile, tile), Image.BILINEAR)
             with Image.open(mask_path) as m:
-                mask = m.convert("L").resize(img.size, Image.NEAREST)
+                mask = np.asarray(m.convert("L").resize(img.size, Image.NEAREST))[..., None] > 127
         except (OSError, ValueError, SyntaxError):
             continue
-        scale = tile / max(img.size)
-        size = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
-        a = np.asarray(img.resize(size, Image.BILINEAR)).astype(np.float32)
-        m = (np.asarray(mask.resize(size, Image.NEAREST)) > 127)[..., None]
-        a = np.where(m, 0.55 * a + 0.45 * np.array([255, 0, 0]), 0.6 * a)  # red object, dimmed background
-        r, c = divmod(k, cols)
-        sheet[r * tile:r * tile + size[1], c * tile:c * tile + size[0]] = a.astype(np.uint8)
+        a = np.asarray(img, np.float32)
+        a = np.where(mask, 0.55 * a + 0.45 * np.array([255, 0, 0]), 0.6 * a)  # red object, dimmed background
+        sheet.paste(Image.fromarray(a.astype(np.uint8)), (k % cols * tile, k // cols * tile))
     common.save_image(sheet, path, quality=90)
 
 
-def summarise(stats, skipped, seconds, args):
-    tot = {k: sum(s[k] for s in stats) for k in stats[0]}
-    n_masks = tot["written"] + tot["done"]
-    summary = {"masks_written": tot["written"], "already_done": tot["done"], "unreadable_skipped": tot["bad"],
-               "empty_masks": int(tot["empty"]), "mean_foreground": round(tot["fg_sum"] / max(n_masks, 1), 4),
-               "seconds": round(seconds, 1), "images_per_s": round(tot["written"] / max(seconds, 1e-9), 2),
-               "saliency": args.saliency, "bilateral": args.bilateral}
+def summarise(results, seconds, args):
+    done, written = sum((r["done"] for r in results), []), sum((r["written"] for r in results), [])
+    skipped, fgs = sum((r["skipped"] for r in results), []), done + written
     with common.atomic_path(os.path.join(args.out_dir, "skipped.txt")) as tmp, open(tmp, "w") as f:
         f.writelines(f"{p}\t{e}\n" for p, e in skipped)
+    summary = {"masks_written": len(written), "already_done": len(done), "unreadable_skipped": len(skipped),
+               "empty_masks": sum(fg == 0 for fg in fgs), "mean_foreground": round(float(np.mean(fgs or [0])), 4),
+               "seconds": round(seconds, 1), "images_per_s": round(len(written) / max(seconds, 1e-9), 2),
+               "saliency": args.saliency, "bilateral": args.bilateral}
     common.save_json(summary, os.path.join(args.out_dir, "summary.json"))
-    print(f"summary: {summary['masks_written']:,} masks written, {summary['already_done']:,} already done, "
-          f"{summary['unreadable_skipped']:,} unreadable (listed in {args.out_dir}/skipped.txt), "
-          f"{summary['empty_masks']:,} empty, mean foreground {summary['mean_foreground']:.2f}, "
-          f"{summary['seconds']:.1f} s, {summary['images_per_s']:.2f} img/s")
-    return summary
+    print(f"summary: {len(written):,} masks written, {len(done):,} already done, {len(skipped):,} unreadable "
+          f"(listed in {args.out_dir}/skipped.txt), {summary['empty_masks']:,} empty, mean foreground "
+          f"{summary['mean_foreground']:.2f}, {seconds:.1f} s, {summary['images_per_s']:.2f} img/s")
 
-
-# ----------------------------------------------------------------------------- main
 
 def main():
     args = get_args_parser().parse_args()
-    if args.short_side is None:
-        args.short_side = 224 if args.saliency == "spectral" else 512
-    if args.benchmark:
-        return benchmark(args)
     dist = common.Dist(args.device)
-    arc = common.load_archive(args.archive, args.index_dirs)
-    entries = common.unique_entries(arc)
-    if args.limit:
-        entries = entries[:args.limit]
-    jobs = [(common.image_path(arc, e), os.path.join(args.out_dir, common.mask_relpath(arc, e))) for e in entries]
-    config = {**vars(args), "device": str(dist.device), "world": dist.world, "n_images": len(jobs), **common.git_info()}
-    if dist.is_main:
-        print(f"pseudo_label: {len(jobs):,} unique images from {args.archive}")
-        common.print_config(config)
+    if dist.device.type == "cpu":
+        common.set_cpu_threads()
+    try:
+        arc = common.load_archive(args.archive, args.index_dirs)
+    except ValueError as e:  # malformed JSON or text encoding
+        raise common.UserError(f"archive {args.archive!r} is not valid JSON ({e})") from None
+    jobs = [(common.image_path(arc, e), os.path.join(args.out_dir, common.mask_relpath(arc, e)))
+            for e in common.unique_entries(arc)]
+    dist.print0(f"pseudo_label: {len(jobs):,} unique images from {args.archive}")
     model = load_saliency_model(args, dist.device, dist.print0)  # fails before anything is written
     if dist.is_main:
-        common.save_json(config, os.path.join(args.out_dir, "config.json"))
-    t0 = time.time()
-    st, skipped = label_shard(jobs[dist.rank::dist.world], args, model, dist)  # entry i -> rank i % world
-    stats, skipped = dist.gather(st), sum(dist.gather(skipped), [])
+        common.remove_stale_tmp(args.out_dir)  # left by the atomic writes of a killed run
+        common.save_json({**vars(args), "device": str(dist.device), "world": dist.world, "n_images": len(jobs),
+                          **common.git_info()}, os.path.join(args.out_dir, "config.json"))
     dist.barrier()
+    t0 = time.time()
+    results = dist.gather(label_shard(jobs[dist.rank::dist.world], args, model, dist))  # entry i -> rank i % world
     if dist.is_main:
-        summarise(stats, skipped, time.time() - t0, args)
+        summarise(results, time.time() - t0, args)
         done = [j for j in jobs if os.path.exists(j[1])]
         if args.contact_sheet and done:
-            contact_sheet(done, os.path.join(args.out_dir, "contact_sheet.jpg"), args.contact_sheet, args.seed)
+            contact_sheet(done, os.path.join(args.out_dir, "contact_sheet.jpg"), args.contact_sheet)
     dist.close()
-
-
-def benchmark(args):
-    """Per-image cost at --short_side: network, bilateral solver, fallbacks (synthetic 375x500 photos-
-    like images: smooth shapes, texture and noise). Timing needs no trained weights; without a
-    checkpoint the network is random and says so."""
-    dev = common.Dist(args.device).device
-    rng = np.random.default_rng(0)
-    H, W = 375, 500
-    yy, xx = np.mgrid[:H, :W]
-    imgs = []
-    for _ in range(args.benchmark_images):
-        obj = ((yy - rng.uniform(120, 250)) ** 2 / 90 ** 2 + (xx - rng.uniform(150, 350)) ** 2 / 130 ** 2) < 1
-        img = np.where(obj[..., None], rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)) + rng.normal(0, 12, (H, W, 3))
-        imgs.append(np.clip(img + 25 * np.sin(xx / rng.uniform(4, 12))[..., None], 0, 255).astype(np.uint8))
-    try:
-        model = selfmask.load_selfmask(args.selfmask, dev)
-    except common.UserError as e:
-        print(f"WARNING: no SelfMask checkpoint ({e}); timing a RANDOMLY INITIALISED SelfMask")
-        model = selfmask.SelfMask().to(dev).eval()
-    prepped = [selfmask.prepare(im, args.short_side, args.max_side or None) for im in imgs]
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    selfmask.coarse_masks(model, prepped[0][0][None].to(dev))  # warm-up
-    sync()
-    t = time.perf_counter()
-    for x, _, _ in prepped:
-        selfmask.coarse_masks(model, x[None].to(dev)).cpu()
-    sync()
-    res = {"device": str(dev), "threads": torch.get_num_threads(), "working_size": list(prepped[0][0].shape[1:]),
-           "network_ms": 1000 * (time.perf_counter() - t) / len(imgs)}
-    if dev.type == "cuda":
-        xb = torch.stack([p[0] for p in prepped] * max(1, args.batch_size // len(prepped))).to(dev)
-        for amp in (False, True):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                selfmask.coarse_masks(model, xb)
-                sync()
-                t = time.perf_counter()
-                selfmask.coarse_masks(model, xb)
-                sync()
-            res[f"network_img_per_s_batch{len(xb)}{'_bf16' if amp else ''}"] = len(xb) / (time.perf_counter() - t)
-    targets = [saliency.boundary_saliency(ref, bilateral=False) for _, ref, _ in prepped]
-    t = time.process_time()
-    for (_, ref, _), m in zip(prepped, targets):
-        saliency.bilateral_solve(ref, m.astype(np.float64))
-    res["bilateral_cpu_ms"] = 1000 * (time.process_time() - t) / len(imgs)
-    t = time.process_time()
-    for im in imgs:
-        saliency.boundary_saliency(im, bilateral=False)
-    res["boundary_cpu_ms_375x500"] = 1000 * (time.process_time() - t) / len(imgs)
-    print({k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()})
-    return res
 
 
 if __name__ == "__main__":

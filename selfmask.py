@@ -1,35 +1,34 @@
-"""SelfMask saliency (Shin, Albanie, Xie 2022), the way ZUTIS uses it to pseudo-label archive images
-(its training-free fallbacks are in saliency.py).
+"""SelfMask saliency (Shin, Albanie, Xie 2022) as ZUTIS uses it to pseudo-label archive images
+(ZUTIS paper section 3.2; official zutis datasets/index_dataset.py `generate_pseudo_masks`).
 
-What is here (library only; importing it does no work):
 - `SelfMask`: DINO ViT-S/8 encoder + 6-layer post-norm DETR decoder with 20 learned queries; a mask is
   sigmoid(query . patch features upsampled x2), a 3-layer MLP scores each query's objectness.
-  Parameter names and shapes equal the released `selfmask_nq20.pt`, so it loads with strict=True.
-- `load_selfmask(name_or_path)`: a released name (downloaded once into ~/.cache/selfmask) or a path.
-- `predict_saliency(model, image) -> bool [H, W]`: ZUTIS's protocol (shorter side 512, ImageNet
-  norm, zero-pad to x8, masks x4 bilinear then cropped, argmax objectness, > 0.5, bilateral solver,
-  > 0.5, nearest resize to the original size). `prepare` / `coarse_masks` / `finish_mask` are the same
-  steps split so pseudo_label.py can decode in workers and batch same-shaped images on the GPU.
-- The bilateral solver (`bilateral_solve`) and the two training-free fallbacks (`boundary_saliency`,
-  `spectral_saliency`) live in saliency.py.
-
-References: ZUTIS paper section 3.2; selfmask_facts.md sections 1-3 (behaviour of NoelShin/selfmask
-networks/* and zutis datasets/index_dataset.py `generate_pseudo_masks`).
+  Parameter names and shapes equal the released `selfmask_nq20.pt`, so it loads strictly.
+- `load_selfmask(name_or_path)`: a released name (downloaded into ~/.cache/selfmask) or a local file.
+- `predict_saliency(model, image) -> bool [H, W]`: the protocol (shorter side 512, ImageNet norm,
+  zero-pad to x8, masks x4 bilinear then cropped, argmax objectness, > 0.5, bilateral solver, > 0.5,
+  nearest resize to the original size). `prepare` / `coarse_masks` / `finish_mask` are the same steps
+  split, so pseudo_label.py decodes in workers, batches same-sized images and solves in other processes.
+- `bilateral_solve`: Barron & Poole's fast bilateral solver (grid form, as in TokenCut and the official
+  zutis utils/bilateral_solver.py), vectorised numpy + scipy.sparse.
+Importing this file does no work. Reference: docs/pseudo_label.md.
 """
 import os
+from collections import OrderedDict
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from scipy.sparse import csr_matrix
 
-from common import IMAGENET_MEAN, IMAGENET_STD, UserError
-from saliency import bilateral_solve
+import clip_model
+import common
 
 _SM = "https://www.robots.ox.ac.uk/~vgg/research/selfmask/shared_files"
 _GH = "https://github.com/NoelShin/selfmask/releases/download/v1.0.0"
-# name -> (url, file name in the cache). No SHA256 has been published for any of these files;
-# clip_model.download prints the hash of every fresh download so it can be recorded in the README.
+# name -> (url, file name in the cache). No SHA256 is published for these files.
 SELFMASK_MODELS = {
     "selfmask_nq20": (f"{_SM}/selfmask_nq20.pt", "selfmask_nq20.pt"),
     "selfmask_nq10": (f"{_SM}/selfmask_nq10.pt", "selfmask_nq10.pt"),
@@ -37,13 +36,14 @@ SELFMASK_MODELS = {
     "selfmask_nq20_v1": (f"{_GH}/selfmask_nq20.pt", "selfmask_nq20_v1.0.0.pt"),
     "selfmask_nq10_v1": (f"{_GH}/selfmask_nq10.pt", "selfmask_nq10_v1.0.0.pt"),
 }
+SHORT_SIDE = 512  # the protocol's working scale: shorter side in px
+MAX_SIDE = 2048  # cap on the longer working side, so extreme panoramas do not exhaust memory
 
 
 # ----------------------------------------------------------------------------- network
 
 class Attention(nn.Module):
-    """timm/DINO multi-head self-attention (fused qkv), computed with SDPA (flash/mem-efficient
-    kernels on GPU, a fused kernel on CPU): same maths as softmax(q k^T / sqrt(d)) v."""
+    """timm/DINO multi-head self-attention (fused qkv) through SDPA: softmax(q k^T / sqrt(d)) v."""
 
     def __init__(self, dim, n_heads):
         super().__init__()
@@ -59,35 +59,19 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # [B, nh, N, hd] -> [B, N, C]
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-norm ViT block; LayerNorm eps 1e-6 as in DINO."""
 
     def __init__(self, dim, n_heads, mlp_ratio=4):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, n_heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, dim * mlp_ratio)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = dim * mlp_ratio
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x)  # [B, 3, H, W] -> [B, C, H/p, W/p]
 
 
 class ViT(nn.Module):
@@ -97,7 +81,7 @@ class ViT(nn.Module):
     def __init__(self, patch_size=8, dim=384, depth=12, n_heads=6, img_size=224):
         super().__init__()
         self.patch_size, self.grid = patch_size, img_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.patch_embed = nn.Sequential(OrderedDict(proj=nn.Conv2d(3, dim, patch_size, stride=patch_size)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2 + 1, dim))
         self.blocks = nn.ModuleList([Block(dim, n_heads) for _ in range(depth)])
@@ -107,7 +91,7 @@ class ViT(nn.Module):
 
     def pos_for(self, h, w):
         # Compare the grid (h, w), not the token count: the official check compares counts and would
-        # reuse the 28x28 table for e.g. a 14x56 grid (selfmask_facts.md 1.1).
+        # reuse the 28x28 table for e.g. a 14x56 grid.
         if (h, w) == (self.grid, self.grid):
             return self.pos_embed
         g, C = self.grid, self.pos_embed.shape[-1]
@@ -120,7 +104,7 @@ class ViT(nn.Module):
         """Normalised image [B, 3, H, W] -> last-layer patch tokens after the final norm [B, h*w, C], (h, w)."""
         p = self.patch_size
         x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))  # zero = the mean colour after normalisation
-        x = self.patch_embed(x)
+        x = self.patch_embed(x)  # [B, 3, H, W] -> [B, C, H/p, W/p]
         B, C, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_for(h, w)
@@ -130,8 +114,9 @@ class ViT(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """DETR decoder layer, post-norm, ReLU FFN, dropout 0. The queries' embedding is added to q and k
-    of self-attention and to q of cross-attention; the memory gets no positional encoding."""
+    """DETR decoder layer, post-norm, ReLU FFN, dropout 0. Differs from model.py's ZUTIS layer in one
+    term: SelfMask's memory keys get no positional encoding (the queries' embedding still goes to q, k
+    of self-attention and q of cross-attention)."""
 
     def __init__(self, dim, n_heads, dim_ffn):
         super().__init__()
@@ -147,38 +132,17 @@ class DecoderLayer(nn.Module):
         return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
 
-class Decoder(nn.Module):
-    def __init__(self, dim, n_heads, dim_ffn, n_layers):
-        super().__init__()
-        self.layers = nn.ModuleList([DecoderLayer(dim, n_heads, dim_ffn) for _ in range(n_layers)])
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, tgt, memory, query_pos):
-        for layer in self.layers:
-            tgt = layer(tgt, memory, query_pos)
-        return self.norm(tgt)
-
-
-class MLP(nn.Module):
-    def __init__(self, dims):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 class SelfMask(nn.Module):
     """The released SelfMask. Defaults = selfmask_nq20.pt (36,174,337 parameters)."""
 
     def __init__(self, n_queries=20, patch_size=8, dim=384, depth=12, n_heads=6, n_dec_layers=6, dim_ffn=1536):
         super().__init__()
         self.encoder = ViT(patch_size, dim, depth, n_heads)
-        self.decoder = Decoder(dim, n_heads, dim_ffn, n_dec_layers)
+        layers = nn.ModuleList([DecoderLayer(dim, n_heads, dim_ffn) for _ in range(n_dec_layers)])
+        self.decoder = nn.ModuleDict(dict(layers=layers, norm=nn.LayerNorm(dim)))  # + one final LayerNorm
         self.query_embed = nn.Parameter(torch.randn(n_queries, dim))  # an nn.Embedding weight upstream
-        self.ffn = MLP([dim, dim, dim, 1])
+        head = [nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, 1)]  # objectness: Linear-ReLU-Linear-ReLU-Linear
+        self.ffn = nn.ModuleDict(dict(layers=nn.ModuleList(head)))
 
     def forward(self, x):
         """Normalised images [B, 3, H, W] -> {"mask_probs": [B, Q, h*2, w*2] (stride 4 of the padded
@@ -186,73 +150,54 @@ class SelfMask(nn.Module):
         tokens, (h, w) = self.encoder(x)  # [B, h*w, C]
         B, N, C = tokens.shape
         pos = self.query_embed[None].expand(B, -1, -1)  # [Q, C] -> [B, Q, C]
-        queries = self.decoder(torch.zeros_like(pos), tokens, pos)  # [B, Q, C]
+        q = torch.zeros_like(pos)
+        for layer in self.decoder["layers"]:
+            q = layer(q, tokens, pos)
+        q = self.decoder["norm"](q)  # [B, Q, C]; inference needs only the last layer's output
+        l0, l1, l2 = self.ffn["layers"]
+        objectness = l2(F.relu(l1(F.relu(l0(q))))).squeeze(-1)
         feats = tokens.transpose(1, 2).reshape(B, C, h, w)  # [B, h*w, C] -> [B, C, h, w]
         feats = F.interpolate(feats, scale_factor=2, mode="bilinear", align_corners=False)
-        logits = torch.einsum("bqc,bchw->bqhw", queries, feats)  # plain dot product, no temperature
-        return {"mask_probs": logits.sigmoid(), "objectness": self.ffn(queries).squeeze(-1)}
+        logits = torch.einsum("bqc,bchw->bqhw", q, feats)  # plain dot product, no temperature
+        return {"mask_probs": logits.sigmoid(), "objectness": objectness}
 
 
 # ----------------------------------------------------------------------------- loading
 
-def load_state_dict_strict(model, state_dict, source="checkpoint"):
-    """Strict load with one clear error: unwraps {"model": ...}; names missing/unexpected keys and
-    the first key whose shape differs."""
-    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
-        state_dict = state_dict["model"]
-    if not isinstance(state_dict, dict):
-        raise UserError(f"{source} does not hold a SelfMask state dict")
-    own = model.state_dict()
-    state_dict = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state_dict.items()}
-    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
-    if missing or unexpected:
-        raise UserError(f"{source} is not a SelfMask checkpoint: {len(missing)} missing keys "
-                        f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-    for k, v in own.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise UserError(f"{source}: key {k!r} has shape {list(state_dict[k].shape)}, "
-                            f"SelfMask expects {list(v.shape)}")
-    model.load_state_dict(state_dict, strict=True, assign=True)  # assign: works for a meta-device model
-    return model
-
-
-def _read(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types; the message is what matters
-        raise UserError(f"cannot read {path!r} as a SelfMask checkpoint: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}. If it is "
-                        "a trainer file you trust, extract the weights: python -c \"import torch; torch.save("
-                        f"torch.load('{path}', weights_only=False)['model'], 'selfmask_weights.pt')\"") from None
-
-
 def selfmask_hint(name="selfmask_nq20"):
     url = SELFMASK_MODELS.get(name, SELFMASK_MODELS["selfmask_nq20"])[0]
-    return (f"download {url} and pass its path with --selfmask PATH, or use the training-free "
-            "fallback --saliency boundary")
+    return (f"download {url} on a machine with internet and pass its path with --selfmask PATH, or use "
+            "the training-free fallback --saliency boundary")
 
 
 def load_selfmask(name_or_path="selfmask_nq20", device="cpu", download_root=None):
-    """A released name (SELFMASK_MODELS) or a local file (bare state dict or {"model": ...}) ->
-    SelfMask in eval mode. The query count is read from `query_embed` (nq20 or nq10)."""
+    """A released name (SELFMASK_MODELS) or a local file (bare state dict or the trainer's
+    {"model": ...}) -> SelfMask in eval mode. The query count is read from `query_embed`."""
     if os.path.isfile(str(name_or_path)):
         path = str(name_or_path)
     elif name_or_path in SELFMASK_MODELS:
-        import clip_model
         url, fname = SELFMASK_MODELS[name_or_path]
-        root = download_root or os.path.expanduser("~/.cache/selfmask")
         try:
-            path = clip_model.download(url, root, sha256=None, filename=fname)
-        except UserError as e:
-            raise UserError(f"{e}; {selfmask_hint(name_or_path)}") from None
+            path = clip_model.download(url, download_root or os.path.expanduser("~/.cache/selfmask"), filename=fname)
+        except common.UserError as e:
+            raise common.UserError(f"{e}; {selfmask_hint(name_or_path)}") from None
     else:
-        raise UserError(f"SelfMask checkpoint {name_or_path!r} not found (names: "
-                        f"{sorted(SELFMASK_MODELS)}); {selfmask_hint()}")
-    sd = _read(path)
-    inner = sd.get("model", sd) if isinstance(sd, dict) else sd
-    q = inner.get("query_embed") if isinstance(inner, dict) else None
+        raise common.UserError(f"SelfMask checkpoint {name_or_path!r} not found (names: "
+                               f"{sorted(SELFMASK_MODELS)}); {selfmask_hint()}")
+    try:
+        sd = common.torch_load(path, "SelfMask checkpoint")
+    except common.UserError as e:  # the old trainer files may hold objects beyond tensors
+        raise common.UserError(f"{e}. If it is a SelfMask trainer file you trust, extract its weights as "
+                               "docs/pseudo_label.md shows ('The SelfMask checkpoint')") from None
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict):
+        raise common.UserError(f"{path!r} does not hold a SelfMask state dict")
+    sd = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in sd.items()}
+    q = sd.get("query_embed")
     with torch.device("meta"):  # no random init of 36 M parameters that are overwritten anyway
         model = SelfMask(n_queries=q.shape[0] if torch.is_tensor(q) and q.ndim == 2 else 20)
-    return load_state_dict_strict(model, sd, source=path).to(device).eval()
+    return common.load_strict(model, sd, f"SelfMask checkpoint {path!r}", assign=True).to(device).eval()
 
 
 # ----------------------------------------------------------------------------- inference protocol
@@ -271,11 +216,10 @@ def to_rgb(image):
     return np.ascontiguousarray(np.repeat(a, 3, -1) if a.shape[-1] == 1 else a[..., :3])
 
 
-def resize_shorter(rgb, short_side=512, max_side=2048, resample=None):
+def resize_shorter(rgb, short_side=SHORT_SIDE, max_side=MAX_SIDE):
     """torchvision's int-size Resize on a PIL image (shorter side -> short_side, longer side
     int(short_side * long / short), PIL bilinear). `max_side` caps the longer side (None = no cap,
-    the official behaviour): only images more elongated than max_side/short_side are affected."""
-    from PIL import Image
+    the official behaviour)."""
     H, W = rgb.shape[:2]
     short, long = min(H, W), max(H, W)
     new_short, new_long = short_side, int(short_side * long / short)
@@ -284,16 +228,16 @@ def resize_shorter(rgb, short_side=512, max_side=2048, resample=None):
     h, w = (new_short, new_long) if H <= W else (new_long, new_short)
     if (h, w) == (H, W):
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((w, h), resample or Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
 
 
-def prepare(image, short_side=512, max_side=2048):
+def prepare(image, short_side=SHORT_SIDE, max_side=MAX_SIDE):
     """Image -> (normalised float tensor [3, h, w] at the working scale, the same image as uint8
     [h, w, 3] for the bilateral solver, original (H, W))."""
     rgb = to_rgb(image)
     ref = resize_shorter(rgb, short_side, max_side)
     x = torch.tensor(ref).permute(2, 0, 1).float().div_(255)  # [h, w, 3] -> [3, h, w]
-    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    x = (x - torch.tensor(common.IMAGENET_MEAN)[:, None, None]) / torch.tensor(common.IMAGENET_STD)[:, None, None]
     return x, ref, rgb.shape[:2]
 
 
@@ -301,7 +245,7 @@ def prepare(image, short_side=512, max_side=2048):
 def coarse_masks(model, x):
     """Same-sized normalised images [B, 3, h, w] -> the top-objectness query's mask > 0.5, bool [B, h, w]
     (on the model's device). Only the chosen query is upsampled x4: bilinear interpolation is per
-    channel, so this equals upsampling all 20 and picking one, at 1/20 of the cost."""
+    channel, so this equals upsampling every query and picking one, at a fraction of the cost."""
     B, _, h, w = x.shape
     out = model(x)
     best = out["objectness"].argmax(dim=1)  # [B]
@@ -322,23 +266,134 @@ def finish_mask(mask, ref=None, orig_size=None, bilateral=True):
     return mask.astype(bool)
 
 
-def predict_saliency(model, image, bilateral=True, short_side=512, max_side=2048):
+def predict_saliency(model, image, bilateral=True, short_side=SHORT_SIDE, max_side=MAX_SIDE):
     """One image (PIL or uint8 array) -> bool saliency mask [H, W] at its original size."""
     device = next(model.parameters()).device
     x, ref, size = prepare(image, short_side, max_side)
     return finish_mask(coarse_masks(model, x[None].to(device))[0], ref, size, bilateral)
 
 
-def predict_saliency_batch(model, images, bilateral=True, short_side=512, max_side=2048):
-    """Several images: those whose working size matches run as one batch on the model's device."""
-    device = next(model.parameters()).device
-    prepped = [prepare(im, short_side, max_side) for im in images]
-    groups = {}
-    for i, (x, _, _) in enumerate(prepped):
-        groups.setdefault(tuple(x.shape), []).append(i)
-    out = [None] * len(images)
-    for idx in groups.values():
-        coarse = coarse_masks(model, torch.stack([prepped[i][0] for i in idx]).to(device))
-        for j, i in enumerate(idx):
-            out[i] = finish_mask(coarse[j], prepped[i][1], prepped[i][2], bilateral)
-    return out
+# ----------------------------------------------------------------------------- bilateral solver
+
+# JPEG YCbCr (BT.601, full range), offset 128 on chroma
+RGB_TO_YUV = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+YUV_OFFSET = np.array([0.0, 128.0, 128.0])
+
+
+class BilateralGrid:
+    """Barron & Poole's simplified bilateral grid over (x, y, Y, U, V). Each pixel falls into one
+    vertex (its integer coordinates divided by the sigmas); splat = sum pixels into vertices,
+    slice = read the vertex value back, blur = [1 2 1] along each of the 5 axes between occupied
+    vertices. Built for speed (it runs on every archive image): splat/slice are a bincount and a
+    gather on the pixel -> vertex index instead of an N_pixels-sized sparse matrix, vertices are
+    found with two 16-bit radix sorts instead of a general sort, and the blur, being symmetric,
+    searches each neighbour pair in one direction only."""
+
+    def __init__(self, ref, sigma_spatial=16, sigma_luma=16, sigma_chroma=8):
+        H, W = ref.shape[:2]
+        rgb = ref.reshape(-1, 3).astype(np.float64)  # float64 like the original
+        # Elementwise, not a BLAS matmul: threaded BLAS spins on busy cores and is many times slower here.
+        yuv = [sum(rgb[:, c] * RGB_TO_YUV[k, c] for c in range(3)) + YUV_OFFSET[k] for k in range(3)]
+        # Per-axis integer coordinates, shifted by +1 and sized with one spare slot at each end, so a
+        # +-1 neighbour of a mixed-radix hash never aliases another vertex.
+        col = [(yuv[0] / sigma_luma).astype(np.int32), (yuv[1] / sigma_chroma).astype(np.int32),
+               (yuv[2] / sigma_chroma).astype(np.int32)]
+        col = [c - c.min() + 1 for c in col]
+        col_radix = [int(c.max()) + 2 for c in col]
+        colour = (col[0] * col_radix[1] + col[1]) * col_radix[2] + col[2]  # [N] hash of (Y, U, V)
+        nx, ny = (W - 1) // sigma_spatial + 3, (H - 1) // sigma_spatial + 3
+        spatial = ((np.arange(H) // sigma_spatial + 1)[:, None] * nx
+                   + (np.arange(W) // sigma_spatial + 1)[None, :]).reshape(-1)  # [H, W] -> [N] hash of (x, y)
+        C = col_radix[0] * col_radix[1] * col_radix[2]
+        self.n_pixels, self.dim = H * W, 5
+        verts, self.idx = self._unique(spatial, colour, C, nx * ny)
+        self.n_vertices = len(verts)
+        strides = [1, col_radix[2], col_radix[1] * col_radix[2], C, C * nx]  # V, U, Y, x, y
+        rows, cols = [], []
+        for s in strides:  # pairs (i, j) with verts[j] == verts[i] + s; the -s direction is (j, i)
+            j = np.minimum(np.searchsorted(verts, verts + s), len(verts) - 1)
+            ok = verts[j] == verts + s
+            rows += [np.flatnonzero(ok), j[ok]]
+            cols += [j[ok], np.flatnonzero(ok)]
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        self.neighbours = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(verts),) * 2)
+
+    @staticmethod
+    def _unique(spatial, colour, C, S):
+        """Sorted unique hashes spatial * C + colour, and each pixel's vertex index. Both parts fit
+        16 bits for any image up to ~4000 px a side, so numpy's O(N) radix argsort applies."""
+        key = spatial.astype(np.int64) * C + colour
+        if C >= 1 << 16 or S >= 1 << 16:
+            return np.unique(key, return_inverse=True)
+        order = np.argsort(colour.astype(np.uint16), kind="stable")
+        order = order[np.argsort(spatial.astype(np.uint16)[order], kind="stable")]
+        key = key[order]
+        new = np.empty(len(key), bool)
+        new[0] = True
+        np.not_equal(key[1:], key[:-1], out=new[1:])
+        idx = np.empty(len(key), np.int64)
+        idx[order] = np.cumsum(new) - 1
+        return key[new], idx
+
+    def splat(self, x):
+        return np.bincount(self.idx, weights=x, minlength=self.n_vertices)
+
+    def slice(self, y):
+        return y[self.idx]
+
+    def blur(self, v):
+        return 2 * self.dim * v + self.neighbours @ v
+
+
+def pcg(matvec, b, x, inv_diag, rtol=1e-5, maxiter=25):
+    """Preconditioned conjugate gradients, the iteration of scipy.sparse.linalg.cg (stop when
+    ||r|| < rtol * ||b||, at most maxiter steps), with dot products as elementwise sums: scipy's
+    BLAS dots spin threads, which on a shared or oversubscribed CPU (e.g. several solver
+    processes per GPU) cost many times the arithmetic."""
+    def dot(a, c):
+        return float(np.multiply(a, c).sum())
+    atol = rtol * np.sqrt(dot(b, b))
+    if atol == 0:
+        return np.zeros_like(b)
+    x, rho_prev, p = x.copy(), None, None
+    r = b - matvec(x)
+    for _ in range(maxiter):
+        if np.sqrt(dot(r, r)) < atol:
+            break
+        z = inv_diag * r
+        rho = dot(r, z)
+        p = z if p is None else z + (rho / rho_prev) * p
+        q = matvec(p)
+        alpha = rho / dot(p, q)
+        x += alpha * p
+        r -= alpha * q
+        rho_prev = rho
+    return x
+
+
+def bilateral_solve(ref, target, confidence=0.999, sigma_spatial=16, sigma_luma=16, sigma_chroma=8,
+                    lam=256.0, A_diag_min=1e-5, cg_tol=1e-5, cg_maxiter=25, bistoch_iters=10):
+    """Edge-aware smoothing of `target` [H, W] guided by the uint8 RGB image `ref` [H, W, 3]:
+    minimise lam/2 * sum_ij W_ij (y_i - y_j)^2 + sum_i c_i (y_i - t_i)^2 in the bilateral grid, solved
+    with Jacobi-preconditioned CG. Returns the soft result, float [H, W]. Defaults = official ZUTIS/TokenCut."""
+    H, W = target.shape
+    grid = BilateralGrid(ref, sigma_spatial, sigma_luma, sigma_chroma)
+    x = target.reshape(-1).astype(np.float64)
+    w = np.full(x.shape, confidence, np.float64)
+    # Bistochastise: find n so that diag(n) B diag(n) has the splatted pixel counts as row sums.
+    m = grid.splat(np.ones(grid.n_pixels))
+    n = np.ones(grid.n_vertices)
+    for _ in range(bistoch_iters):
+        n = np.sqrt(n * m / grid.blur(n))
+    m = n * grid.blur(n)
+    # A = lam * (Dm - Dn B Dn) + diag(splat(w)); B = 2*dim*I + neighbours.
+    w_splat = grid.splat(w)
+    diag = lam * (m - 2 * grid.dim * n * n) + w_splat
+    nb = grid.neighbours
+
+    def matvec(v):
+        return diag * v - lam * n * (nb @ (n * v))
+    b = grid.splat(x * w)
+    # Jacobi preconditioner: A's diagonal is exactly `diag`.
+    y = pcg(matvec, b, b / w_splat, 1.0 / np.maximum(diag, A_diag_min), cg_tol, cg_maxiter)
+    return grid.slice(y).reshape(H, W)

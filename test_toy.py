@@ -86,11 +86,11 @@ def test_voc_layout_readable(tmp_path):
 
 
 def test_boundary_saliency_on_generated_images():
-    import saliency  # toy.py runs pseudo_label.py --saliency boundary: never skipped
+    import pseudo_label  # toy.py runs pseudo_label.py --saliency boundary: never skipped
     imgs, inst, _ = toy_world.index_pool(np.random.default_rng(3), 40)
     ious = []
     for img, m in zip(imgs, inst > 0):
-        pred = saliency.boundary_saliency(img)
+        pred = pseudo_label.boundary_saliency(img)
         ious.append((pred & m).sum() / max(1, (pred | m).sum()))
     assert np.mean(ious) > 0.6, np.mean(ious)
 
