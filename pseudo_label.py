@@ -310,10 +310,7 @@ def main():
     dist = common.Dist(args.device)
     if dist.device.type == "cpu":
         common.set_cpu_threads()
-    try:
-        arc = common.load_archive(args.archive, args.index_dirs)
-    except ValueError as e:  # malformed JSON or text encoding
-        raise common.UserError(f"archive {args.archive!r} is not valid JSON ({e})") from None
+    arc = common.load_archive(args.archive, args.index_dirs)
     jobs = [(common.image_path(arc, e), os.path.join(args.out_dir, common.mask_relpath(arc, e)))
             for e in common.unique_entries(arc)]
     dist.print0(f"pseudo_label: {len(jobs):,} unique images from {args.archive}")
