@@ -279,7 +279,7 @@ def spectral_cut(feats, border=1):
 def spectral_saliency(image, clip_visual, short_side=224, bilateral=False, pos_interp="bicubic"):
     """Training-free FALLBACK saliency: normalised cut of a CLIP ViT's last-layer patch tokens
     (`clip_model` VisionTransformer.forward_dense). Image -> bool [H, W]."""
-    from clip_model import CLIP_MEAN, CLIP_STD
+    from common import CLIP_MEAN, CLIP_STD
     from selfmask import finish_mask, resize_shorter, to_rgb  # here: selfmask.py imports this file
     _warn_fallback("spectral")
     rgb = to_rgb(image)

@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 
+import categories
 import common
 from toy_report import archive_precision, eval_metrics, flat_results, picture_grid, proposal_recall, \
     pseudo_mask_iou, results_table
@@ -65,9 +66,8 @@ def tiny_clip(context_length=16):
 def to_clip_input(imgs):
     """uint8 [B, S, S, 3] -> CLIP-normalised float [B, 3, S, S] (CLIP's own preprocess at 64 px)."""
     import torch
-    import clip_model
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255  # [B, S, S, 3] -> [B, 3, S, S]
-    mean, std = torch.tensor(clip_model.CLIP_MEAN), torch.tensor(clip_model.CLIP_STD)
+    mean, std = torch.tensor(common.CLIP_MEAN), torch.tensor(common.CLIP_STD)
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
@@ -153,7 +153,7 @@ def clip_report(path, world_dir, k=50):
     with torch.no_grad():
         emb = torch.cat([model.encode_image(to_clip_input(imgs[i:i + 256])) for i in range(0, len(imgs), 256)])
         emb = torch.nn.functional.normalize(emb, dim=-1)
-        txt = clip_model.text_embeddings(model, CATEGORIES)
+        txt = clip_model.text_embeddings(model, CATEGORIES, categories.TEMPLATES)
         bg = clip_model.text_embeddings(model, ["background"] + CATEGORIES, templates=None)
     sim = (emb @ txt.T).numpy()  # [N, K]
     acc = float((sim.argmax(1) == labels).mean())
