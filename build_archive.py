@@ -49,7 +49,7 @@ def get_args_parser():
     p.add_argument("--precision", choices=["official", "fp32", "bf16"], default="official", help="CLIP arithmetic: "
                    "'official' (the default) is OpenAI's fp16 model on CUDA and fp32 on CPU; 'bf16' is autocast.")
     p.add_argument("--out_dir", default="out", help="The output folder (default %(default)s).")
-    p.add_argument("--device", default="auto", help="auto (the default), cpu or cuda.")
+    p.add_argument("--device", default="auto", help="Where to run: auto (the default), cpu or cuda.")
     p.add_argument("--batch_size", type=int, default=128, help="Images per forward pass (default %(default)s).")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="Image decoding workers (default %(default)s).")
     p.add_argument("--chunk_size", type=int, default=4096, help="Images per stored chunk, the unit of resuming (default %(default)s).")
@@ -128,7 +128,7 @@ def write_complete(store, rows, skipped, pieces, n, dim):
 
 def iter_blocks(path, block_rows):
     """Yield (first row, array [b, D]) over a 2-D .npy file. The file is mapped privately and each block's
-    pages are dropped (madvise DONTNEED) once used: np.load(mmap_mode="r") would keep every touched page
+    pages are dropped (madvise DONTNEED) after use: np.load(mmap_mode="r") would keep every touched page
     in the process RSS, i.e. the whole store by the end; this way RSS stays at about one block."""
     x = np.load(path, mmap_mode="r")  # reads the header only
     (n, d), row, offset = x.shape, x.strides[0], x.offset
@@ -187,7 +187,7 @@ def collate_skip(items):
 
 def embed_chunks(model, preprocess, files, todo, store, args, device, amp):
     """Embed the chunks in `todo`, writing each the moment its last batch is done. One DataLoader for all
-    of them (workers start once); batches never straddle two chunks."""
+    of them (the workers start a single time); batches never straddle two chunks."""
     cs, bs, dim = args.chunk_size, args.batch_size, model.visual.output_dim
     batches, owner = [], []
     for c in todo:

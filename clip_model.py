@@ -146,9 +146,9 @@ def sha256_of(path):
 
 
 def download(url, root, sha256=None, size=None, filename=None, hint="or pass the local file's path instead"):
-    """Download `url` into `root` once: progress bar, atomic rename, checksum (sha256 and/or byte size)
-    verified; a mismatching cached file is fetched again; a bad fresh download raises and leaves nothing
-    behind. Under torchrun only rank 0 downloads; the others wait for the file."""
+    """Download `url` into `root` unless a verified copy is there: progress bar, atomic rename, sha256 and/or
+    byte size checked; a mismatching cached file is fetched again, a bad fresh download raises and leaves
+    nothing behind. Under torchrun only rank 0 downloads; the others wait for the file."""
     from tqdm import tqdm
     path = os.path.join(root, filename or os.path.basename(urllib.parse.urlparse(url).path))
     def ok(p):

@@ -302,6 +302,6 @@ def test_categories_and_common(tmp_path):
     assert not out.exists() and os.listdir(tmp_path).count("o.json") == 0
     common.save_json({"a": 1}, str(out))
     assert out.read_text().strip().startswith("{")
-    # the temp file behind it was 0600; the output gets the umask's permissions like any other file
+    # mkstemp makes 0600 temp files; the output gets the umask's permissions like any other file
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~common._umask()
     assert common._umask() == os.umask(common._umask())
