@@ -1,37 +1,32 @@
-"""Our own CLIP (ViT image tower, text tower; the BPE tokenizer is in clip_tokenizer.py) that loads OpenAI's released
-checkpoints with strict key matching. ZUTIS stands on it three times: retrieval (ViT-L/14@336px),
-the segmenter's encoder (ViT-B/16, ViT-B/32) and the frozen text classifier.
+"""Our own CLIP (ViT image and text towers, BPE tokenizer) that loads OpenAI's released checkpoints
+strictly. ZUTIS uses it for retrieval (ViT-L/14@336px), as the segmenter's encoder (ViT-B/16, ViT-B/32)
+and as the frozen text classifier. Written from the behaviour of OpenAI's CLIP (github.com/openai/CLIP:
+parameter names, tokenizer, URLs, fp16 rule); batch-first tensors and F.scaled_dot_product_attention
+change no number. Speed: `python bench.py clip`; user reference: docs/retrieval.md.
 
-Written here from the behaviour of OpenAI's CLIP (Radford et al. 2021; github.com/openai/CLIP is the
-*format* reference: parameter names, tokenizer, URLs). Differences that do not change numbers:
-batch-first tensors, attention through F.scaled_dot_product_attention, and two dense-feature paths
-ZUTIS needs (`forward_dense`, `forward_maskclip`).
-
-    model, preprocess = load("ViT-B/16")               # downloads to ~/.cache/clip, sha256-checked
-    model, preprocess = load("path/to/ckpt.pt")         # TorchScript archive or plain state dict
-    emb = text_embeddings(model, ["cat", "dog"])        # [2, 512], 85-template ensemble, unit norm
-
-Benchmark (img/s of encode_image, ours vs the reference package on identical weights):
-    python clip_model.py --benchmark               # CPU fp32, or CUDA with bf16/fp16 autocast
+    model, preprocess = load("ViT-B/16")             # downloads to ~/.cache/clip, sha256-checked; fp32
+    model, preprocess = load("path/to/ckpt.pt")       # TorchScript archive or plain state dict
+    official_fp16(model)                              # what OpenAI's clip.load(device="cuda") computes
+    emb = text_embeddings(model, ["cat", "dog"], categories.TEMPLATES)  # [2, D], template ensemble
 """
+import gzip
 import hashlib
+import html
 import os
 import time
 import urllib.parse
 import urllib.request
 import warnings
+import zipfile
 from collections import OrderedDict
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from categories import TEMPLATES
-from clip_tokenizer import Tokenizer, _tokenizer, tokenize  # noqa: F401  (re-exported: clip_model.tokenize)
+import common
 from common import UserError, atomic_path
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # The sha256 of each file is the second-to-last component of its URL (OpenAI's convention).
 _BASE = "https://openaipublic.azureedge.net/clip/models"
@@ -41,10 +36,9 @@ _MODELS = {
     "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
-
-
-def available_models():
-    return list(_MODELS)
+_SHAPES = {  # name: (embed_dim, resolution, layers, width, patch, text width, text layers)
+    "ViT-B/32": (512, 224, 12, 768, 32, 512, 12), "ViT-B/16": (512, 224, 12, 768, 16, 512, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 768, 12), "ViT-L/14@336px": (768, 336, 24, 1024, 14, 768, 12)}
 
 
 def arch_tag(name_or_path):
@@ -54,56 +48,134 @@ def arch_tag(name_or_path):
     return os.path.splitext(os.path.basename(str(name_or_path)))[0]
 
 
+# --------------------------------------------------- tokenizer: CLIP's byte-level BPE over OpenAI's vocabulary file
+
+@lru_cache()
+def bytes_to_unicode():
+    """Each byte value -> a printable character (printable latin-1 bytes map to themselves, the rest to
+    code points from 256 on), so merges never see whitespace or control characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    rest = [b for b in range(256) if b not in keep]
+    # Order matters: the first 256 vocabulary ids follow this dict's order (printable bytes first).
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
+
+
+class Tokenizer:
+    def __init__(self, bpe_path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")):
+        import regex
+        self.byte_encoder = bytes_to_unicode()
+        with gzip.open(bpe_path) as f:
+            lines = f.read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # 48894 merges
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}  # 49408 tokens
+        self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
+        self.pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                                 regex.IGNORECASE)
+        self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+
+    def bpe(self, token):
+        """Apply the lowest-ranked merge until none applies; a word's last symbol carries '</w>'."""
+        if token in self.cache:
+            return self.cache[token]
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                pair = i < len(word) - 1 and (word[i], word[i + 1]) == best
+                merged.append(word[i] + word[i + 1] if pair else word[i])
+                i += 2 if pair else 1
+            word = merged
+        self.cache[token] = " ".join(word)
+        return self.cache[token]
+
+    @staticmethod
+    def clean(text):
+        import ftfy  # imported on first use: loading it is slow and only tokenizing needs it
+        import regex
+        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+        return regex.sub(r"\s+", " ", text).strip().lower()
+
+    def encode(self, text):
+        ids = []
+        for token in self.pat.findall(self.clean(text)):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids += [self.encoder[t] for t in self.bpe(token).split(" ")]
+        return ids
+
+    def decode(self, ids):
+        raw = bytearray(self.byte_decoder[c] for c in "".join(self.decoder[i] for i in ids))
+        return raw.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+@lru_cache()
+def _tokenizer():
+    return Tokenizer()
+
+
+def tokenize(texts, context_length=77, truncate=False):
+    """A string or list of strings -> LongTensor [N, context_length]: <sot> tokens <eot>, zero-padded.
+    Over-long text raises unless truncate=True, which cuts it and keeps <eot> as the last token."""
+    tok = _tokenizer()
+    texts = [texts] if isinstance(texts, str) else texts
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [tok.sot] + tok.encode(text) + [tok.eot]
+        if len(ids) > context_length:
+            if not truncate:
+                raise RuntimeError(f"Input {text} is too long for context length {context_length}")
+            ids = ids[:context_length]
+            ids[-1] = tok.eot
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
 # ----------------------------------------------------------------------------- download
 
-def _file_ok(path, sha256=None, size=None):
-    if size is not None and os.path.getsize(path) != size:
-        return False
-    return sha256 is None or sha256_of(path) == sha256
-
-
 def sha256_of(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def download(url, root, sha256=None, size=None, filename=None):
-    """Download `url` into `root` once: progress bar, atomic rename, checksum (sha256 and/or byte
-    size) verified; a mismatching cached file is fetched again; a bad fresh download raises and
-    leaves nothing behind. Under torchrun only rank 0 downloads; the others wait for the file."""
+def download(url, root, sha256=None, size=None, filename=None, hint="or pass the local file's path instead"):
+    """Download `url` into `root` unless a verified copy is there: progress bar, atomic rename, sha256 and/or
+    byte size checked; a mismatching cached file is fetched again, a bad fresh download raises and leaves
+    nothing behind. Under torchrun only rank 0 downloads; the others wait for the file."""
     from tqdm import tqdm
-    os.makedirs(root, exist_ok=True)
     path = os.path.join(root, filename or os.path.basename(urllib.parse.urlparse(url).path))
-    if int(os.environ.get("RANK", 0)) != 0:
-        # Rank 0 writes atomically, so "exists and verifies" means "complete".
-        for _ in range(7200):
-            if os.path.isfile(path) and _file_ok(path, sha256, size):
-                return path
-            time.sleep(1.0)
+    def ok(p):
+        return (size is None or os.path.getsize(p) == size) and (sha256 is None or sha256_of(p) == sha256)
+    rank = int(os.environ.get("RANK", 0))
+    for _ in range(7200 if rank else 1):  # the other ranks wait: rank 0 renames only complete files
+        if os.path.isfile(path) and ok(path):
+            return path
+        time.sleep(1.0 if rank else 0.0)
+    if rank:
         raise UserError(f"timed out waiting for rank 0 to download {url}")
     if os.path.isfile(path):
-        if _file_ok(path, sha256, size):
-            return path
         warnings.warn(f"{path} exists but does not match its checksum; downloading it again")
     try:
         with atomic_path(path) as tmp:
-            with urllib.request.urlopen(url) as src, open(tmp, "wb") as dst:
-                total = int(src.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024,
-                          desc=os.path.basename(path)) as bar:
-                    for block in iter(lambda: src.read(1 << 20), b""):
-                        dst.write(block)
-                        bar.update(len(block))
+            with urllib.request.urlopen(url) as src, open(tmp, "wb") as dst, tqdm(
+                    total=int(src.headers.get("Content-Length") or 0) or None, unit="iB", unit_scale=True,
+                    unit_divisor=1024, desc=os.path.basename(path)) as bar:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    bar.update(dst.write(block))
             got = sha256_of(tmp)
             print(f"downloaded {os.path.basename(path)}: {os.path.getsize(tmp)} bytes, sha256 {got}")
-            if (sha256 is not None and got != sha256) or (size is not None and os.path.getsize(tmp) != size):
+            if not ok(tmp):
                 raise UserError(f"checksum mismatch for {url}: expected sha256={sha256} size={size}, "
                                 f"got sha256={got} size={os.path.getsize(tmp)}; nothing was kept")
-    except OSError as e:
-        raise UserError(f"could not download {url}: {e}") from None
+    except OSError as e:  # offline, proxy, DNS: say how to go on without a network
+        raise UserError(f"could not download {url} ({e}); copy the file to {path}, {hint}") from None
     return path
 
 
@@ -111,12 +183,11 @@ def download(url, root, sha256=None, size=None, filename=None):
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back, so fp16 weights/activations stay stable."""
-
     def forward(self, x):
         return super().forward(x.float()).type(x.dtype)
 
 
-class QuickGELU(nn.Module):
+class QuickGELU(nn.Module):  # OpenAI's sigmoid approximation of GELU, as the weights were trained
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
 
@@ -124,7 +195,6 @@ class QuickGELU(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names (packed q/k/v
     `in_proj_weight` [3C, C], `out_proj`), computed by scaled_dot_product_attention."""
-
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
@@ -139,13 +209,7 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3C]
         qkv = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # [3, B, nh, N, hs]
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        y = y.transpose(1, 2).reshape(B, N, C)  # [B, nh, N, hs] -> [B, N, C]
-        return self.out_proj(y)
-
-    def value(self, x):
-        """The value projection alone (MaskCLIP skips query-key mixing): [B, N, C] -> [B, N, C]."""
-        C = x.shape[-1]
-        return F.linear(x, self.in_proj_weight[2 * C:], self.in_proj_bias[2 * C:])
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, C))  # [B, nh, N, hs] -> [B, N, C]
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -175,24 +239,17 @@ class Transformer(nn.Module):
 
 
 def interpolate_pos_embed(pos, h, w, mode="bicubic"):
-    """Resize a [1 + g*g, C] positional table to a (h, w) token grid -> [1 + h*w, C].
-
-    "bicubic" resizes to size (h, w) and is the exact identity at the native grid. "official" is
-    the scale-factor form of DINO that the official ZUTIS code runs on every forward (scale
-    (h+0.1)/g, (w+0.1)/g): its sampling positions are slightly off the grid, so it resamples the
-    table a little even at the native size, exactly as the released weights were trained."""
+    """Resize a [1 + g*g, C] positional table to a (h, w) grid -> [1 + h*w, C]. "bicubic": to size (h, w),
+    the identity at the native grid. "official": DINO's scale-factor form (scale (h+0.1)/g) that official
+    ZUTIS runs on every forward; it resamples a little even at the native size, as the released weights saw."""
     g = int(round((pos.shape[0] - 1) ** 0.5))
     if (h, w) == (g, g) and mode != "official":
         return pos
-    cls, grid = pos[:1], pos[1:]
-    grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # [g*g, C] -> [1, C, g, g]
-    if mode == "official":
-        grid = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic",
-                             align_corners=False)
-    elif mode == "bicubic":
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-    else:
+    if mode not in ("official", "bicubic"):
         raise ValueError(f"unknown pos_interp {mode!r}")
+    cls, grid = pos[:1], pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # [g*g, C] -> [1, C, g, g]
+    size, scale = ((h, w), None) if mode == "bicubic" else (None, ((h + 0.1) / g, (w + 0.1) / g))
+    grid = F.interpolate(grid, size=size, scale_factor=scale, mode="bicubic", align_corners=False)
     assert grid.shape[-2:] == (h, w), (grid.shape, h, w)
     grid = grid.permute(0, 2, 3, 1).reshape(h * w, -1).to(pos.dtype)  # [1, C, h, w] -> [h*w, C]
     return torch.cat([cls, grid])
@@ -201,8 +258,7 @@ def interpolate_pos_embed(pos, h, w, mode="bicubic"):
 class VisionTransformer(nn.Module):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
         super().__init__()
-        self.input_resolution, self.patch_size = input_resolution, patch_size
-        self.width, self.output_dim = width, output_dim
+        self.input_resolution, self.patch_size, self.width, self.output_dim = input_resolution, patch_size, width, output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -217,15 +273,12 @@ class VisionTransformer(nn.Module):
         official code, remainders of H, W that do not fill a patch are dropped by the conv."""
         x = self.conv1(x.type(self.conv1.weight.dtype))  # [B, width, h, w]
         B, C, h, w = x.shape
-        x = x.flatten(2).transpose(1, 2)  # [B, width, h, w] -> [B, h*w, width]
-        cls = self.class_embedding.to(x.dtype).expand(B, 1, C)
-        x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(self.positional_embedding, h, w, pos_interp).to(x.dtype)
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, C), x.flatten(2).transpose(1, 2)], dim=1)  # [B, 1+h*w, C]
+        x = x + interpolate_pos_embed(self.positional_embedding, h, w, pos_interp).to(x.dtype)
         return self.ln_pre(x), (h, w)
 
     def forward(self, x):
-        x, _ = self.embed(x)
-        x = self.transformer(x)
-        return self.ln_post(x[:, 0, :]) @ self.proj  # [B, output_dim]
+        return self.ln_post(self.transformer(self.embed(x)[0])[:, 0, :]) @ self.proj  # [B, output_dim]
 
     def forward_dense(self, x, pos_interp="bicubic"):
         """Patch tokens of the last layer after ln_post, before proj: [B, 3, H, W] -> [B, h, w, width]."""
@@ -239,8 +292,9 @@ class VisionTransformer(nn.Module):
         ln_post and proj on every patch token: [B, 3, H, W] -> [B, h, w, output_dim]."""
         x, (h, w) = self.embed(x, pos_interp)
         x = self.transformer(x, n_blocks=-1)
-        last = self.transformer.resblocks[-1]
-        v = x + last.attn.out_proj(last.attn.value(last.ln_1(x)))
+        last, C = self.transformer.resblocks[-1], self.width
+        v = F.linear(last.ln_1(x), last.attn.in_proj_weight[2 * C:], last.attn.in_proj_bias[2 * C:])  # values only
+        v = x + last.attn.out_proj(v)
         v = v + last.mlp(last.ln_2(v))
         v = self.ln_post(v[:, 1:, :]) @ self.proj
         return v.reshape(v.shape[0], h, w, -1)  # [B, h*w, D] -> [B, h, w, D]
@@ -298,8 +352,7 @@ def build_model(state_dict):
     load it strictly. Returns an fp32 model in eval mode."""
     sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
     if "visual.conv1.weight" not in sd or "visual.proj" not in sd:
-        raise UserError("not a ViT CLIP state dict (no visual.conv1.weight / visual.proj); "
-                        "ResNet CLIP models are not supported")
+        raise UserError("not a ViT CLIP state dict (no visual.conv1.weight / visual.proj; ResNet CLIPs are not supported)")
     try:
         vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -311,32 +364,51 @@ def build_model(state_dict):
             context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
             transformer_width=text_width, transformer_heads=max(1, text_width // 64),
             transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
-    except KeyError as e:
-        raise UserError(f"CLIP state dict lacks {e}") from None
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    if missing or unexpected or shape:
-        raise UserError(f"CLIP state dict does not match: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-                        f"wrong shape {shape[:8]}")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    return model.float().eval()
+    except (KeyError, AttributeError, ValueError) as e:
+        raise UserError(f"not a CLIP state dict ({type(e).__name__}: {e})") from None
+    return common.load_strict(model, {k: v.float() for k, v in sd.items()}, "CLIP state dict").eval()
+
+
+def random_model(name):
+    """A randomly initialised CLIP with the shapes of a released model (benchmarks and tests)."""
+    e, r, L, w, p, tw, tl = _SHAPES[name]
+    return CLIP(e, r, L, w, p, 77, 49408, tw, tw // 64, tl).eval()
+
+
+def official_fp16(model):
+    """Convert `model` in place to the dtypes OpenAI's `clip.load(..., device="cuda")` leaves (openai clip/model.py
+    `convert_weights`): conv and linear weights and biases, attention in_proj, `visual.proj`, `text_projection` in
+    fp16; embeddings, positional tables, LayerNorms and logit_scale fp32. With `LayerNorm` computing in fp32 and
+    casting back, encode_image/encode_text then give the official fp16 values. Returns the model."""
+    for m in model.modules():
+        names = (("weight", "bias") if isinstance(m, (nn.Conv2d, nn.Linear)) else
+                 ("in_proj_weight", "in_proj_bias") if isinstance(m, Attention) else
+                 ("proj",) if isinstance(m, VisionTransformer) else ("text_projection",) if isinstance(m, CLIP) else ())
+        for name in names:
+            if getattr(m, name) is not None:
+                getattr(m, name).data = getattr(m, name).data.half()
+    return model
 
 
 def _read_state_dict(path):
-    """A TorchScript archive (OpenAI's release format) or a plain state dict (torch.save)."""
+    """OpenAI's release format (a TorchScript archive) or a plain state dict (torch.save). The archive
+    needs torch.jit.load, which rebuilds TorchScript modules without running Python pickle code."""
+    with open(path, "rb") as f:
+        jit = zipfile.is_zipfile(f) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(f).namelist())
+    if jit:
+        try:
+            with warnings.catch_warnings(action="ignore"):  # torch.jit.load's deprecation notice
+                return torch.jit.load(path, map_location="cpu").state_dict()
+        except RuntimeError as e:
+            raise UserError(f"cannot read {path!r} as a TorchScript CLIP archive ({str(e).splitlines()[0][:160]})") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
-            return torch.jit.load(path, map_location="cpu").state_dict()
-    except (RuntimeError, ValueError):
-        pass
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types; the message is what matters
-        raise UserError(f"cannot read {path!r} as a CLIP checkpoint: {type(e).__name__}: {e}") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+        sd = common.torch_load(path, "CLIP checkpoint")
+    except (IndexError, KeyError, TypeError) as e:  # the weights-only unpickler's errors on random bytes
+        raise UserError(f"CLIP checkpoint {path!r} cannot be read as a PyTorch file of tensors ({e})") from None
+    if isinstance(sd, dict) and "model" in sd and "config" in sd:
+        raise UserError(f"{path!r} is a ZUTIS training checkpoint (train.py's ckpt.pt), not CLIP weights: "
+                        "pass it to evaluate.py --ckpt (or train.py --init), and give --arch a CLIP model")
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict):
         raise UserError(f"{path!r} does not hold a state dict")
     return sd
@@ -346,29 +418,27 @@ def preprocess_for(resolution):
     """CLIP's transform: bicubic resize of the shorter side, centre crop, RGB, CLIP mean/std."""
     from torchvision import transforms as T
     return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(resolution),
-                      T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+                      T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(), T.Normalize(common.CLIP_MEAN, common.CLIP_STD)])
 
 
 def load(name_or_path, device="cpu", download_root=None):
-    """A model name (see available_models()) or a checkpoint path -> (fp32 eval model, preprocess)."""
+    """A model name (a key of _MODELS) or a checkpoint path -> (fp32 eval model, preprocess)."""
     if name_or_path in _MODELS:
-        url = _MODELS[name_or_path]
-        root = download_root or os.path.expanduser("~/.cache/clip")
-        path = download(url, root, sha256=url.split("/")[-2])
+        url, root = _MODELS[name_or_path], download_root or os.path.expanduser("~/.cache/clip")
+        path = download(url, root, sha256=url.split("/")[-2], hint="or pass a local file path with --arch")
     elif os.path.isfile(str(name_or_path)):
         path = name_or_path
     else:
-        raise UserError(f"CLIP model {name_or_path!r} not found: use one of {available_models()} "
+        raise UserError(f"CLIP model {name_or_path!r} not found: use one of {list(_MODELS)} "
                         "or a path to a checkpoint file")
     model = build_model(_read_state_dict(path)).to(device)
     return model, preprocess_for(model.visual.input_resolution)
 
 
 @torch.no_grad()
-def text_embeddings(model, names, templates=TEMPLATES, batch_size=256):
-    """[K] names -> [K, embed_dim] unit vectors. With templates: every template is filled in,
-    each embedding L2-normalised, averaged over templates and normalised again (the retrieval
-    ensemble). templates=None embeds the bare names (what the official segmenter does)."""
+def text_embeddings(model, names, templates, batch_size=256):
+    """[K] names -> [K, embed_dim] fp32 unit vectors: each template filled in (e.g. categories.TEMPLATES), embedded,
+    normalised, averaged, normalised again (the prompt ensemble); templates=None embeds the bare names."""
     device = next(model.parameters()).device
     T = templates or ["{}"]
     texts = [t.format(n) for n in names for t in T]
@@ -377,73 +447,3 @@ def text_embeddings(model, names, templates=TEMPLATES, batch_size=256):
                      for i in range(0, len(texts), batch_size)])
     emb = F.normalize(emb, dim=-1).view(len(names), len(T), -1).mean(1)  # [K*T, D] -> [K, D]
     return F.normalize(emb, dim=-1)
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-_SHAPES = {  # name: (embed_dim, resolution, layers, width, patch, text width, text layers)
-    "ViT-B/32": (512, 224, 12, 768, 32, 512, 12), "ViT-B/16": (512, 224, 12, 768, 16, 512, 12),
-    "ViT-L/14": (768, 224, 24, 1024, 14, 768, 12), "ViT-L/14@336px": (768, 336, 24, 1024, 14, 768, 12)}
-
-
-def random_model(name):
-    """A randomly initialised CLIP with the shapes of a released model (benchmarks and tests only)."""
-    e, r, L, w, p, tw, tl = _SHAPES[name]
-    return CLIP(e, r, L, w, p, 77, 49408, tw, tw // 64, tl).eval()
-
-
-def _time(fn, x, iters, sync):
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn(x)
-    sync()
-    return iters * x.shape[0] / (time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def benchmark(device, batch, iters, rounds):
-    """img/s of encode_image, ours vs the reference package on identical weights. The two models
-    alternate for `rounds` rounds and the best round of each counts, so a neighbour's load on a
-    shared machine hits both alike instead of whichever ran second."""
-    try:
-        import clip as reference  # the openai-clip package, if installed
-    except Exception:
-        reference = None
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    dtypes = [torch.bfloat16, torch.float16] if cuda else [torch.float32]
-    print(f"device {device}, {torch.get_num_threads()} threads, batch {batch}, best of {rounds} rounds of "
-          f"{iters} forward passes (after a warm-up); img/s of encode_image")
-    for name, res in [("ViT-B/16", 224), ("ViT-B/16", 448), ("ViT-L/14@336px", 336)]:
-        ours = random_model(name).to(device)
-        ref = None
-        if reference is not None and res == ours.visual.input_resolution:  # the reference cannot resize
-            ref = reference.model.build_model(ours.state_dict()).float().eval().to(device)
-        x = torch.randn(batch, 3, res, res, device=device)
-        for dt in dtypes:
-            with torch.autocast(device.type, dtype=dt, enabled=cuda):
-                models = [ours.encode_image] + ([ref.encode_image] if ref is not None else [])
-                for fn in models:
-                    fn(x)  # warm-up
-                best = [max(r) for r in zip(*[[_time(fn, x, iters, sync) for fn in models] for _ in range(rounds)])]
-            line = f"{name:>15} @{res}  {str(dt).split('.')[-1]:>8}  ours {best[0]:8.2f}"
-            if ref is not None:
-                line += f"  reference {best[1]:8.2f}  ratio {best[0] / best[1]:5.2f}x"
-            print(line, flush=True)
-
-
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", action="store_true", help="time encode_image (ours vs reference)")
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    parser.add_argument("--batch", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--iters", type=int, default=2, help="timed forward passes per round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best counts")
-    args = parser.parse_args()
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if args.benchmark:
-        benchmark(dev, args.batch, args.iters, args.rounds)
-    else:
-        parser.print_help()

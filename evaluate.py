@@ -144,9 +144,7 @@ def build_segmenter(args, categories, device):
 def to_input(img_u8, norm, device, max_size=None):
     """uint8 [3, H, W] -> normalised float [1, 3, h, w] on `device`, the longer side capped at
     max_size (bilinear, aspect kept; ImageNet-S protocol)."""
-    import clip_model
-    mean, std = {"imagenet": (common.IMAGENET_MEAN, common.IMAGENET_STD),
-                 "clip": (clip_model.CLIP_MEAN, clip_model.CLIP_STD)}[norm]
+    mean, std = common.NORMS[norm]
     x = img_u8.to(device, non_blocking=True).float().div_(255)
     x = ((x - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None])[None]
     H, W = x.shape[-2:]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import categories
 import clip_model
 from common import UserError
 
@@ -124,7 +125,7 @@ def _templates(text_templates):
     if text_templates in ("none", None):
         return None  # bare names: what the official segmenter embeds
     if text_templates == "85":
-        return clip_model.TEMPLATES  # the paper's 85-template ensemble (section 4.1)
+        return categories.TEMPLATES  # the paper's 85-template ensemble (section 4.1)
     raise UserError(f"text_templates must be 'none' or '85', got {text_templates!r}")
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import categories
+
 
 class ZutisSegmenter:
     """model.py's ZUTIS behind one call: (x [1, 3, h, w] normalised, original (H, W)) -> dict with
@@ -74,7 +76,7 @@ class MaskCLIPSegmenter:
         import clip_model
         key = tuple(names)
         if key not in self._cache:  # CUB breed mode switches names per image: embed each list once
-            self._cache[key] = clip_model.text_embeddings(self.clip, list(names))
+            self._cache[key] = clip_model.text_embeddings(self.clip, list(names), categories.TEMPLATES)
         self.text, self.categories = self._cache[key], list(names)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Tests of build_archive.py and index_store.py (CPU, tiny random CLIP, generated images).
+"""Tests of build_archive.py and import_official.py (CPU, tiny random CLIP, generated images).
 
     .venv/bin/python -m pytest -q test_archive.py
 """
@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 
 import build_archive
+import categories
+import clip_model
 import common
-import index_store as store
+import import_official
+from build_archive import iter_blocks, topk_stream
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,7 +63,7 @@ def test_topk_matches_bruteforce(N, K, k, B):
     # small integer vectors: many exactly equal scores, so the tie rule is exercised everywhere
     E = torch.from_numpy(rng.integers(-2, 3, (N, 4)).astype(np.float32))
     T = torch.from_numpy(rng.integers(-2, 3, (K, 4)).astype(np.float32))
-    s, i = store.topk_stream(T, [(a, E[a:a + B].numpy()) for a in range(0, N, B)], k)
+    s, i = topk_stream(T, [(a, E[a:a + B].numpy()) for a in range(0, N, B)], k)
     bs, bi = brute_topk(T, E, k)
     assert s.shape == (K, min(k, N)) and i.dtype == torch.long
     np.testing.assert_array_equal(i.numpy(), bi)
@@ -73,11 +76,11 @@ def test_topk_continuous_scores_and_block_reader(tmp_path):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     path = str(tmp_path / "e.npy")
     common.save_npy(x.astype(np.float16), path)
-    blocks = list(store.iter_blocks(path, 100))
+    blocks = list(iter_blocks(path, 100))
     assert [b[0] for b in blocks] == list(range(0, 777, 100))
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), np.load(path))
     T = torch.nn.functional.normalize(torch.randn(9, 16), dim=-1)
-    s, i = store.topk_stream(T, store.iter_blocks(path, 64), 50)
+    s, i = topk_stream(T, iter_blocks(path, 64), 50)
     bs, bi = brute_topk(T, torch.from_numpy(np.load(path).astype(np.float32)), 50)
     np.testing.assert_array_equal(i.numpy(), bi)
     np.testing.assert_allclose(s.numpy(), bs, atol=1e-6)
@@ -85,24 +88,33 @@ def test_topk_continuous_scores_and_block_reader(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_build_skip_and_kill_resume(tiny_clip_path, tmp_path, capsys):
+def test_build_skip_and_kill_resume(tiny_clip_path, tmp_path, capsys, monkeypatch):
     imgs = tmp_path / "imgs"
     make_images(str(imgs))
     run_build(tiny_clip_path, imgs, tmp_path / "out_a")
     out = capsys.readouterr().out
     assert "3 skipped" in out and "16 images listed, 13 embedded" in out
 
-    # the same build, killed after its first chunk, then run again
-    out_b = tmp_path / "out_b"
-    with pytest.raises(RuntimeError, match="test hook"):
-        run_build(tiny_clip_path, imgs, out_b, "--_fail_after_chunks", "1")
-    st = out_b / "embeddings" / "tiny_clip"
+    # the same build, killed while writing its second chunk (the atomic write's temp file stays behind), then rerun
+    out_b, st = tmp_path / "out_b", tmp_path / "out_b" / "embeddings" / "tiny_clip"
+    save_chunk = build_archive.save_chunk
+
+    def killed_after_one(store, c, *a):
+        if c > 0:
+            (st / f"{common.TMP_PREFIX}half_written.npz").write_bytes(b"half")
+            raise KeyboardInterrupt
+        save_chunk(store, c, *a)
+    monkeypatch.setattr(build_archive, "save_chunk", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_build(tiny_clip_path, imgs, out_b)
+    monkeypatch.setattr(build_archive, "save_chunk", save_chunk)
     assert (st / "chunk_000000.npz").exists() and not (st / "chunk_000001.npz").exists()
     assert not (st / "embeddings.npy").exists() and not (out_b / "archive.json").exists()
     mtime = os.stat(st / "chunk_000000.npz").st_mtime_ns
     run_build(tiny_clip_path, imgs, out_b)
-    assert "11 images to embed (1 of rank 0's 4 chunks already on disk" in capsys.readouterr().out
+    assert "11 images to embed (1 of 4 chunks on disk" in capsys.readouterr().out
     assert os.stat(st / "chunk_000000.npz").st_mtime_ns == mtime  # resumed, not recomputed
+    assert not [f for _, _, fs in os.walk(out_b) for f in fs if f.startswith(common.TMP_PREFIX)]
     a, b = (open(p / "archive.json", "rb").read() for p in (tmp_path / "out_a", out_b))
     assert a == b
     assert (np.load(st / "embeddings.npy") == np.load(tmp_path / "out_a/embeddings/tiny_clip/embeddings.npy")).all()
@@ -120,15 +132,16 @@ def test_build_skip_and_kill_resume(tiny_clip_path, tmp_path, capsys):
         key = [(-e["score"], paths.index(e["path"])) for e in entries]
         assert key == sorted(key)  # descending score, ties by lower index (the two identical images)
         assert (out_b / "contact_sheets" / f"{build_archive.safe_name(name)}.jpg").exists()
-    # a second run reuses the finished store
+    # a second run reuses the finished store; another precision does not mix into it
     run_build(tiny_clip_path, imgs, out_b)
     assert "already embedded" in capsys.readouterr().out
     assert open(out_b / "archive.json", "rb").read() == a
+    with pytest.raises(common.UserError, match="another image list or precision"):
+        run_build(tiny_clip_path, imgs, out_b, "--precision", "bf16")
 
 
 def test_scores_match_clip(tiny_clip_path, tmp_path):
     """The archive's scores are CLIP cosines of the preprocessed image and the prompt ensemble."""
-    import clip_model
     imgs = tmp_path / "imgs"
     make_images(str(imgs), n=6)
     run_build(tiny_clip_path, imgs, tmp_path / "out", "--workers", "2")
@@ -137,7 +150,7 @@ def test_scores_match_clip(tiny_clip_path, tmp_path):
     e = arc["archive"]["dog"][0]
     with torch.no_grad():
         img = torch.nn.functional.normalize(model.encode_image(pre(common.load_rgb(common.image_path(arc, e)))[None]), dim=-1)
-    txt = clip_model.text_embeddings(model, ["dog"])
+    txt = clip_model.text_embeddings(model, ["dog"], categories.TEMPLATES)
     assert abs(float(img @ txt.t()) - e["score"]) < 2e-3  # float16 storage of the image embedding
 
 
@@ -173,17 +186,17 @@ def test_restricted_unpickler(tmp_path):
     for name, dump in [("plain.pkl", lambda obj, f: pickle.dump(obj, f)), ("saved.pt", torch.save)]:
         with open(tmp_path / name, "wb") as f:
             dump(table, f)
-        got = store.load_embedding_pickle(str(tmp_path / name))
+        got = import_official.load_embedding_pickle(str(tmp_path / name))
         assert sorted(got) == sorted(table) and all(torch.equal(got[n], table[n].float()) for n in table)
     marker = tmp_path / "pwned"
     for name, dump in [("evil.pkl", lambda obj, f: pickle.dump(obj, f)), ("evil.pt", torch.save)]:
         with open(tmp_path / name, "wb") as f:
             dump({"a.jpg": torch.randn(8), "b.jpg": Evil(marker)}, f)
         with pytest.raises(common.UserError, match="system"):
-            store.load_embedding_pickle(str(tmp_path / name))
+            import_official.load_embedding_pickle(str(tmp_path / name))
         assert not marker.exists()
     with pytest.raises(common.UserError, match="posix.system|os.system"):
-        store.TensorOnlyUnpickler(open(tmp_path / "evil.pkl", "rb"), "evil.pkl").load()
+        import_official.TensorOnlyUnpickler(open(tmp_path / "evil.pkl", "rb"), "evil.pkl").load()
 
 
 def test_import_embeddings(tiny_clip_path, tmp_path, capsys):
@@ -229,24 +242,39 @@ def test_import_archive(tmp_path, capsys):
         build_archive.main(["--import_archive", str(tmp_path / "official.json"), "--out_dir", str(out)])
 
 
-def test_benchmark_runs(capsys):
-    build_archive.main(["--benchmark", "3000", "--k", "20", "--block_size", "1024", "--device", "cpu"])
-    assert "peak RSS" in capsys.readouterr().out
-
-
 # ----------------------------------------------------------------------------- user errors
 
-@pytest.mark.parametrize("case", ["missing_dir", "empty_dir", "unknown_categories"])
+CASES = {  # case: (arguments, what stderr says)
+    "missing_dir": (["--index_dirs", "nope"], "Expected layout"),
+    "empty_dir": (["--index_dirs", "empty", "--arch", "unused.pt"], "holds no images"),
+    "unknown_categories": (["--index_dirs", "empty", "--categories", "vocc"], "unknown category list"),
+    "no_pass_for_voc": ([], "the official index for 'voc' is data/ImageNet2012/train + data/pass/images"),
+    "not_json": (["--import_archive", "empty/readme.txt"], "not valid JSON"),
+    "training_ckpt_as_arch": (["--index_dirs", "data/ImageNet2012/train", "--arch", "ckpt.pt"], "evaluate.py --ckpt"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_user_errors_are_one_line(case, tmp_path):
     os.makedirs(tmp_path / "empty" / "sub")
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    args = {"missing_dir": ["--index_dirs", str(tmp_path / "nope")],
-            "empty_dir": ["--index_dirs", str(tmp_path / "empty"), "--arch", "unused.pt"],
-            "unknown_categories": ["--index_dirs", str(tmp_path / "empty"), "--categories", "vocc"]}[case]
-    r = subprocess.run([sys.executable, os.path.join(HERE, "build_archive.py"), *args, "--out_dir", str(tmp_path / "o")],
+    os.makedirs(tmp_path / "data" / "ImageNet2012" / "train" / "n01440764")
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "ImageNet2012" / "train" / "n01440764" / "n01440764_1.JPEG")
+    torch.save({"model": {}, "config": {"arch": "ViT-B/16"}}, tmp_path / "ckpt.pt")
+    args, says = CASES[case]
+    r = subprocess.run([sys.executable, os.path.join(HERE, "build_archive.py"), *args, "--out_dir", "o"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    assert {"missing_dir": "Expected layout", "empty_dir": "holds no images",
-            "unknown_categories": "unknown category list"}[case] in r.stderr
+    assert "Traceback" not in r.stderr and says in r.stderr, r.stderr
+
+
+def test_default_index_dirs_follow_the_recipe(tmp_path):
+    """ImageNet-S919 retrieves from ImageNet train alone (the official recipe), and says so."""
+    os.makedirs(tmp_path / "data" / "ImageNet2012" / "train" / "n01440764")
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "ImageNet2012" / "train" / "n01440764" / "n01440764_1.JPEG")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "build_archive.py"), "--categories", "imagenet_s919",
+                        "--arch", "missing_clip.pt"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert "index dirs: the official recipe's for 'imagenet_s919': data/ImageNet2012/train\n" in r.stdout, r.stdout
+    assert categories.recipe("voc")["index_dirs"] == ["data/ImageNet2012/train", "data/pass/images"]
+    assert r.returncode == 2 and "missing_clip.pt" in r.stderr  # stops at the model, after choosing the folders

@@ -1,6 +1,6 @@
 """Tests of the foundation: clip_model.py (parity with OpenAI's reference implementation on identical
-random weights, both checkpoint formats, the tokenizer, checksummed downloads, dense features) and
-common.py. Run: python -m pytest -q test_zutis.py
+random weights in fp32 and the official fp16, both checkpoint formats, the tokenizer, checksummed
+downloads, dense features), categories.py and common.py. Run: python -m pytest -q test_zutis.py
 
 The reference is the `openai-clip` package (a test-only dependency, see README); its build_model
 rounds weights to fp16, so every parity test loads the reference's rounded weights back into ours.
@@ -97,13 +97,40 @@ def test_torchscript_and_plain_state_dict_load_identically(tmp_path):
     assert pre_a.transforms[0].size == 32
 
 
-def test_load_rejects_unknown_and_corrupt(tmp_path):
+@torch.no_grad()
+def test_official_fp16_matches_reference():
+    """official_fp16 leaves the dtypes OpenAI's clip.load(device="cuda") leaves, and our fp16 towers compute
+    the reference's fp16 values bit for bit (CPU fp16 kernels; the reference's build_model converts to fp16)."""
+    for m in (make_tiny_clip(seed=4), clip_model.random_model("ViT-B/16")):
+        ref = reference.model.build_model({k: v.clone() for k, v in m.state_dict().items()}).eval()
+        ours = clip_model.official_fp16(clip_model.build_model(m.state_dict()))
+        assert {k: v.dtype for k, v in ours.state_dict().items()} == {k: v.dtype for k, v in ref.state_dict().items()}
+        res = ours.visual.input_resolution
+        x = torch.randn(2, 3, res, res)
+        text = clip_model.tokenize(["a photo of a cat.", "a diagram", "itap of my tv/monitor."])
+        assert ours.encode_image(x).dtype == torch.float16
+        assert torch.equal(ours.encode_image(x), ref.encode_image(x))
+        assert torch.equal(ours.encode_text(text), ref.encode_text(text))
+
+
+def test_load_rejects_unknown_corrupt_and_training_checkpoints(tmp_path):
     with pytest.raises(common.UserError, match="not found"):
         clip_model.load("ViT-Z/99")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(common.UserError, match="cannot read"):
+    with pytest.raises(common.UserError, match="cannot be read"):
         clip_model.load(str(bad))
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "config": {"arch": "ViT-B/16"}}, ckpt)
+    with pytest.raises(common.UserError, match="ZUTIS training checkpoint.*evaluate.py --ckpt"):
+        clip_model.load(str(ckpt))
+
+
+def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(clip_model._MODELS, "ViT-B/16", (tmp_path / "nowhere" / ("0" * 64) / "ViT-B-16.pt").as_uri())
+    with pytest.raises(common.UserError) as e:
+        clip_model.load("ViT-B/16", download_root=str(tmp_path / "cache"))
+    assert str(tmp_path / "cache" / "ViT-B-16.pt") in str(e.value) and "--arch" in str(e.value)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -236,17 +263,16 @@ def test_forward_maskclip_is_value_path():
 
 def test_text_embeddings_template_ensemble():
     m = make_tiny_clip()
-    e = clip_model.text_embeddings(m, ["cat", "dog"])
+    e = clip_model.text_embeddings(m, ["cat", "dog"], categories.TEMPLATES)
     assert e.shape == (2, 32) and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)
     with torch.no_grad():
         by_hand = torch.nn.functional.normalize(m.encode_text(clip_model.tokenize(
             [t.format("cat") for t in categories.TEMPLATES])), dim=-1).mean(0)
     assert torch.allclose(e[0], by_hand / by_hand.norm(), atol=1e-5)
-    bare = clip_model.text_embeddings(m, ["cat"], templates=None)
+    bare = clip_model.text_embeddings(m, ["cat"], None)
     with torch.no_grad():
         want = torch.nn.functional.normalize(m.encode_text(clip_model.tokenize(["cat"])), dim=-1)
     assert torch.allclose(bare, want, atol=1e-6)
-    assert len(clip_model.TEMPLATES) == 85
 
 
 # ----------------------------------------------------------------------------- common / categories
@@ -276,6 +302,6 @@ def test_categories_and_common(tmp_path):
     assert not out.exists() and os.listdir(tmp_path).count("o.json") == 0
     common.save_json({"a": 1}, str(out))
     assert out.read_text().strip().startswith("{")
-    # the temp file behind it was 0600; the output gets the umask's permissions like any other file
+    # mkstemp makes 0600 temp files; the output gets the umask's permissions like any other file
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~common._umask()
     assert common._umask() == os.umask(common._umask())
