@@ -122,7 +122,8 @@ def bench_infer(device, argv):
         rows.append({"arch": os.path.basename(arch), "img_per_s": len(lat) / sum(lat), "median_ms": lat[len(lat) // 2] * 1e3,
                      "paper_img_per_s": PAPER_IMG_PER_S.get(arch, float("nan")), "classes": len(names),
                      "sizes": a.sizes, "images": len(lat), "peak_mb": peak_memory_mb(device)})
-    device_name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    cuda = torch.device(device).type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     print_table(rows, f"full inference at batch 1, fp32, on {device_name}")
     return {"device": device_name, "protocol": bench_infer.__doc__, "rows": rows}
 

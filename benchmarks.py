@@ -81,7 +81,7 @@ def semantic_metrics(conf, names, official_imagenet_s=False):
         miou = np.nanmean(iou) if np.isfinite(iou).any() else None
     return {"mIoU": None if miou is None else float(miou * 100),
             "pixel_acc": float(tp.sum() / max(valid.sum(), 1) * 100),
-            "per_class_iou": {n: (None if np.isnan(v) else round(float(v) * 100, 2)) for n, v in zip(names, iou)}}
+            "per_class_iou": {n: (None if np.isnan(v) else float(v) * 100) for n, v in zip(names, iou)}}
 
 
 def size_buckets(gt, pred, K, ignore):
@@ -315,25 +315,19 @@ def build_sel20k(all_json, ids, out_path):
     return sel
 
 
-def read_coco20k(data_root, split=None, coco20k_list=None, unseen=False, cache_dir=None, **_):
+def read_coco20k(data_root, split=None, unseen=False, **_):
     root = find_root(data_root, "coco20k", ["", "coco", "COCO"], ["train2014"])
     ann_dir = os.path.join(root, "annotations")
-    name = "instances_train2014_sel20k.json"
-    sel_path = next((p for p in (os.path.join(ann_dir, name), cache_dir and os.path.join(cache_dir, name))
-                     if p and os.path.isfile(p)), None)
-    if sel_path:
+    sel_path = os.path.join(ann_dir, "instances_train2014_sel20k.json")
+    if os.path.isfile(sel_path):
         gt = load_json(sel_path, "COCO-20K annotations")
     else:
-        lst = coco20k_list or next((p for p in (os.path.join(root, "coco_20k_filenames.txt"),
-                                                os.path.join(ann_dir, "coco_20k_filenames.txt")) if os.path.isfile(p)), None)
-        if lst is None or not os.path.isfile(lst):
-            raise UserError(f"coco_20k_filenames.txt not found in {root!r} or {ann_dir!r}: get it from "
-                            "github.com/valeoai/LOST (datasets/) or pass --coco20k_list")
+        lst = next((p for p in (os.path.join(root, "coco_20k_filenames.txt"), os.path.join(ann_dir, "coco_20k_filenames.txt"))
+                    if os.path.isfile(p)), None)
         all_json = os.path.join(ann_dir, "instances_train2014.json")
-        if not os.path.isfile(all_json):
-            raise UserError(f"missing {all_json}. Expected layout: {LAYOUTS['coco20k']}")
-        writable = os.access(ann_dir, os.W_OK) or not cache_dir  # a read-only dataset: cache beside the outputs
-        sel_path = os.path.join(ann_dir if writable else cache_dir, name)
+        if lst is None or not os.path.isfile(all_json):
+            raise UserError(f"COCO-20K needs {all_json} and coco_20k_filenames.txt (github.com/valeoai/LOST, datasets/) "
+                            f"in {root!r} or {ann_dir!r}")
         print(f"building {sel_path} from {all_json}")
         gt = build_sel20k(all_json, coco20k_ids(lst), sel_path)
     cats, ids = list(C.COCO), list(C.COCO_IDS)

@@ -1,26 +1,21 @@
 """Stage 4: evaluate a ZUTIS checkpoint (or the training-free MaskCLIP baseline) on the paper's benchmarks,
 segment your own images with your own class names, or name someone else's mask proposals.
 
-Reads a benchmark tree (docs/evaluate.md lists the layouts) and a checkpoint (train.py's ckpt.pt, an
-official ZUTIS file, or official:<name>). Writes to --out_dir (default out/eval_<bench>_<model>):
-    metrics.json    mIoU, pixel accuracy, mask AP/AP50/AP75 class-aware and class-agnostic (`_agn`), the
-                    ImageNet-S evaluator's S/MS/ML/L, Acc and FMeasure, CUB foreground IoU, the config
-    instances.json  COCO results (image_id, category_id, segmentation RLE, score)
-    vis/            image | ground truth | semantic | instances of the first --save_vis images
-    skipped.txt     every image that was skipped, with the reason
+Writes to --out_dir: metrics.json (mIoU, pixel accuracy, mask AP class-aware and class-agnostic `_agn`, the
+ImageNet-S evaluator's S/MS/ML/L, Acc and FMeasure, CUB foreground IoU, the config), instances.json (COCO
+results), vis/ (image | ground truth | semantic | instances) and skipped.txt; docs/evaluate.md has the rest.
 
-    python evaluate.py --bench voc                                     # after train.py: newest out/**/ckpt.pt
-    python evaluate.py --bench coco2017 --ckpt official:coco_vit_b_16 --data_root data/coco2017
+    python evaluate.py --bench coco2017 --ckpt official:coco_vit_b_16  # default: the newest out/**/ckpt.pt
     python evaluate.py --bench voc --model maskclip --arch ViT-B/16    # the MaskCLIP baseline row
     python evaluate.py --bench imagenet_s919 --split test --ckpt CKPT   # server-format PNGs in OUT/test/
     python evaluate.py --images photos/ --classes "cat,dog,red bicycle" --ckpt CKPT
     python evaluate.py --bench coco20k --proposals cutler_coco20k.json --ckpt official:coco_vit_b_16
     torchrun --nproc_per_node 4 evaluate.py --bench coco2017 --ckpt CKPT  # images sharded by rank
 
-References: paper section 4; official networks/zutis.py `predict`, trainer.py `evaluate`, coco20k_eval.py;
-MaskCLIP (Zhou et al. 2022) for the baseline. Timing lives in `python bench.py infer`.
+References: paper section 4; official networks/zutis.py `predict`, trainer.py `evaluate`; MaskCLIP (Zhou et al. 2022).
 """
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -40,26 +35,22 @@ from visualize import render_instances, render_semantic, save_vis
 from visualize import overlay, palette, with_legend, zoom  # noqa: F401  (toy_report.py draws through this module)
 
 CHOICES = {"model": ("zutis", "maskclip"), "nms": ("hard", "none"), "class_prob": ("sigmoid", "softmax"),
-           "norm": ("auto", "imagenet", "clip"), "proposal_score": ("product", "class", "proposal"),
-           "maskclip_proposals": ("components", "classes"), "cub_text": ("bird", "breed")}
+           "proposal_score": ("product", "class", "proposal"), "cub_text": ("bird", "breed")}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", default="voc", help=f"The benchmark to evaluate on: {', '.join(B.BENCHES)}.")
-    p.add_argument("--data_root", default=None, help="The benchmark's folder, or a parent holding its standard tree "
-                   "(default data/<standard folder>).")
+    p.add_argument("--bench", default="voc", help=f"The benchmark: {', '.join(B.BENCHES)}.")
+    p.add_argument("--data_root", default=None, help="Its folder, or a parent of its standard tree (default data/<folder>).")
     p.add_argument("--split", default=None, help="voc: trainval, train or val; imagenet_s919: val or test; cub: test or train.")
     p.add_argument("--model", default="zutis", help="zutis (a checkpoint) or maskclip (the training-free baseline).")
-    p.add_argument("--ckpt", default=None, help="A train.py ckpt.pt, an official ZUTIS file, or official:<name> "
-                   "(default: the newest out/**/ckpt.pt).")
-    p.add_argument("--arch", default=None, help="The CLIP name or file; it overrides the one a checkpoint stores. "
-                   "For maskclip the default is ViT-B/16.")
-    p.add_argument("--classes", default=None, help="Class names replacing the benchmark's: a list name, 'a,b,c', "
-                   "one name, or a text file; background is added.")
-    p.add_argument("--images", default=None, help="Segment these images (a folder or one file) instead of a benchmark.")
-    p.add_argument("--proposals", default=None, help="A COCO results JSON of RLE masks (as CutLER or SAM tools write) "
-                   "whose masks the model names instead of its own.")
+    p.add_argument("--ckpt", default=None, help="A train.py ckpt.pt, an official ZUTIS file or official:<name> (default: "
+                   "the newest out/**/ckpt.pt).")
+    p.add_argument("--arch", default=None, help="A CLIP name or file, overriding the checkpoint's (maskclip: ViT-B/16).")
+    p.add_argument("--classes", default=None, help="Names replacing the benchmark's: a list name, 'a,b,c', one name or a file.")
+    p.add_argument("--images", default=None, help="Segment these images (a folder or a file) instead of a benchmark.")
+    p.add_argument("--proposals", default=None, help="Name the RLE masks of this COCO results JSON (CutLER, SAM) instead "
+                   "of the model's own.")
     p.add_argument("--out_dir", default=None, help="The output folder (default out/eval_<bench>_<model>, or out/demo).")
     p.add_argument("--max_images", type=int, default=None, help="Evaluate the first N images only.")
     p.add_argument("--save_vis", type=int, default=8, help="Draw the first N images into vis/ (0: none).")
@@ -68,21 +59,15 @@ def get_args_parser():
     g.add_argument("--nms", default="hard", help="hard (class-wise mask NMS) or none.")
     g.add_argument("--nms_iou", type=float, default=0.3, help="Mask IoU above which NMS drops the lower-scored mask.")
     g.add_argument("--t", type=float, default=0.5, help="The threshold of the decoder's mask probabilities.")
-    g.add_argument("--class_prob", default="sigmoid", help="sigmoid (sigmoid(5 cos), official) or softmax "
-                   "(the paper's Eq. 4).")
-    g.add_argument("--norm", default="auto", help="Input normalisation: auto (the checkpoint's; CLIP's for maskclip), "
-                   "imagenet or clip.")
-    g.add_argument("--max_size", type=int, default=None, help="Resize inputs whose longer side exceeds this "
-                   "(default 1024 for imagenet_s919 and --images).")
-    g.add_argument("--proposal_score", default="product", help="Score of a named proposal: product (its score times "
-                   "the class probability), class, or proposal.")
-    g.add_argument("--with_decoder", action="store_true", help="With --proposals, keep the decoder's masks as well.")
-    g.add_argument("--maskclip_proposals", default="components", help="MaskCLIP instances: components (connected "
-                   "components per class) or classes (one mask per class).")
+    g.add_argument("--class_prob", default="sigmoid", help="sigmoid (sigmoid(5 cos), official) or softmax (paper Eq. 4).")
+    g.add_argument("--max_size", type=int, default=None, help="Resize a longer side above this (default 1024 for "
+                   "imagenet_s919 and --images).")
+    g.add_argument("--proposal_score", default="product", help="A named proposal's score: product (its score x class "
+                   "probability), class or proposal.")
+    g.add_argument("--with_decoder", action="store_true", help="With --proposals, keep the model's own masks too.")
     g = p.add_argument_group("benchmark options")
     g.add_argument("--unseen", action="store_true", help="coco20k: score the 15 unseen classes of the 65/15 split.")
     g.add_argument("--cub_text", default="bird", help="cub: the text 'bird', or each image's breed name ('breed').")
-    g.add_argument("--coco20k_list", default=None, help="LOST's coco_20k_filenames.txt (default: in the data root).")
     return p
 
 
@@ -91,27 +76,23 @@ def get_args_parser():
 # with instances, "masks" [N, H, W], "labels" [N], "scores" [N], all on the CPU. It has `kind`, `norm` (the
 # input normalisation), `device`, `categories` and `set_categories(names)`.
 
-def name_proposals(masks, scores, tokens, text, class_prob, rule="product"):
-    """The official instance class rule for external masks: masks bool [N, H, W], scores [N], unit tokens
-    [gh, gw, C], text [K, C], class_prob(cos [N, K]) -> probabilities. A mask's token weights are the
-    transpose of the bilinear upsampling that maps the token grid onto (H, W), the one the semantic map
-    uses, so the mean token is the mean of the upsampled tokens inside the mask."""
-    (gh, gw), (H, W), dev = tokens.shape[:2], masks.shape[-2:], tokens.device
-    ay = F.interpolate(torch.eye(gh, device=dev)[None], size=H, mode="linear", align_corners=False)[0]  # [gh, H]
-    ax = F.interpolate(torch.eye(gw, device=dev)[None], size=W, mode="linear", align_corners=False)[0]  # [gw, W]
+def name_proposals(seg, proposals, tokens, text, class_prob, own=None):
+    """The official instance class rule for external masks -> the instance dict. proposals = (bool masks
+    [N, H, W], scores [N]), unit tokens [gh, gw, C], text [K, C], class_prob(cos [N, K]) -> probabilities;
+    `own` (the segmenter's own instances) joins before NMS. A mask's token weights are the transpose of the
+    bilinear upsampling from the token grid to (H, W) that the semantic map uses: the mean token is the
+    mean of the upsampled tokens inside the mask. Background and empty masks are dropped, then NMS."""
+    (masks, scores), (gh, gw), dev = proposals, tokens.shape[:2], tokens.device
+    ay, ax = (F.interpolate(torch.eye(n, device=dev)[None], size=size, mode="linear", align_corners=False)[0]
+              for n, size in ((gh, masks.shape[-2]), (gw, masks.shape[-1])))  # [gh, H], [gw, W]
     w = torch.cat([ay @ m.to(dev).float() @ ax.t() for m in masks.split(16)]) if len(masks) else ay.new_zeros(0, gh, gw)
     prob, labels = class_prob(M.mean_token_cos(w.flatten(1), tokens.flatten(0, 1).float(), text.float())).max(-1)
-    scores = scores.to(dev).float()
-    return {"masks": masks.to(dev), "labels": labels,
-            "scores": {"product": scores * prob, "class": prob, "proposal": scores}[rule]}
-
-
-def merge_instances(parts, nms, nms_iou, device):
-    """Instance dicts -> one, background and empty masks dropped, class-wise NMS, by descending score."""
-    masks, labels, scores = (torch.cat([q[k].to(device) for q in parts]) for k in ("masks", "labels", "scores"))
+    scores = {"product": scores.to(dev) * prob, "class": prob, "proposal": scores.to(dev).float()}[seg.proposal_score]
+    parts = [{"masks": masks.to(dev), "labels": labels, "scores": scores}] + ([own] if seg.with_decoder else [])
+    masks, labels, scores = (torch.cat([q[k].to(dev) for q in parts]) for k in ("masks", "labels", "scores"))
     ok = (labels != 0) & masks.flatten(1).any(1)
     masks, labels, scores = masks[ok], labels[ok], scores[ok]
-    keep = M.mask_nms(masks, scores, labels, nms_iou) if nms == "hard" else torch.argsort(scores, descending=True, stable=True)
+    keep = M.mask_nms(masks, scores, labels, seg.nms_iou) if seg.nms == "hard" else torch.argsort(scores, descending=True, stable=True)
     return {"masks": masks[keep].cpu(), "labels": labels[keep].cpu(), "scores": scores[keep].cpu()}
 
 
@@ -124,7 +105,8 @@ class ZutisSegmenter:
                  proposal_score="product", with_decoder=False):
         self.model, self.norm, self.device = model.eval(), norm, next(model.parameters()).device
         self.kw = dict(t=t, nms=nms, nms_iou=nms_iou, class_prob=class_prob)
-        self.proposal_score, self.with_decoder, self._cache = proposal_score, with_decoder, {}
+        self.nms, self.nms_iou, self.proposal_score, self.with_decoder = nms, nms_iou, proposal_score, with_decoder
+        self._cache = {}
 
     @property
     def categories(self):
@@ -143,21 +125,18 @@ class ZutisSegmenter:
 
     @torch.no_grad()
     def __call__(self, x, out_size, instances=True, proposals=None):
-        p = self.model.patch_size
-        if min(x.shape[-2:]) < p:
-            raise ValueError(f"the image {tuple(x.shape[-2:])} is smaller than one {p}x{p} patch")
+        if min(x.shape[-2:]) < self.model.patch_size:
+            raise ValueError(f"the image {tuple(x.shape[-2:])} is smaller than one {self.model.patch_size}-pixel patch")
         out = self.model(x)
         res = {"semantic": M.semantic_from_outputs(out, out_size).cpu()}
         if not instances:
             return res
+        own = M.instances_from_outputs(out, out_size, **self.kw) if proposals is None or self.with_decoder else None
         if proposals is None:
-            return {**res, **{k: v.cpu() for k, v in M.instances_from_outputs(out, out_size, **self.kw).items()}}
+            return {**res, **{k: v.cpu() for k, v in own.items()}}
         soft = self.kw["class_prob"] == "softmax"
         prob = (lambda c: torch.softmax(out["logit_scale"] * c, -1)) if soft else (lambda c: torch.sigmoid(5 * c))
-        parts = [name_proposals(*proposals, out["patch_tokens"][0], out["text_emb"], prob, self.proposal_score)]
-        if self.with_decoder:
-            parts.append(M.instances_from_outputs(out, out_size, **self.kw))
-        return {**res, **merge_instances(parts, self.kw["nms"], self.kw["nms_iou"], self.device)}
+        return {**res, **name_proposals(self, proposals, out["patch_tokens"][0], out["text_emb"], prob, own)}
 
 
 class MaskCLIPSegmenter:
@@ -167,9 +146,9 @@ class MaskCLIPSegmenter:
     temperature) of that class inside; proposals are named with that probability."""
     kind = "maskclip"
 
-    def __init__(self, clip, categories, norm="clip", max_instances=100, proposals="components",
-                 nms="hard", nms_iou=0.3, proposal_score="product", with_decoder=False):
-        self.clip, self.norm, self.max_instances, self.proposals = clip.eval(), norm, max_instances, proposals
+    def __init__(self, clip, categories, norm="clip", max_instances=100, nms="hard", nms_iou=0.3,
+                 proposal_score="product", with_decoder=False):
+        self.clip, self.norm, self.max_instances = clip.eval(), norm, max_instances
         self.scale, self.device = clip.logit_scale.detach().exp().item(), next(clip.parameters()).device
         self.nms, self.nms_iou, self.proposal_score, self.with_decoder = nms, nms_iou, proposal_score, with_decoder
         self._cache, self.categories = {}, []
@@ -195,25 +174,21 @@ class MaskCLIPSegmenter:
         if not instances:
             return out
         lse = torch.logsumexp(logits * self.scale, dim=0)  # p(c | pixel) = exp(s l_c - logsumexp_k s l_k)
-        comps = component_instances(sem, lambda c: torch.exp(logits[c] * self.scale - lse).cpu().numpy(),
-                                    self.max_instances, whole_class=self.proposals == "classes")
+        comps = component_instances(sem, lambda c: torch.exp(logits[c] * self.scale - lse).cpu().numpy(), self.max_instances)
         if proposals is None:
             return {**out, **comps}
-        prob = lambda c: torch.softmax(self.scale * c, -1)  # noqa: E731
-        parts = [name_proposals(*proposals, f, self.text.to(f), prob, self.proposal_score)] + [comps] * self.with_decoder
-        return {**out, **merge_instances(parts, self.nms, self.nms_iou, self.device)}
+        return {**out, **name_proposals(self, proposals, f, self.text.to(f), lambda c: torch.softmax(self.scale * c, -1), comps)}
 
 
-def component_instances(sem, prob_of, max_n=100, whole_class=False):
+def component_instances(sem, prob_of, max_n=100):
     """Connected components (8-connectivity) of every non-background class of `sem` [H, W], scored by the
-    mean of prob_of(c) [H, W] inside, the best max_n kept. whole_class: one mask per predicted class (the
-    paper's literal "semantic masks as mask proposals")."""
+    mean of prob_of(c) [H, W] inside, the best max_n kept."""
     from scipy import ndimage
     s, cand = sem.cpu().numpy(), []  # (score, class, component labels, component index)
     for c in np.unique(s):
         if c == 0:
             continue
-        lab, n = ((s == c).astype(np.int32), 1) if whole_class else ndimage.label(s == c, structure=np.ones((3, 3)))
+        lab, n = ndimage.label(s == c, structure=np.ones((3, 3)))
         scores = ndimage.mean(prob_of(int(c)), labels=lab, index=np.arange(1, n + 1))
         cand += [(float(sc), int(c), lab, i + 1) for i, sc in enumerate(np.atleast_1d(scores))]
     cand = sorted(cand, key=lambda z: -z[0])[:max_n]
@@ -227,8 +202,7 @@ def component_instances(sem, prob_of, max_n=100, whole_class=False):
 def newest_checkpoint(root="out"):
     found = glob.glob(os.path.join(root, "**", "ckpt.pt"), recursive=True)
     if not found:
-        raise UserError(f"no checkpoint found under {root}/ (train one with train.py, or pass --ckpt FILE or "
-                        "--ckpt official:<name>)")
+        raise UserError(f"no checkpoint under {root}/: train one with train.py, or pass --ckpt FILE or official:<name>")
     return max(found, key=os.path.getmtime)
 
 
@@ -245,15 +219,14 @@ def build_segmenter(args, categories, device):
     kw = dict(nms=args.nms, nms_iou=args.nms_iou, proposal_score=args.proposal_score, with_decoder=args.with_decoder)
     if args.model == "maskclip":
         clip, _ = clip_model.load(args.arch or "ViT-B/16", device=device)
-        return MaskCLIPSegmenter(clip, categories or list(C.VOC), norm="clip" if args.norm == "auto" else args.norm,
-                                 proposals=args.maskclip_proposals, **kw)
+        return MaskCLIPSegmenter(clip, categories or list(C.VOC), **kw)
     spec = args.ckpt or newest_checkpoint()
     cfg = checkpoint_config(spec)  # also turns a missing or unreadable file into a one-line error
     names = clip_model.available_models()
     if args.arch in names and cfg.get("arch") in names and args.arch != cfg["arch"]:  # before any download
         raise UserError(f"{spec} is a {cfg['arch']} checkpoint, not --arch {args.arch}")
     net = M.load_checkpoint(spec, categories=categories, device=device, arch=args.arch)
-    norm = cfg.get("norm", "imagenet") if args.norm == "auto" else args.norm
+    norm = cfg.get("norm", "imagenet")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"loaded {spec} ({getattr(net, 'arch', '?')}, input norm {norm})")
     return ZutisSegmenter(net, norm, t=args.t, class_prob=args.class_prob, **kw)
@@ -285,16 +258,11 @@ def infer(seg, img_u8, max_size=None, instances=True, proposals=None):
 # ----------------------------------------------------------------------------- external proposals
 
 def read_proposals(path, samples):
-    """A COCO results list (or a COCO dataset dict with "images" and "annotations") of RLE masks -> {sample
-    id: [entries]}, matched by file_name (path, base name or stem; ambiguous base names need the path)
-    and otherwise by image_id; the count of unmatched entries."""
+    """A COCO results list of RLE masks -> ({sample id: [entries]}, count of unmatched entries), matched by
+    file_name (path, base name or stem; an ambiguous base name needs the path), else by image_id."""
     data = common.load_json(path, "proposals file")
-    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        files = {im.get("id"): im.get("file_name") for im in data.get("images", []) if isinstance(im, dict)}
-        data = [{**a, "file_name": a.get("file_name") or files.get(a.get("image_id"))} for a in data["annotations"]
-                if isinstance(a, dict)]
-    seg_ok = lambda d: isinstance(d, dict) and isinstance(d.get("segmentation"), dict) and {"size", "counts"} <= set(d["segmentation"])  # noqa: E731
-    if not isinstance(data, list) or not data or not all(seg_ok(d) for d in data):
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) and isinstance(d.get("segmentation"), dict)
+                                                         and {"size", "counts"} <= set(d["segmentation"]) for d in data):
         raise UserError(f"{path!r} is not a COCO results list of RLE masks (entries with image_id or file_name, "
                         "segmentation {size, counts} and score)")
     by_name = {}
@@ -315,16 +283,10 @@ def read_proposals(path, samples):
     if not out:
         raise UserError(f"none of the {len(data)} proposals in {path!r} matches an image by file_name or image_id "
                         f"(first: {data[0].get('file_name') or data[0].get('image_id')!r})")
-    for s in samples:  # mask sizes against the image headers, before any work
-        try:
-            with Image.open(s["image"]) as im:
-                W, H = im.size
-        except OSError:  # unreadable: skipped later with its reason
-            continue
-        for d in out.get(s["id"], []):
-            if list(d["segmentation"]["size"]) != [H, W]:
-                raise UserError(f"a proposal for {s['name']} in {path!r} is {'x'.join(map(str, d['segmentation']['size']))}, "
-                                f"the image {H}x{W}")
+    for s in (s for s in samples if s["id"] in out):  # mask sizes against the image headers, before any work
+        with contextlib.suppress(OSError), Image.open(s["image"]) as im:  # an unreadable image is skipped later
+            for size in {tuple(d["segmentation"]["size"]) for d in out[s["id"]]} - {(im.height, im.width)}:
+                raise UserError(f"a proposal for {s['name']} in {path!r} is {size[0]}x{size[1]}, the image {im.height}x{im.width}")
     return out, unmatched
 
 
@@ -369,16 +331,6 @@ def _resume_state(path, key, K, official):
     return fresh
 
 
-def _run_key(bench, n, names, seg, max_size, config):
-    """What must match for partial results to be reused: data, classes, model, checkpoint, rules."""
-    config = config or {}
-    ck = config.get("ckpt") or ""
-    rules = {k: config.get(k) for k in ("ckpt", "arch", "nms", "nms_iou", "t", "class_prob", "norm", "unseen",
-                                        "cub_text", "split", "proposals", "proposal_score", "with_decoder")}
-    return json.dumps([bench.name, n, names, seg.kind, max_size, os.path.getmtime(ck) if os.path.isfile(ck) else None,
-                       rules], sort_keys=True, default=str)
-
-
 def _accumulate(st, bench, s, size, gt, objs, p, K, cat_ids):
     """Add one image's prediction `p`: confusion (and size buckets, per-image scores) against `gt`,
     COCO-format detections, and VOC-style ground-truth instances `objs`."""
@@ -411,10 +363,13 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
     K, max_size = len(names), max_size or bench.max_size
     props, unmatched = read_proposals(proposals, samples) if proposals else ({}, 0)
     need_inst = bench.load_instances is not None or bench.coco_gt is not None
-    write_test = bench.load_semantic is None and bench.name == "imagenet_s919"
     mine = samples[dist.rank::dist.world]
     part = os.path.join(out_dir, f".partial_rank{dist.rank}of{dist.world}.pt") if out_dir else None
-    st = _resume_state(part, _run_key(bench, len(samples), names, seg, max_size, config), K, bench.official_eval)
+    # partial results are reused only for the same data, classes, model, checkpoint (and its time) and rules
+    ck, rules = (config or {}).get("ckpt") or "", {k: v for k, v in (config or {}).items() if k not in ("max_images", "save_vis")}
+    key = json.dumps([bench.name, len(samples), names, seg.kind, max_size, os.path.isfile(ck) and os.path.getmtime(ck), rules],
+                     sort_keys=True, default=str)
+    st = _resume_state(part, key, K, bench.official_eval)
     for i in tqdm(range(st["next"], len(mine)), disable=not dist.is_main, desc=bench.name, initial=st["next"], total=len(mine)):
         s = mine[i]
         try:
@@ -431,7 +386,7 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
         pr = decode_proposals(props.get(s["id"], []), (pil.height, pil.width)) if proposals else None
         p = infer(seg, image_tensor(pil), max_size, instances=need_inst or proposals is not None, proposals=pr)
         _accumulate(st, bench, s, (pil.height, pil.width), gt, objs, p, K, cat_ids)
-        if write_test:  # ImageNet-S server format: class I as RGB (I % 256, I // 256, 0), one PNG per image
+        if bench.load_semantic is None and bench.name == "imagenet_s919":  # server format: I as RGB (I % 256, I // 256, 0)
             pred = p["semantic"].numpy()
             common.save_image(np.stack([pred % 256, pred // 256, np.zeros_like(pred)], -1).astype(np.uint8),
                               os.path.join(out_dir, "test", s["name"] + ".png"))
@@ -454,8 +409,7 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
         if lists["per_image"]:
             m["Acc"], m["FMeasure"] = (float(v) for v in np.mean(lists["per_image"], 0) * 100)
     if bench.name == "cub":  # foreground IoU: dataset-level (headline) and the mean over images
-        c = conf[:2, :2]
-        m["fg_iou"] = float(c[1, 1] / max(c[:, 1].sum() + c[1].sum() - c[1, 1], 1) * 100)
+        m["fg_iou"] = m["per_class_iou"]["bird"]
         m["fg_iou_per_image"] = float(np.mean(lists["per_image"]) * 100) if lists["per_image"] else None
     if need_inst:
         m.update(B.instance_metrics(bench, names, cat_ids, lists["dets"], lists["gt_imgs"], lists["gt_anns"], lists["done"]))
@@ -483,10 +437,9 @@ def write_skipped(skipped, out_dir):
 
 def run_benchmark(model, bench, data_root, out_dir=None, split=None, max_images=None, dist=None, **kw):
     """For train.py --eval_bench: evaluate `model` (a ZUTIS module or a segmenter) on `bench`.
-    kw: classes (default: the model's own), norm, t, nms, nms_iou, class_prob, unseen, cub_text, coco20k_list,
-    max_size, save_vis. Returns the metrics dict (empty off rank 0)."""
-    b = B.read_bench(bench, data_root, split, unseen=kw.get("unseen", False), cub_text=kw.get("cub_text", "bird"),
-                     coco20k_list=kw.get("coco20k_list"), cache_dir=out_dir)
+    kw: classes (default: the model's own), norm, t, nms, nms_iou, class_prob, unseen, cub_text, max_size,
+    save_vis. Returns the metrics dict (empty off rank 0)."""
+    b = B.read_bench(bench, data_root, split, unseen=kw.get("unseen", False), cub_text=kw.get("cub_text", "bird"))
     rules = {k: kw[k] for k in ("t", "nms", "nms_iou", "class_prob") if k in kw}
     seg = model if hasattr(model, "kind") else ZutisSegmenter(model, kw.get("norm", "imagenet"), **rules)
     seg.set_categories(["background", "bird"] if b.per_image_text else bench_categories(kw.get("classes") or seg.categories, b))
@@ -500,7 +453,6 @@ def run_images(seg, src, out_dir, max_size=1024, proposals=None):
     """--images: per image <stem>_semantic.png, <stem>_instances.png (overlays with a legend) and
     <stem>_labels.png (label ids), plus predictions.json (COCO format: image ids = positions in the sorted
     file list, category id = label id, names in "categories" and in each annotation's category_name)."""
-    from pycocotools import mask as mask_util
     base, rels = (os.path.dirname(src), [os.path.basename(src)]) if os.path.isfile(src) else (src, common.list_images(src))
     if not rels:
         raise UserError(f"no images in {src!r}")
@@ -523,10 +475,9 @@ def run_images(seg, src, out_dir, max_size=1024, proposals=None):
         common.save_image(render_instances(img, p, names), stem + "_instances.png")
         common.save_image(sem.astype(np.uint8 if len(names) <= 256 else np.uint16), stem + "_labels.png")
         coco["images"].append({"id": s["id"], "file_name": rel, "height": hw[0], "width": hw[1]})
-        for d in B.detections(p, s["id"], list(range(len(names)))):
-            coco["annotations"].append({**d, "id": len(coco["annotations"]) + 1, "category_name": names[d["category_id"]],
-                                        "area": float(mask_util.area(d["segmentation"])), "iscrowd": 0,
-                                        "bbox": [float(v) for v in mask_util.toBbox(d["segmentation"])]})
+        for m, lab, sc in zip(p["masks"].numpy(), p["labels"].tolist(), p["scores"].tolist()):  # background already dropped
+            coco["annotations"].append({**B.gt_annotation(m, lab, s["id"], len(coco["annotations"]) + 1), "score": sc,
+                                        "category_name": names[lab]})
     write_skipped(skipped, out_dir)
     if not coco["images"]:
         raise UserError(f"none of the {len(rels)} images could be segmented (reasons above and in {out_dir}/skipped.txt)")
@@ -538,13 +489,8 @@ def run_images(seg, src, out_dir, max_size=1024, proposals=None):
 
 # ----------------------------------------------------------------------------- main
 
+@torch.no_grad()  # restores the caller's autograd state on return, unlike set_grad_enabled(False)
 def main():
-    # A context manager, not set_grad_enabled(False): callers that run main() in-process keep their autograd state.
-    with torch.no_grad():
-        _main()
-
-
-def _main():
     args = get_args_parser().parse_args()
     for flag, ok in CHOICES.items():
         if getattr(args, flag) not in ok:
@@ -558,33 +504,25 @@ def _main():
     dist = common.Dist(args.device)
     if dist.device.type == "cpu":
         common.set_cpu_threads()
-    config = {**vars(args), **common.git_info()}
+    out_dir = args.out_dir or ("out/demo" if args.images else f"out/eval_{args.bench}_{args.model}")
+    if dist.is_main:
+        common.remove_stale_tmp(out_dir)
     if args.images is not None:
         names = C.get_categories(args.classes) if args.classes else None
         if names is None and args.model == "maskclip":
             raise UserError("--images with --model maskclip needs --classes")
-        out_dir = args.out_dir or "out/demo"
-        if dist.is_main:
-            common.remove_stale_tmp(out_dir)
         run_images(build_segmenter(args, names, dist.device), args.images, out_dir, args.max_size or 1024, args.proposals)
         return dist.close()
-    out_dir = args.out_dir or f"out/eval_{args.bench}_{args.model}"
-    if dist.is_main:
-        common.remove_stale_tmp(out_dir)
-    bench = B.read_bench(args.bench, args.data_root, args.split, unseen=args.unseen, cub_text=args.cub_text,
-                         coco20k_list=args.coco20k_list, cache_dir=out_dir)
+    bench = B.read_bench(args.bench, args.data_root, args.split, unseen=args.unseen, cub_text=args.cub_text)
     names = bench_categories(args.classes, bench)
     seg = build_segmenter(args, names, dist.device)
     seg.set_categories(["background", "bird"] if bench.per_image_text else names)
     dist.print0(f"{bench.name}: {len(bench.samples)} images, {len(names)} classes" + "".join(f"; {n}" for n in bench.notes))
-    m = evaluate_bench(seg, bench, out_dir, dist, args.max_images, args.save_vis, args.max_size, config,
-                       proposals=args.proposals)
-    if dist.is_main:
-        keys = ("mIoU", "pixel_acc", "S", "MS", "ML", "L", "Acc", "FMeasure", "fg_iou", "fg_iou_per_image", "AP", "AP50",
-                "AP75", "AP_agn", "AP50_agn", "AP75_agn")
-        pr = m.get("proposals")
-        print(" ".join(f"{k} {m[k]:.2f}" for k in keys if m.get(k) is not None) + f" ({m['n_images']} images"
-              + (f"; proposals: {pr['matched']} matched, {pr['unmatched']} unmatched" if pr else "") + f") -> {out_dir}")
+    m = evaluate_bench(seg, bench, out_dir, dist, args.max_images, args.save_vis, args.max_size,
+                       {**vars(args), **common.git_info()}, proposals=args.proposals)
+    keys = "mIoU pixel_acc S MS ML L Acc FMeasure fg_iou fg_iou_per_image AP AP50 AP75 AP_agn AP50_agn AP75_agn".split()
+    dist.print0(" ".join(f"{k} {m[k]:.2f}" for k in keys if m.get(k) is not None) + f" ({m.get('n_images')} images"
+                + "".join(f", {n} proposals {k}" for k, n in m.get("proposals", {}).items() if k != "file") + f") -> {out_dir}")
     dist.close()
 
 
