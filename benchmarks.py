@@ -60,8 +60,7 @@ def confusion(gt, pred, K, ignore=255):
     pixels (the ignore value or any label outside [0, K)): official running_score drops them, the
     ImageNet-S evaluator counts them in the predicted area."""
     gt, pred = np.asarray(gt).ravel(), np.asarray(pred).ravel()
-    g = np.where((gt >= 0) & (gt < K) & (gt != ignore), gt, K)
-    return np.bincount(K * g + pred, minlength=(K + 1) * K).reshape(K + 1, K)
+    return np.bincount(K * np.where((gt >= 0) & (gt < K) & (gt != ignore), gt, K) + pred, minlength=(K + 1) * K).reshape(K + 1, K)
 
 
 def semantic_metrics(conf, names, official_imagenet_s=False):
@@ -210,10 +209,7 @@ def read_png(path):
     """A PNG as int64: palette and grayscale images give [H, W] of stored indices, others [H, W, 3] RGB."""
     from PIL import Image
     with Image.open(path) as im:
-        im.load()
-        if im.mode in ("P", "L", "I", "I;16"):
-            return np.array(im).astype(np.int64)
-        return np.array(im.convert("RGB")).astype(np.int64)
+        return np.array(im if im.mode in ("P", "L", "I", "I;16") else im.convert("RGB")).astype(np.int64)
 
 
 def _split_lines(path):  # the first word of each non-empty line
@@ -248,11 +244,8 @@ def read_voc(data_root, split=None, **_):
 def voc_instances(sample, semantic):
     """Objects of SegmentationObject (ids 1..N; 0 background, 255 void); each object's class is the most
     frequent SegmentationClass label under it (VOC draws both from the same polygons)."""
-    obj = read_png(sample["obj"])
-    out = []
-    for k in np.unique(obj):
-        if k in (0, 255):
-            continue
+    obj, out = read_png(sample["obj"]), []
+    for k in sorted(set(np.unique(obj).tolist()) - {0, 255}):
         labels = semantic[obj == k]
         labels = labels[(labels > 0) & (labels < 255)]
         if labels.size:
@@ -305,7 +298,7 @@ def coco20k_ids(list_path):
 
 
 def build_sel20k(all_json, ids, out_path):
-    """instances_train2014.json restricted to the COCO-20K images (all categories kept), written once
+    """instances_train2014.json restricted to the COCO-20K images (all categories kept), written
     atomically (official datasets/coco20k.py `select_coco_20k`, one pass with a set)."""
     gt, keep = load_json(all_json, "COCO annotations"), set(ids)
     sel = {k: v for k, v in gt.items() if k not in ("images", "annotations")}
@@ -411,8 +404,6 @@ def read_cub(data_root, split=None, cub_text="bird", **_):
     split = split or "test"
     if split not in ("test", "train"):
         raise UserError(f"cub split must be 'test' or 'train', got {split!r}")
-    if cub_text not in ("bird", "breed"):
-        raise UserError(f"--cub_text must be 'bird' or 'breed', got {cub_text!r}")
     root = find_root(data_root, "cub", ["", "CUB_200_2011"], ["images.txt", "train_test_split.txt", "images"])
     segs = next((d for d in (os.path.join(root, "segmentations"), os.path.join(os.path.dirname(root), "segmentations"))
                  if os.path.isdir(d)), None)

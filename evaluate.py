@@ -156,7 +156,7 @@ class MaskCLIPSegmenter:
 
     def set_categories(self, names):
         key = tuple(names)
-        if key not in self._cache:  # CUB breed mode switches names per image: embed each list once
+        if key not in self._cache:  # CUB breed mode switches names per image: each list is embedded a single time
             self._cache[key] = clip_model.text_embeddings(self.clip, list(names))
         self.text, self.categories = self._cache[key], list(names)
 

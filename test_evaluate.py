@@ -124,7 +124,7 @@ def test_coco20k_reader(tmp_path, monkeypatch):
     assert [s["id"] for s in b.samples] == [9, 25] and len(b.coco_gt["annotations"]) == 2
     assert os.path.isfile(f"{root}/annotations/instances_train2014_sel20k.json")
     monkeypatch.setattr(B, "build_sel20k", lambda *a: pytest.fail("sel20k rebuilt"))
-    u = B.read_bench("coco20k", str(root), unseen=True)  # built once: read back, not rebuilt
+    u = B.read_bench("coco20k", str(root), unseen=True)  # built by the first read: read back, not rebuilt
     assert len(u.categories) == 16 and "cat" in u.categories and "person" not in u.categories
     assert [s["id"] for s in u.samples] == [25] and 17 in u.eval_cat_ids
 
