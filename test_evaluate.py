@@ -592,6 +592,20 @@ def test_proposals_with_maskclip(voc_root, tiny_clip, tmp_path):
     assert m["proposals"]["matched"] == 6 and "AP" in m
 
 
+def test_proposals_on_your_images(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    save_jpg(f"{tmp_path}/photos/a.jpg", 40, 56, 1)
+    m = np.zeros((40, 56), bool)
+    m[5:30, 10:40] = True
+    props = [{"file_name": "photos/a.jpg", "segmentation": B.mask_to_rle(m), "score": 0.8},
+             {"file_name": "elsewhere/zzz.jpg", "segmentation": B.mask_to_rle(m), "score": 0.8}]
+    (tmp_path / "p.json").write_text(json.dumps(props))
+    run_main(monkeypatch, "--images", str(tmp_path / "photos"), "--classes", "cat,dog", "--ckpt", tiny_ckpt, "--proposals",
+             str(tmp_path / "p.json"), "--proposal_score", "proposal", "--out_dir", str(tmp_path / "d"))
+    assert "proposals: 1 matched, 1 unmatched" in capsys.readouterr().out
+    anns = json.load(open(tmp_path / "d" / "predictions.json"))["annotations"]
+    assert len(anns) <= 1 and all(a["category_name"] in ("cat", "dog") and a["score"] == pytest.approx(0.8) for a in anns)
+
+
 def test_proposal_errors(voc_root, tiny_ckpt, tmp_path, monkeypatch, capsys):
     b = B.read_bench("voc", voc_root)
     args = ("--bench", "voc", "--data_root", voc_root, "--ckpt", tiny_ckpt, "--save_vis", "0", "--out_dir", str(tmp_path / "o"))
