@@ -14,8 +14,11 @@ import time
 import torch
 
 import build_archive
+import categories
 import clip_model
 import common
+import evaluate
+import model
 
 COMMANDS = {}  # name -> (function, argparse setup), filled by @command below
 
@@ -224,6 +227,52 @@ def bench_selfmask(device, argv):
 
 # ----------------------------------------------------------------------------- inference
 # (evaluate.py)
+
+PAPER_IMG_PER_S = {"ViT-B/16": 43.5, "ViT-B/32": 76.9}  # paper Table 5
+
+
+@command("infer", "Full inference img/s at batch 1 (evaluate.infer: encoder, decoder, argmax, instances with NMS).")
+def bench_infer(device, argv):
+    """The protocol: batch 1, fp32, each image at its native size (resized only above --max_size, as for
+    ImageNet-S), decoded in memory beforehand; timed per image from the host uint8 tensor to the results back
+    on the host, normalisation, semantic argmax at full size and instance post-processing with NMS included,
+    the accelerator synchronised after each image. Random weights of the real shapes: speed, not accuracy."""
+    p = argparse.ArgumentParser(prog="bench.py infer", description=bench_infer.__doc__)
+    p.add_argument("--archs", default="ViT-B/16,ViT-B/32", help="CLIP shapes (random weights) or CLIP files, comma-separated.")
+    p.add_argument("--sizes", default="375x500,500x375", help="Image sizes HxW, used in turn.")
+    p.add_argument("--classes", default="imagenet_s919", help="The category list; its length sets the post-processing cost.")
+    p.add_argument("--images", type=int, default=50, help="Timed images per arch.")
+    p.add_argument("--warmup", type=int, default=10, help="Untimed images before the clock starts.")
+    p.add_argument("--max_size", type=int, default=1024, help="Longer side above which an image is resized.")
+    a = p.parse_args(argv)
+    names = categories.get_categories(a.classes)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
+    rows = []
+    for arch in a.archs.split(","):
+        clip = (clip_model.random_model(arch) if arch in PAPER_IMG_PER_S else clip_model.load(arch)[0]).to(device)
+        seg = evaluate.ZutisSegmenter(model.ZUTIS(arch, names, clip=clip).to(device).eval())
+        gen = torch.Generator().manual_seed(0)
+        imgs = [torch.randint(0, 256, (3, *sizes[i % len(sizes)]), dtype=torch.uint8, generator=gen)
+                for i in range(a.images)]
+        with torch.no_grad():
+            for i in range(a.warmup):
+                evaluate.infer(seg, imgs[i % len(imgs)], a.max_size)
+            sync(device)
+            lat = []
+            for im in imgs:
+                t0 = time.perf_counter()
+                evaluate.infer(seg, im, a.max_size)
+                sync(device)
+                lat.append(time.perf_counter() - t0)
+        lat = sorted(lat)
+        rows.append({"arch": os.path.basename(arch), "img_per_s": len(lat) / sum(lat), "median_ms": lat[len(lat) // 2] * 1e3,
+                     "paper_img_per_s": PAPER_IMG_PER_S.get(arch, float("nan")), "classes": len(names),
+                     "sizes": a.sizes, "images": len(lat), "peak_mb": peak_memory_mb(device)})
+    cuda = torch.device(device).type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
+    print_table(rows, f"full inference at batch 1, fp32, on {device_name}")
+    return {"device": device_name, "protocol": bench_infer.__doc__, "rows": rows}
+
 
 
 

@@ -1,54 +1,38 @@
-"""Readers of the evaluation benchmarks of the paper (section 4; zutis_facts.md
-section 9). evaluate.py runs the model; this file knows the data, metrics.py the scores.
+"""The evaluation benchmarks of the paper (section 4): readers of their on-disk trees (like DETR's
+datasets/) and their scoring rules. evaluate.py runs the model. docs/evaluate.md lists the layouts and
+the official evaluator each metric equals.
 
-Each reader turns a benchmark's on-disk tree into a `Bench`: an ordered list of samples (dicts with
-an integer "id", a "name" used for output files, and the file paths of the image and its ground
-truth), a category list (label id = index, background first), the ignore index, and where the
-benchmark has instances a COCO-format ground truth. Nothing here runs a model; evaluate.py does.
+    bench = read_bench("voc", "data/VOCdevkit/VOC2012", split="val")   # samples, categories, ignore value
+    sem = bench.load_semantic(bench.samples[0])                        # int64 [H, W]
+    semantic_metrics(confusion(sem, pred, K, bench.ignore_index), bench.categories)
 
-    bench = read_bench("voc", "data/VOCdevkit/VOC2012", split="val")
-    sem = bench.load_semantic(bench.samples[0])         # int64 [H, W], ignore_index where void
-    anns = bench.load_instances(bench.samples[0], sem)  # [(bool [H, W] mask, label id), ...]
-
-The scoring rules (mIoU, size buckets, COCOeval mask AP) are in metrics.py.
-
-Layouts (`data_root` may be the benchmark's own folder or a parent holding the standard tree):
-    voc            VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,SegmentationObject,ImageSets/Segmentation}
-    coco2017       coco2017/{val2017, stuffthingmaps_trainval2017/val2017, annotations/instances_val2017.json}
-    coco20k        coco/{train2014, annotations/instances_train2014.json, coco_20k_filenames.txt}
-    coca           coca/{image,binary}/<category>/*
-    imagenet_s919  ImageNet-S/ImageNetS919/{validation,validation-segmentation,test}/<wnid>/*
-    cub            CUB_200_2011/{images,images.txt,classes.txt,train_test_split.txt,image_class_labels.txt}
-                   with segmentations/<class folder>/*.png inside or beside CUB_200_2011
-
-References: official datasets/coco2017.py, coca.py, imagenet_s.py, coco20k.py (behaviour only);
-COCO-Stuff README (nightrome/cocostuff: stuffthingmaps store indices 0-181 = COCO id - 1, 255 =
-unlabeled); LUSSeg/ImageNet-S README (class id = R + 256*G, ignore 1000); LOST's coco_20k_filenames.txt.
+References: official datasets/{coco2017,coca,imagenet_s,coco20k}.py and utils/running_score.py; LUSSeg/ImageNet-S
+evaluation/evaluator.py and metric.py; COCO-Stuff stuffthingmaps (value = COCO id - 1, 255 unlabeled);
+LOST's coco_20k_filenames.txt; pycocotools COCOeval.
 """
-import json
+import contextlib
+import io
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 import categories as C
-from common import UserError, list_images, save_json
-from metrics import mask_to_rle
+from common import UserError, list_images, load_json, save_json
 
 BENCHES = ("voc", "coco2017", "coco20k", "coca", "imagenet_s919", "cub")
 DEFAULT_ROOTS = {"voc": "data/VOCdevkit/VOC2012", "coco2017": "data/coco2017", "coco20k": "data/coco",
                  "coca": "data/coca", "imagenet_s919": "data/ImageNet-S/ImageNetS919", "cub": "data/CUB_200_2011"}
 LAYOUTS = {
     "voc": "<root>/{JPEGImages,SegmentationClass,SegmentationObject,ImageSets/Segmentation/{train,val}.txt}",
-    "coco2017": "<root>/val2017/*.jpg with <root>/stuffthingmaps_trainval2017/val2017/*.png (COCO-Stuff-164k) "
-                "or <root>/annotations/instances_val2017.json",
-    "coco20k": "<root>/train2014/*.jpg, <root>/annotations/instances_train2014.json, "
-               "<root>/coco_20k_filenames.txt (from LOST)",
+    "coco2017": "<root>/{val2017, stuffthingmaps_trainval2017/val2017, annotations/instances_val2017.json}",
+    "coco20k": "<root>/{train2014, annotations/instances_train2014.json, coco_20k_filenames.txt (from LOST)}",
     "coca": "<root>/image/<category>/*.jpg and <root>/binary/<category>/*.png",
-    "imagenet_s919": "<root>/validation/<wnid>/*.JPEG, <root>/validation-segmentation/<wnid>/*.png, <root>/test/",
-    "cub": "<root>/{images/,images.txt,classes.txt,train_test_split.txt,image_class_labels.txt} and "
-           "segmentations/<class>/*.png in <root> or beside it",
+    "imagenet_s919": "<root>/{validation,validation-segmentation,test}/<wnid>/*",
+    "cub": "<root>/{images/,images.txt,train_test_split.txt} and segmentations/<class>/*.png in <root> or beside it",
 }
 
 
@@ -56,20 +40,161 @@ LAYOUTS = {
 class Bench:
     name: str
     categories: list                      # label id -> name, "background" first
-    samples: list                         # dicts: id, name, image, (gt, obj, label, text)
-    ignore_index: int = 255
-    load_semantic: Optional[Callable] = None    # sample -> int64 [H, W] or None (no semantic GT)
+    samples: list                         # dicts: id, name, image, (gt, obj, label, text, h, w)
+    ignore_index: int = 255               # the ground truth's void value
+    load_semantic: Optional[Callable] = None    # sample -> int64 [H, W]
     load_instances: Optional[Callable] = None   # (sample, semantic) -> [(bool mask, label)]
-    coco_gt: Optional[dict] = None        # COCO-format GT from a json file (coco2017/coco20k)
-    cat_ids: Optional[list] = None        # label id -> COCO category_id of predictions and GT
-    max_size: Optional[int] = None        # longer side cap of the model input (ImageNet-S: 1024)
+    coco_gt: Optional[dict] = None        # COCO-format instance ground truth (coco2017, coco20k)
+    cat_ids: Optional[list] = None        # label id -> COCO category_id of predictions and ground truth
+    max_size: Optional[int] = None        # longer side above which the input is resized (ImageNet-S)
     per_image_text: bool = False          # CUB breed mode: categories = [background, sample["text"]]
-    size_buckets: bool = False            # ImageNet-S S/MS/ML/L mIoU
+    official_eval: bool = False           # ImageNet-S: the benchmark's own evaluator (size buckets, Acc)
     eval_cat_ids: Optional[list] = None   # restrict AP to these category ids (COCO-20K --unseen)
     notes: list = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- semantic metrics
+
+def confusion(gt, pred, K, ignore=255):
+    """Counts [K + 1, K], rows ground truth, columns prediction. Row K holds the predictions on ignored
+    pixels (the ignore value or any label outside [0, K)): official running_score drops them, the
+    ImageNet-S evaluator counts them in the predicted area."""
+    gt, pred = np.asarray(gt).ravel(), np.asarray(pred).ravel()
+    return np.bincount(K * np.where((gt >= 0) & (gt < K) & (gt != ignore), gt, K) + pred, minlength=(K + 1) * K).reshape(K + 1, K)
+
+
+def semantic_metrics(conf, names, official_imagenet_s=False):
+    """Dataset-level mIoU and pixel accuracy (percent) from summed `confusion` counts.
+    Default (official utils/running_score.py): ignored pixels dropped on both sides, mean over the classes
+    present in ground truth or prediction. official_imagenet_s (LUSSeg/ImageNet-S evaluator.py): predictions
+    on ignored pixels count in the predicted area, IoU = TP / (T + P - TP + 1e-10), mean over all classes."""
+    K = conf.shape[1]
+    valid = conf[:K].astype(np.float64)
+    tp, gt_area = np.diag(valid), valid.sum(1)
+    if official_imagenet_s:
+        iou = tp / (conf.sum(0) + gt_area - tp + 1e-10)
+        miou = iou.mean()
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = tp / (valid.sum(0) + gt_area - tp)
+        miou = np.nanmean(iou) if np.isfinite(iou).any() else None
+    return {"mIoU": None if miou is None else float(miou * 100),
+            "pixel_acc": float(tp.sum() / max(valid.sum(), 1) * 100),
+            "per_class_iou": {n: (None if np.isnan(v) else float(v) * 100) for n, v in zip(names, iou)}}
+
+
+def size_buckets(gt, pred, K, ignore):
+    """ImageNet-S S/MS/ML/L counts [4, K + 1, K] of one image, as evaluation/metric.py `IoUDifferentSizeGPU`:
+    every non-zero ground-truth value, the ignore value included, is sized ceil(100 * its pixels / all
+    pixels) in float32; S <= 5 < MS <= 25 < ML <= 50 < L. A bucket holding any value takes the background
+    pixels plus the pixels of its values (predictions on ignored pixels count in its predicted area)."""
+    out = np.zeros((4, K + 1, K), np.int64)
+    members = [[] for _ in range(4)]
+    total = np.float32(gt.size)
+    for v, n in zip(*np.unique(gt, return_counts=True)):
+        if v != 0:
+            pct = math.ceil(float(np.float32(np.float32(n) * np.float32(100.0)) / total))
+            members[0 if pct <= 5 else 1 if pct <= 25 else 2 if pct <= 50 else 3].append(v)
+    for b, vals in enumerate(members):
+        if vals:
+            sel = np.isin(gt, [0] + vals)
+            out[b] = confusion(gt[sel], pred[sel], K, ignore)
+    return out
+
+
+def bucket_miou(conf):
+    """Mean IoU of one size bucket over the classes with ground-truth pixels in it (evaluator.py `[Ps > 0]`)."""
+    K = conf.shape[1]
+    tp, gt_area = np.diag(conf[:K]).astype(np.float64), conf[:K].sum(1)
+    iou = tp / (conf.sum(0) + gt_area - tp + 1e-10)
+    return float(iou[gt_area > 0].mean() * 100) if (gt_area > 0).any() else None
+
+
+def image_scores(gt, pred, K):
+    """ImageNet-S evaluator.py per image: accuracy (is the largest predicted foreground class in the ground
+    truth) and the F-measure (beta^2 = 0.3) of non-zero = foreground, the ignore value included."""
+    out_area = np.bincount(pred.ravel(), minlength=K)
+    g = gt.ravel()
+    gt_area, c = np.bincount(g[(g >= 0) & (g < K)], minlength=K), int(np.argmax(out_area[1:])) + 1
+    t, p = gt > 0, pred > 0
+    acc, tp = float(gt_area[c] > 0 and out_area[c] > 0), float((t & p).sum())
+    recall, precision = tp / (t.sum() + 1e-20), tp / (p.sum() + 1e-20)
+    return acc, 1.3 * precision * recall / (0.3 * precision + recall + 1e-20)
+
+
+# ----------------------------------------------------------------------------- COCO masks and AP
+
+def mask_to_rle(mask):
+    """bool [H, W] -> COCO RLE with a str 'counts' (JSON-serialisable)."""
+    from pycocotools import mask as mask_util
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def gt_annotation(mask, category_id, image_id, ann_id):
+    from pycocotools import mask as mask_util
+    rle = mask_to_rle(mask)
+    return {"id": ann_id, "image_id": image_id, "category_id": int(category_id), "segmentation": rle,
+            "area": float(mask_util.area(rle)), "bbox": [float(v) for v in mask_util.toBbox(rle)], "iscrowd": 0}
+
+
+def detections(p, image_id, cat_ids):
+    """Prediction dict -> COCO results (category_id = cat_ids[label]), scores as predicted: rounding would
+    create ties that COCOeval breaks by image order. Background, unmapped labels and empty masks dropped."""
+    out = []
+    for m, lab, sc in zip(p["masks"].numpy(), p["labels"].tolist(), p["scores"].tolist()):
+        if 0 < lab < len(cat_ids) and m.any():
+            out.append({"image_id": image_id, "category_id": int(cat_ids[lab]), "segmentation": mask_to_rle(m),
+                        "score": float(sc)})
+    return out
+
+
+def coco_segm_ap(gt_dict, dets, img_ids, use_cats=True, cat_ids=None):
+    """[AP, AP50, AP75] in percent from COCOeval(iouType='segm'); use_cats=False is class-agnostic.
+    None where the ground truth has no instance to score."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = gt_dict
+        gt.createIndex()
+        if not dets:
+            has_gt = any(a["image_id"] in set(img_ids) for a in gt_dict["annotations"])
+            return [0.0] * 3 if has_gt else [None] * 3
+        ev = COCOeval(gt, gt.loadRes([dict(d) for d in dets]), "segm")
+        ev.params.imgIds = sorted(img_ids)
+        ev.params.useCats = int(use_cats)
+        if cat_ids is not None:
+            ev.params.catIds = list(cat_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [None if s < 0 else float(s) * 100 for s in ev.stats[:3]]
+
+
+def instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, img_ids):
+    """Class-aware and class-agnostic (useCats=0, key suffix `_agn`) mask AP/AP50/AP75 with COCOeval."""
+    if bench.coco_gt is not None:
+        keep = set(img_ids)
+        gt = {**bench.coco_gt, "images": [im for im in bench.coco_gt["images"] if im["id"] in keep],
+              "annotations": [a for a in bench.coco_gt["annotations"] if a["image_id"] in keep]}
+    else:
+        gt = {"images": gt_imgs, "annotations": [{**a, "id": k + 1} for k, a in enumerate(gt_anns)],
+              "categories": [{"id": cat_ids[c], "name": names[c]} for c in range(1, len(names))]}
+    if bench.eval_cat_ids is not None:  # --unseen: only these classes' ground truth and predictions count
+        ok = set(bench.eval_cat_ids)
+        gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in ok]
+        dets = [d for d in dets if d["category_id"] in ok]
+    out = {}
+    for agn in (False, True):
+        stats = coco_segm_ap(gt, dets, img_ids, use_cats=not agn, cat_ids=bench.eval_cat_ids)
+        out.update({k + ("_agn" if agn else ""): v for k, v in zip(("AP", "AP50", "AP75"), stats)})
+    out["n_detections"], out["n_gt_instances"] = len(dets), len(gt["annotations"])
+    return out
+
+
+# ----------------------------------------------------------------------------- readers: helpers
 
 def find_root(data_root, bench, subdirs, must):
     """The first of `data_root` joined with each of `subdirs` that contains every path in `must`."""
@@ -81,28 +206,13 @@ def find_root(data_root, bench, subdirs, must):
 
 
 def read_png(path):
-    """A PNG as an integer array: palette/grayscale -> [H, W] of indices (palette PNGs keep indices)."""
+    """A PNG as int64: palette and grayscale images give [H, W] of stored indices, others [H, W, 3] RGB."""
     from PIL import Image
     with Image.open(path) as im:
-        im.load()
-        if im.mode in ("P", "L", "I", "I;16"):
-            return np.array(im).astype(np.int64)
-        return np.array(im.convert("RGB")).astype(np.int64)
+        return np.array(im if im.mode in ("P", "L", "I", "I;16") else im.convert("RGB")).astype(np.int64)
 
 
-def gt_annotation(mask, category_id, image_id, ann_id):
-    from pycocotools import mask as mask_util
-    rle = mask_to_rle(mask)
-    return {"id": ann_id, "image_id": image_id, "category_id": int(category_id), "segmentation": rle,
-            "area": float(mask_util.area(rle)), "bbox": [float(v) for v in mask_util.toBbox(rle)], "iscrowd": 0}
-
-
-def load_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _split_lines(path):
+def _split_lines(path):  # the first word of each non-empty line
     with open(path, encoding="utf-8") as f:
         return [line.split()[0] for line in f if line.strip()]
 
@@ -132,26 +242,22 @@ def read_voc(data_root, split=None, **_):
 
 
 def voc_instances(sample, semantic):
-    """Objects of SegmentationObject (ids 1..N; 0 background, 255 void); each object's class is the
-    most frequent SegmentationClass label under it (VOC draws both from the same polygons)."""
-    obj = read_png(sample["obj"])
-    out = []
-    for k in np.unique(obj):
-        if k == 0 or k == 255:
-            continue
-        m = obj == k
-        labels = semantic[m]
+    """Objects of SegmentationObject (ids 1..N; 0 background, 255 void); each object's class is the most
+    frequent SegmentationClass label under it (VOC draws both from the same polygons)."""
+    obj, out = read_png(sample["obj"]), []
+    for k in sorted(set(np.unique(obj).tolist()) - {0, 255}):
+        labels = semantic[obj == k]
         labels = labels[(labels > 0) & (labels < 255)]
         if labels.size:
-            out.append((m, int(np.bincount(labels).argmax())))
+            out.append((obj == k, int(np.bincount(labels).argmax())))
     return out
 
 
-# ----------------------------------------------------------------------------- COCO2017 val
+# ----------------------------------------------------------------------------- COCO2017 val and COCO-20K
 
 def coco_stuff_lut():
-    """COCO-Stuff-164k stuffthingmaps value (COCO id - 1; 0-181; 255 unlabeled) -> our label:
-    the 80 things -> contiguous 1..80 (categories.COCO_IDS), stuff -> 0, unlabeled -> 255."""
+    """COCO-Stuff stuffthingmaps value (COCO id - 1; 255 unlabeled) -> our label: the 80 things ->
+    contiguous 1..80 (categories.COCO_IDS), stuff -> 0, unlabeled -> 255."""
     lut = np.zeros(256, np.int64)
     for label, coco_id in enumerate(C.COCO_IDS[1:], start=1):
         lut[coco_id - 1] = label
@@ -159,94 +265,42 @@ def coco_stuff_lut():
     return lut
 
 
-def semantic_from_coco(anns, h, w, cat_to_label, ignore=255):
-    """A semantic map from instance annotations: larger objects first so smaller ones stay visible
-    on overlaps; crowd regions not covered by a non-crowd object are ignored."""
-    from pycocotools import mask as mask_util
-    sem = np.zeros((h, w), np.int64)
-    crowd = np.zeros((h, w), bool)
-    for a in sorted(anns, key=lambda a: -a.get("area", 0)):
-        m = mask_util.decode(ann_to_rle(a, h, w)).astype(bool)
-        if a.get("iscrowd", 0):
-            crowd |= m
-        elif a["category_id"] in cat_to_label:
-            sem[m] = cat_to_label[a["category_id"]]
-    sem[crowd & (sem == 0)] = ignore
-    return sem
-
-
-def ann_to_rle(ann, h, w):
-    from pycocotools import mask as mask_util
-    seg = ann["segmentation"]
-    if isinstance(seg, list):  # polygons
-        return mask_util.merge(mask_util.frPyObjects(seg, h, w))
-    if isinstance(seg["counts"], list):  # uncompressed RLE (crowd)
-        return mask_util.frPyObjects(seg, h, w)
-    return seg
-
-
-def _coco_index(gt):
-    by_img = {}
-    for a in gt["annotations"]:
-        by_img.setdefault(a["image_id"], []).append(a)
-    return by_img
-
-
-def read_coco2017(data_root, split=None, coco_gt="stuffthings", **_):
+def read_coco2017(data_root, split=None, **_):
+    """Semantic ground truth from COCO-Stuff-164k's stuffthingmaps (the author's answer to how the official
+    masks were made: things kept, stuff = background); instance AP from instances_val2017.json if present."""
     if split not in (None, "val"):
         raise UserError(f"coco2017 evaluates the val split only, got {split!r}")
     root = find_root(data_root, "coco2017", ["", "coco2017", "coco"], ["val2017"])
+    maps = next((os.path.join(root, d, "val2017") for d in ("stuffthingmaps_trainval2017",
+                 "annotations/stuffthingmaps_trainval2017", "stuffthingmaps")
+                 if os.path.isdir(os.path.join(root, d, "val2017"))), None)
+    if maps is None:
+        raise UserError(f"COCO-Stuff maps not found under {root!r} (expected stuffthingmaps_trainval2017/"
+                        "val2017/*.png from github.com/nightrome/cocostuff)")
     inst = os.path.join(root, "annotations", "instances_val2017.json")
-    gt = load_json(inst) if os.path.isfile(inst) else None
-    cat_to_label = {cid: i for i, cid in enumerate(C.COCO_IDS) if i > 0}
-    bench = Bench("coco2017", list(C.COCO), [], 255, coco_gt=gt, cat_ids=list(C.COCO_IDS))
-    if coco_gt == "stuffthings":
-        maps = next((os.path.join(root, d, "val2017") for d in ("stuffthingmaps_trainval2017",
-                     "annotations/stuffthingmaps_trainval2017", "stuffthingmaps") if
-                     os.path.isdir(os.path.join(root, d, "val2017"))), None)
-        if maps is None:
-            raise UserError(f"COCO-Stuff maps not found under {root!r} (expected "
-                            "stuffthingmaps_trainval2017/val2017/*.png); download stuffthingmaps_trainval2017.zip "
-                            "from github.com/nightrome/cocostuff or use --coco_gt instances")
-        lut = coco_stuff_lut()
-        bench.load_semantic = lambda s: lut[np.clip(read_png(s["gt"]), 0, 255)]
-    elif coco_gt == "instances":
-        if gt is None:
-            raise UserError(f"--coco_gt instances needs {inst}")
-        by_img = _coco_index(gt)
-        bench.load_semantic = lambda s: semantic_from_coco(by_img.get(s["id"], []), s["h"], s["w"], cat_to_label)
-        maps = None
-    else:
-        raise UserError(f"--coco_gt must be 'stuffthings' or 'instances', got {coco_gt!r}")
+    gt = load_json(inst, "COCO annotations") if os.path.isfile(inst) else None
+    lut = coco_stuff_lut()
+    bench = Bench("coco2017", list(C.COCO), [], 255, coco_gt=gt, cat_ids=list(C.COCO_IDS),
+                  load_semantic=lambda s: lut[np.clip(read_png(s["gt"]), 0, 255)])
     if gt is not None:
-        images = sorted(gt["images"], key=lambda im: im["file_name"])
+        files = [(im["id"], im["file_name"]) for im in sorted(gt["images"], key=lambda im: im["file_name"])]
     else:  # semantic only: ids from the zero-padded file names
-        images = [{"id": int(os.path.splitext(f)[0]), "file_name": f, "height": None, "width": None}
-                  for f in list_images(os.path.join(root, "val2017"))]
+        files = [(int(os.path.splitext(f)[0]), f) for f in list_images(os.path.join(root, "val2017"))]
         bench.notes.append(f"{inst} not found: no instance AP")
-    for im in images:
-        stem = os.path.splitext(im["file_name"])[0]
-        s = {"id": im["id"], "name": stem, "image": os.path.join(root, "val2017", im["file_name"]),
-             "h": im["height"], "w": im["width"]}
-        if maps:
-            s["gt"] = os.path.join(maps, stem + ".png")
-        bench.samples.append(s)
+    bench.samples = [{"id": i, "name": os.path.splitext(f)[0], "image": os.path.join(root, "val2017", f),
+                      "gt": os.path.join(maps, os.path.splitext(f)[0] + ".png")} for i, f in files]
     return bench
 
 
-# ----------------------------------------------------------------------------- COCO-20K
-
 def coco20k_ids(list_path):
     """LOST's list has lines like 'train2014/COCO_train2014_000000000009.jpg' -> image id 9."""
-    with open(list_path, encoding="utf-8") as f:
-        return [int(os.path.splitext(os.path.basename(l.strip()))[0].split("_")[-1]) for l in f if l.strip()]
+    return [int(os.path.splitext(os.path.basename(n))[0].split("_")[-1]) for n in _split_lines(list_path)]
 
 
 def build_sel20k(all_json, ids, out_path):
-    """instances_train2014.json restricted to the COCO-20K images (all categories kept), written once
-    atomically; one pass over the annotations with a set (the official select is O(images x anns))."""
-    gt = load_json(all_json)
-    keep = set(ids)
+    """instances_train2014.json restricted to the COCO-20K images (all categories kept), written
+    atomically (official datasets/coco20k.py `select_coco_20k`, one pass with a set)."""
+    gt, keep = load_json(all_json, "COCO annotations"), set(ids)
     sel = {k: v for k, v in gt.items() if k not in ("images", "annotations")}
     sel["images"] = [im for im in gt["images"] if im["id"] in keep]
     sel["annotations"] = [a for a in gt["annotations"] if a["image_id"] in keep]
@@ -254,26 +308,20 @@ def build_sel20k(all_json, ids, out_path):
     return sel
 
 
-def read_coco20k(data_root, split=None, coco20k_list=None, unseen=False, cache_dir=None, **_):
+def read_coco20k(data_root, split=None, unseen=False, **_):
     root = find_root(data_root, "coco20k", ["", "coco", "COCO"], ["train2014"])
     ann_dir = os.path.join(root, "annotations")
     sel_path = os.path.join(ann_dir, "instances_train2014_sel20k.json")
-    if not os.path.isfile(sel_path) and cache_dir and os.path.isfile(os.path.join(cache_dir, os.path.basename(sel_path))):
-        sel_path = os.path.join(cache_dir, os.path.basename(sel_path))
     if os.path.isfile(sel_path):
-        gt = load_json(sel_path)
+        gt = load_json(sel_path, "COCO-20K annotations")
     else:
-        lst = coco20k_list or next((p for p in (os.path.join(root, "coco_20k_filenames.txt"),
-                                                os.path.join(ann_dir, "coco_20k_filenames.txt")) if os.path.isfile(p)), None)
-        if lst is None or not os.path.isfile(lst):
-            raise UserError(f"coco_20k_filenames.txt not found in {root!r} or {ann_dir!r}: get it from "
-                            "github.com/valeoai/LOST (datasets/) or pass --coco20k_list")
+        lst = next((p for p in (os.path.join(root, "coco_20k_filenames.txt"), os.path.join(ann_dir, "coco_20k_filenames.txt"))
+                    if os.path.isfile(p)), None)
         all_json = os.path.join(ann_dir, "instances_train2014.json")
-        if not os.path.isfile(all_json):
-            raise UserError(f"missing {all_json}. Expected layout: {LAYOUTS['coco20k']}")
-        if not os.access(ann_dir, os.W_OK) and cache_dir:  # read-only dataset: cache beside the outputs
-            sel_path = os.path.join(cache_dir, os.path.basename(sel_path))
-        print(f"building {sel_path} (once) from {all_json}")
+        if lst is None or not os.path.isfile(all_json):
+            raise UserError(f"COCO-20K needs {all_json} and coco_20k_filenames.txt (github.com/valeoai/LOST, datasets/) "
+                            f"in {root!r} or {ann_dir!r}")
+        print(f"building {sel_path} from {all_json}")
         gt = build_sel20k(all_json, coco20k_ids(lst), sel_path)
     cats, ids = list(C.COCO), list(C.COCO_IDS)
     images = sorted(gt["images"], key=lambda im: im["file_name"])
@@ -292,6 +340,16 @@ def read_coco20k(data_root, split=None, coco20k_list=None, unseen=False, cache_d
 
 
 # ----------------------------------------------------------------------------- CoCA
+
+def coca_semantic(path, label):
+    """Official datasets/coca.py: value 255 -> the folder's category, every other value kept as it is
+    (a value outside [0, K) is then ignored by the metric); a warning names a mask that is not 0/255."""
+    m = read_png(path)
+    m = m.max(-1) if m.ndim == 3 else m
+    if not np.isin(m, (0, 255)).all():
+        print(f"warning: {path} has values other than 0 and 255; they are kept as label ids", file=sys.stderr)
+    return np.where(m == 255, label, m)
+
 
 def read_coca(data_root, split=None, **_):
     root = find_root(data_root, "coca", ["", "coca", "CoCA"], ["image", "binary"])
@@ -316,12 +374,7 @@ def read_coca(data_root, split=None, **_):
                             "image": os.path.join(root, "image", cat, i), "gt": os.path.join(root, "binary", cat, b)})
     if not samples:
         raise UserError(f"no CoCA images under {root}/image/<category>/")
-
-    def load(s):
-        m = read_png(s["gt"])
-        m = m.max(-1) if m.ndim == 3 else m
-        return np.where(m > 127, s["label"], 0).astype(np.int64)
-    return Bench("coca", list(C.COCA), samples, 255, load_semantic=load)
+    return Bench("coca", list(C.COCA), samples, 255, load_semantic=lambda s: coca_semantic(s["gt"], s["label"]))
 
 
 # ----------------------------------------------------------------------------- ImageNet-S919
@@ -330,30 +383,22 @@ def read_imagenet_s(data_root, split=None, max_size=1024, **_):
     split = {None: "validation", "val": "validation", "validation": "validation", "test": "test"}.get(split)
     if split is None:
         raise UserError("imagenet_s919 split must be 'val' or 'test'")
-    root = find_root(data_root, "imagenet_s919", ["", "ImageNetS919", "ImageNet-S/ImageNetS919",
-                                                  "imagenet-s/ImageNetS919"], [split])
+    root = find_root(data_root, "imagenet_s919", ["", "ImageNetS919", "ImageNet-S/ImageNetS919"], [split])
     gt_dir = os.path.join(root, split + "-segmentation")
     if split == "validation" and not os.path.isdir(gt_dir):
         raise UserError(f"missing {gt_dir}. Expected layout: {LAYOUTS['imagenet_s919']}")
-    rels = list_images(os.path.join(root, split))
     samples = [{"id": i, "name": os.path.splitext(r)[0], "image": os.path.join(root, split, r),
                 "gt": os.path.join(gt_dir, os.path.splitext(r)[0] + ".png") if split == "validation" else None}
-               for i, r in enumerate(rels)]
+               for i, r in enumerate(list_images(os.path.join(root, split)))]
 
     def load(s):  # RGB PNG: class id = R + 256 * G; 1000 = ignore (ImageNet-S README)
         rgb = read_png(s["gt"])
         return rgb[..., 0] + 256 * rgb[..., 1]
-    return Bench("imagenet_s919", list(C.IMAGENET_S919), samples, 1000,
-                 load_semantic=load if split == "validation" else None, max_size=max_size,
-                 size_buckets=split == "validation")
+    return Bench("imagenet_s919", list(C.IMAGENET_S919), samples, 1000, max_size=max_size,
+                 load_semantic=load if split == "validation" else None, official_eval=True)
 
 
 # ----------------------------------------------------------------------------- CUB-200-2011
-
-def cub_breed(class_folder):
-    """'001.Black_footed_Albatross' -> 'Black footed Albatross'."""
-    return class_folder.split(".", 1)[-1].replace("_", " ")
-
 
 def read_cub(data_root, split=None, cub_text="bird", **_):
     split = split or "test"
@@ -369,23 +414,15 @@ def read_cub(data_root, split=None, cub_text="bird", **_):
     with open(os.path.join(root, "train_test_split.txt"), encoding="utf-8") as f:
         is_train = dict(line.split() for line in f if line.strip())
     want = "0" if split == "test" else "1"
-    samples = []
-    for k in sorted(paths, key=int):
-        if is_train.get(k) != want:
-            continue
-        rel = paths[k]
-        samples.append({"id": int(k), "name": os.path.splitext(rel)[0], "image": os.path.join(root, "images", rel),
-                        "gt": os.path.join(segs, os.path.splitext(rel)[0] + ".png"),
-                        "text": cub_breed(rel.split("/")[0])})
-    if cub_text not in ("bird", "breed"):
-        raise UserError(f"--cub_text must be 'bird' or 'breed', got {cub_text!r}")
+    samples = [{"id": int(k), "name": os.path.splitext(paths[k])[0], "image": os.path.join(root, "images", paths[k]),
+                "gt": os.path.join(segs, os.path.splitext(paths[k])[0] + ".png"),
+                "text": paths[k].split("/")[0].split(".", 1)[-1].replace("_", " ")}  # '001.Black_footed_Albatross'
+               for k in sorted(paths, key=int) if is_train.get(k) == want]
 
     def load(s):  # soft masks averaged over annotators (0..255): foreground where more than half agree
         m = read_png(s["gt"])
-        m = m.max(-1) if m.ndim == 3 else m
-        return (m > 127).astype(np.int64)
-    return Bench("cub", ["background", "bird"], samples, 255, load_semantic=load,
-                 per_image_text=cub_text == "breed")
+        return ((m.max(-1) if m.ndim == 3 else m) > 127).astype(np.int64)
+    return Bench("cub", ["background", "bird"], samples, 255, load_semantic=load, per_image_text=cub_text == "breed")
 
 
 READERS = {"voc": read_voc, "coco2017": read_coco2017, "coco20k": read_coco20k, "coca": read_coca,

@@ -30,7 +30,7 @@ from common import UserError, atomic_path
 
 # The sha256 of each file is the second-to-last component of its URL (OpenAI's convention).
 _BASE = "https://openaipublic.azureedge.net/clip/models"
-_MODELS = {
+MODELS = {
     "ViT-B/32": f"{_BASE}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
     "ViT-B/16": f"{_BASE}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
     "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
@@ -43,7 +43,7 @@ _SHAPES = {  # name: (embed_dim, resolution, layers, width, patch, text width, t
 
 def arch_tag(name_or_path):
     """A filesystem-safe tag: 'ViT-L/14@336px' -> 'ViT-L-14-336px'; a file path -> its stem."""
-    if name_or_path in _MODELS:
+    if name_or_path in MODELS:
         return name_or_path.replace("/", "-").replace("@", "-")
     return os.path.splitext(os.path.basename(str(name_or_path)))[0]
 
@@ -422,14 +422,14 @@ def preprocess_for(resolution):
 
 
 def load(name_or_path, device="cpu", download_root=None):
-    """A model name (a key of _MODELS) or a checkpoint path -> (fp32 eval model, preprocess)."""
-    if name_or_path in _MODELS:
-        url, root = _MODELS[name_or_path], download_root or os.path.expanduser("~/.cache/clip")
+    """A model name (a key of MODELS) or a checkpoint path -> (fp32 eval model, preprocess)."""
+    if name_or_path in MODELS:
+        url, root = MODELS[name_or_path], download_root or os.path.expanduser("~/.cache/clip")
         path = download(url, root, sha256=url.split("/")[-2], hint="or pass a local file path with --arch")
     elif os.path.isfile(str(name_or_path)):
         path = name_or_path
     else:
-        raise UserError(f"CLIP model {name_or_path!r} not found: use one of {list(_MODELS)} "
+        raise UserError(f"CLIP model {name_or_path!r} not found: use one of {list(MODELS)} "
                         "or a path to a checkpoint file")
     model = build_model(_read_state_dict(path)).to(device)
     return model, preprocess_for(model.visual.input_resolution)

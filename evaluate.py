@@ -1,466 +1,528 @@
-"""Stage 4: evaluate a ZUTIS checkpoint (or the training-free MaskCLIP baseline) on the paper's
-benchmarks, time it, or segment your own images with your own class names.
+"""Stage 4: evaluate a ZUTIS checkpoint (or the training-free MaskCLIP baseline) on the paper's benchmarks,
+segment your own images with your own class names, or name someone else's mask proposals.
 
-Reads a benchmark tree (benchmarks.py lists the layouts) and a checkpoint (train.py's ckpt.pt, an
-official ZUTIS file, or official:<name>). Writes to --out_dir (default out/eval_<bench>_<model>):
-    metrics.json    mIoU, pixel accuracy (percent), mask AP/AP50/AP75 class-aware and class-agnostic
-                    (`_agn`), ImageNet-S size buckets S/MS/ML/L, CUB foreground IoU, config, git sha
-    instances.json  COCO results format (image_id, category_id, segmentation RLE, score)
-    vis/            the first --save_vis images: image | ground truth | semantic | instances
-    skipped.txt     unreadable images, if any
+Writes to --out_dir: metrics.json (mIoU, pixel accuracy, mask AP class-aware and class-agnostic `_agn`, the
+ImageNet-S evaluator's S/MS/ML/L, Acc and FMeasure, CUB foreground IoU, the config), instances.json (COCO
+results), vis/ (image | ground truth | semantic | instances) and skipped.txt; docs/evaluate.md has the rest.
 
-    python evaluate.py --bench voc                                     # after train.py: newest out/**/ckpt.pt
-    python evaluate.py --bench coco2017 --ckpt official:coco_vit_b_16 --data_root data/coco2017
+    python evaluate.py --bench coco2017 --ckpt official:coco_vit_b_16  # default: the newest out/**/ckpt.pt
     python evaluate.py --bench voc --model maskclip --arch ViT-B/16    # the MaskCLIP baseline row
     python evaluate.py --bench imagenet_s919 --split test --ckpt CKPT   # server-format PNGs in OUT/test/
-    python evaluate.py --images photos/ --classes "cat,dog,red bicycle" --ckpt CKPT   # your images
-    python evaluate.py --bench voc --throughput --ckpt CKPT             # img/s, protocol printed
-    python evaluate.py --bench voc --device cpu --max_images 20         # tiny CPU run
+    python evaluate.py --images photos/ --classes "cat,dog,red bicycle" --ckpt CKPT
+    python evaluate.py --bench coco20k --proposals cutler_coco20k.json --ckpt official:coco_vit_b_16
     torchrun --nproc_per_node 4 evaluate.py --bench coco2017 --ckpt CKPT  # images sharded by rank
 
-References: paper section 4 and Tables 1-7; zutis_facts.md sections 8-10 (inference rules, per-benchmark
-protocols, throughput); official trainer.py `evaluate`, utils/running_score.py, coco20k_eval.py
-(behaviour); MaskCLIP (Zhou et al. 2022) for the baseline; pycocotools COCOeval for AP.
+References: paper section 4; official networks/zutis.py `predict`, trainer.py `evaluate`; MaskCLIP (Zhou et al. 2022).
 """
 import argparse
+import contextlib
 import glob
 import json
 import os
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import benchmarks as B
-import metrics
 import categories as C
+import clip_model
 import common
+import model as M
 from common import UserError
-# build_segmenter and run_benchmark construct these; re-exported too, because toy.py and the tests
-# call E.ZutisSegmenter, E.MaskCLIPSegmenter and E.component_instances.
-from segmenters import MaskCLIPSegmenter, ZutisSegmenter, component_instances  # noqa: F401
 from visualize import render_instances, render_semantic, save_vis
-# Re-exported: toy.py still calls E.palette, E.overlay, E.zoom, E.with_legend.
-from visualize import overlay, palette, with_legend, zoom  # noqa: F401
+from visualize import overlay, palette, with_legend, zoom  # noqa: F401  (toy_report.py draws through this module)
 
-# ----------------------------------------------------------------------------- CLI
+CHOICES = {"model": ("zutis", "maskclip"), "nms": ("hard", "none"), "class_prob": ("sigmoid", "softmax"),
+           "proposal_score": ("product", "class", "proposal"), "cub_text": ("bird", "breed")}
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", default="voc", help=f"benchmark: {', '.join(B.BENCHES)}")
-    p.add_argument("--data_root", default=None, help="benchmark folder or a parent with its standard tree (default data/<standard folder>)")
-    p.add_argument("--split", default=None, help="voc: trainval|train|val; imagenet_s919: val|test; cub: test|train")
-    p.add_argument("--model", default="zutis", help="zutis (a checkpoint) or maskclip (training-free baseline)")
-    p.add_argument("--ckpt", default=None, help="train.py ckpt.pt, an official ZUTIS file, or official:<name> (default: newest out/**/ckpt.pt)")
-    p.add_argument("--arch", default=None, help="zutis: must match the checkpoint if given; maskclip: CLIP name or path (default ViT-B/16)")
-    p.add_argument("--classes", default=None, help="class names replacing the benchmark's: 'a,b,c' or a text file (background is added)")
-    p.add_argument("--images", default=None, help="segment these images (a folder or a file) instead of a benchmark")
-    p.add_argument("--out_dir", default=None, help="output folder (default out/eval_<bench>_<model>, or out/demo with --images)")
-    p.add_argument("--max_images", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--save_vis", type=int, default=8, help="write overlays of the first N images (0: none)")
-    p.add_argument("--nms", default="hard", help="hard (class-wise mask NMS, official) or none")
-    p.add_argument("--nms_iou", type=float, default=0.3, help="mask IoU above which a lower-scored mask of the same class is dropped")
-    p.add_argument("--t", type=float, default=0.5, help="mask proposal threshold (official 0.5)")
-    p.add_argument("--class_prob", default="sigmoid", help="instance class probability: sigmoid (official, sigmoid(5*cos)) or softmax")
-    p.add_argument("--coco_gt", default="stuffthings", help="coco2017 semantic GT: stuffthings (COCO-Stuff maps, official) or instances")
-    p.add_argument("--coco20k_list", default=None, help="LOST's coco_20k_filenames.txt (default: in the data root)")
-    p.add_argument("--unseen", action="store_true", help="coco20k: evaluate the 15 unseen classes of the 65/15 split (Table 7)")
-    p.add_argument("--cub_text", default="bird", help="cub: the text 'bird' or each image's breed name ('breed')")
-    p.add_argument("--max_size", type=int, default=None, help="cap the longer side of the model input (default 1024 for imagenet_s919 and --images)")
-    p.add_argument("--maskclip_proposals", default="components", help="maskclip instances: components (connected components per class) or classes (one mask per class)")
-    p.add_argument("--norm", default="auto", help="input normalisation: auto (checkpoint's, else imagenet; clip for maskclip), imagenet, clip")
-    p.add_argument("--throughput", action="store_true", help="measure img/s of full inference at batch 1 instead of evaluating")
-    p.add_argument("--throughput_images", type=int, default=50, help="images timed by --throughput")
-    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations of --throughput")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", default="voc", help=f"The benchmark: {', '.join(B.BENCHES)}.")
+    p.add_argument("--data_root", default=None, help="Its folder, or a parent of its standard tree (default data/<folder>).")
+    p.add_argument("--split", default=None, help="voc: trainval, train or val; imagenet_s919: val or test; cub: test or train.")
+    p.add_argument("--model", default="zutis", help="zutis (a checkpoint) or maskclip (the training-free baseline).")
+    p.add_argument("--ckpt", default=None, help="A train.py ckpt.pt, an official ZUTIS file or official:<name> (default: "
+                   "the newest out/**/ckpt.pt).")
+    p.add_argument("--arch", default=None, help="A CLIP name or file, overriding the checkpoint's (maskclip: ViT-B/16).")
+    p.add_argument("--classes", default=None, help="Names replacing the benchmark's: a list name, 'a,b,c', one name or a file.")
+    p.add_argument("--images", default=None, help="Segment these images (a folder or a file) instead of a benchmark.")
+    p.add_argument("--proposals", default=None, help="Name the RLE masks of this COCO results JSON (CutLER, SAM) instead "
+                   "of the model's own.")
+    p.add_argument("--out_dir", default=None, help="The output folder (default out/eval_<bench>_<model>, or out/demo).")
+    p.add_argument("--max_images", type=int, default=None, help="Evaluate the first N images only.")
+    p.add_argument("--save_vis", type=int, default=8, help="Draw the first N images into vis/ (0: none).")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+    g = p.add_argument_group("inference rules (defaults: the official code)")
+    g.add_argument("--nms", default="hard", help="hard (class-wise mask NMS) or none.")
+    g.add_argument("--nms_iou", type=float, default=0.3, help="Mask IoU above which NMS drops the lower-scored mask.")
+    g.add_argument("--t", type=float, default=0.5, help="The threshold of the decoder's mask probabilities.")
+    g.add_argument("--class_prob", default="sigmoid", help="sigmoid (sigmoid(5 cos), official) or softmax (paper Eq. 4).")
+    g.add_argument("--max_size", type=int, default=None, help="Resize a longer side above this (default 1024 for "
+                   "imagenet_s919 and --images).")
+    g.add_argument("--proposal_score", default="product", help="A named proposal's score: product (its score x class "
+                   "probability), class or proposal.")
+    g.add_argument("--with_decoder", action="store_true", help="With --proposals, keep the model's own masks too.")
+    g = p.add_argument_group("benchmark options")
+    g.add_argument("--unseen", action="store_true", help="coco20k: score the 15 unseen classes of the 65/15 split.")
+    g.add_argument("--cub_text", default="bird", help="cub: the text 'bird', or each image's breed name ('breed').")
     return p
 
 
-# ----------------------------------------------------------------------------- models
-# The segmenter classes themselves live in segmenters.py; here: finding and loading checkpoints.
+# ----------------------------------------------------------------------------- segmenters
+# A segmenter maps one normalised image x [1, 3, h, w] and the original (H, W) to {"semantic": [H, W]} plus,
+# with instances, "masks" [N, H, W], "labels" [N], "scores" [N], all on the CPU. It has `kind`, `norm` (the
+# input normalisation), `device`, `categories` and `set_categories(names)`.
+
+def name_proposals(seg, proposals, tokens, text, class_prob, own=None):
+    """The official instance class rule for external masks -> the instance dict. proposals = (bool masks
+    [N, H, W], scores [N]), unit tokens [gh, gw, C], text [K, C], class_prob(cos [N, K]) -> probabilities;
+    `own` (the segmenter's own instances) joins before NMS. A mask's token weights are the transpose of the
+    bilinear upsampling from the token grid to (H, W) that the semantic map uses: the mean token is the
+    mean of the upsampled tokens inside the mask. Background and empty masks are dropped, then NMS."""
+    (masks, scores), (gh, gw), dev = proposals, tokens.shape[:2], tokens.device
+    ay, ax = (F.interpolate(torch.eye(n, device=dev)[None], size=size, mode="linear", align_corners=False)[0]
+              for n, size in ((gh, masks.shape[-2]), (gw, masks.shape[-1])))  # [gh, H], [gw, W]
+    w = torch.cat([ay @ m.to(dev).float() @ ax.t() for m in masks.split(16)]) if len(masks) else ay.new_zeros(0, gh, gw)
+    prob, labels = class_prob(M.mean_token_cos(w.flatten(1), tokens.flatten(0, 1).float(), text.float())).max(-1)
+    scores = {"product": scores.to(dev) * prob, "class": prob, "proposal": scores.to(dev).float()}[seg.proposal_score]
+    parts = [{"masks": masks.to(dev), "labels": labels, "scores": scores}] + ([own] if seg.with_decoder else [])
+    masks, labels, scores = (torch.cat([q[k].to(dev) for q in parts]) for k in ("masks", "labels", "scores"))
+    ok = (labels != 0) & masks.flatten(1).any(1)
+    masks, labels, scores = masks[ok], labels[ok], scores[ok]
+    keep = M.mask_nms(masks, scores, labels, seg.nms_iou) if seg.nms == "hard" else torch.argsort(scores, descending=True, stable=True)
+    return {"masks": masks[keep].cpu(), "labels": labels[keep].cpu(), "scores": scores[keep].cpu()}
+
+
+class ZutisSegmenter:
+    """model.py's ZUTIS with the official inference rules; logits and mask probabilities are upsampled to
+    the original size. With proposals, the masks are named from the model's tokens (name_proposals)."""
+    kind = "zutis"
+
+    def __init__(self, model, norm="imagenet", t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid",
+                 proposal_score="product", with_decoder=False):
+        self.model, self.norm, self.device = model.eval(), norm, next(model.parameters()).device
+        self.kw = dict(t=t, nms=nms, nms_iou=nms_iou, class_prob=class_prob)
+        self.nms, self.nms_iou, self.proposal_score, self.with_decoder = nms, nms_iou, proposal_score, with_decoder
+        self._cache = {}
+
+    @property
+    def categories(self):
+        return list(self.model.categories)
+
+    def set_categories(self, names):
+        """Re-embed only on a new list; CUB's breed mode revisits lists, so embeddings are cached."""
+        names, key = list(names), tuple(names)
+        if names == self.categories:
+            return
+        if key in self._cache:
+            self.model.text_emb, self.model.categories = self._cache[key].to(self.device), names
+        else:
+            self.model.set_categories(names)
+            self._cache[key] = self.model.text_emb.detach().cpu()
+
+    @torch.no_grad()
+    def __call__(self, x, out_size, instances=True, proposals=None):
+        if min(x.shape[-2:]) < self.model.patch_size:
+            raise ValueError(f"the image {tuple(x.shape[-2:])} is smaller than one {self.model.patch_size}-pixel patch")
+        out = self.model(x)
+        res = {"semantic": M.semantic_from_outputs(out, out_size).cpu()}
+        if not instances:
+            return res
+        own = M.instances_from_outputs(out, out_size, **self.kw) if proposals is None or self.with_decoder else None
+        if proposals is None:
+            return {**res, **{k: v.cpu() for k, v in own.items()}}
+        soft = self.kw["class_prob"] == "softmax"
+        prob = (lambda c: torch.softmax(out["logit_scale"] * c, -1)) if soft else (lambda c: torch.sigmoid(5 * c))
+        return {**res, **name_proposals(self, proposals, out["patch_tokens"][0], out["text_emb"], prob, own)}
+
+
+class MaskCLIPSegmenter:
+    """Training-free MaskCLIP (Zhou et al. 2022): value-path dense CLIP features, cosine with the 85-template
+    text embeddings, "background" a text class like any other. Instances (the paper's Table 3 baseline) are
+    the connected components of each predicted class, scored by the mean softmax probability (CLIP's own
+    temperature) of that class inside; proposals are named with that probability."""
+    kind = "maskclip"
+
+    def __init__(self, clip, categories, norm="clip", max_instances=100, nms="hard", nms_iou=0.3,
+                 proposal_score="product", with_decoder=False):
+        self.clip, self.norm, self.max_instances = clip.eval(), norm, max_instances
+        self.scale, self.device = clip.logit_scale.detach().exp().item(), next(clip.parameters()).device
+        self.nms, self.nms_iou, self.proposal_score, self.with_decoder = nms, nms_iou, proposal_score, with_decoder
+        self._cache, self.categories = {}, []
+        self.set_categories(categories)
+
+    def set_categories(self, names):
+        key = tuple(names)
+        if key not in self._cache:  # CUB breed mode switches names per image: each list is embedded a single time
+            self._cache[key] = clip_model.text_embeddings(self.clip, list(names), C.TEMPLATES)
+        self.text, self.categories = self._cache[key], list(names)
+
+    @torch.no_grad()
+    def __call__(self, x, out_size, instances=True, proposals=None):
+        p, (H, W) = self.clip.visual.patch_size, x.shape[-2:]
+        size = (max(1, round(H / p)) * p, max(1, round(W / p)) * p)
+        if size != (H, W):  # forward_maskclip needs multiples of the patch size
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        f = F.normalize(self.clip.visual.forward_maskclip(x).float(), dim=-1)[0]  # [h, w, D]
+        logits = torch.einsum("hwd,kd->khw", f, self.text.to(f))[None]  # cosines [1, K, h, w]
+        logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)[0]  # [K, H, W]
+        sem = logits.argmax(0)
+        out = {"semantic": sem.cpu()}
+        if not instances:
+            return out
+        lse = torch.logsumexp(logits * self.scale, dim=0)  # p(c | pixel) = exp(s l_c - logsumexp_k s l_k)
+        comps = component_instances(sem, lambda c: torch.exp(logits[c] * self.scale - lse).cpu().numpy(), self.max_instances)
+        if proposals is None:
+            return {**out, **comps}
+        return {**out, **name_proposals(self, proposals, f, self.text.to(f), lambda c: torch.softmax(self.scale * c, -1), comps)}
+
+
+def component_instances(sem, prob_of, max_n=100):
+    """Connected components (8-connectivity) of every non-background class of `sem` [H, W], scored by the
+    mean of prob_of(c) [H, W] inside, the best max_n kept."""
+    from scipy import ndimage
+    s, cand = sem.cpu().numpy(), []  # (score, class, component labels, component index)
+    for c in np.unique(s):
+        if c == 0:
+            continue
+        lab, n = ndimage.label(s == c, structure=np.ones((3, 3)))
+        scores = ndimage.mean(prob_of(int(c)), labels=lab, index=np.arange(1, n + 1))
+        cand += [(float(sc), int(c), lab, i + 1) for i, sc in enumerate(np.atleast_1d(scores))]
+    cand = sorted(cand, key=lambda z: -z[0])[:max_n]
+    masks = torch.from_numpy(np.stack([lab == i for _, _, lab, i in cand])) if cand else torch.zeros((0, *s.shape), dtype=torch.bool)
+    return {"masks": masks, "labels": torch.tensor([c for _, c, _, _ in cand], dtype=torch.long),
+            "scores": torch.tensor([sc for sc, _, _, _ in cand], dtype=torch.float)}
+
+
+# ----------------------------------------------------------------------------- checkpoints and inputs
 
 def newest_checkpoint(root="out"):
     found = glob.glob(os.path.join(root, "**", "ckpt.pt"), recursive=True)
     if not found:
-        raise UserError(f"no checkpoint found under {root}/ (train one with train.py, or pass --ckpt FILE "
-                        "or --ckpt official:<name>)")
+        raise UserError(f"no checkpoint under {root}/: train one with train.py, or pass --ckpt FILE or official:<name>")
     return max(found, key=os.path.getmtime)
 
 
-def checkpoint_info(spec):
-    """(kind, arch or None, train config) of --ckpt without building a model: kind is "train" (a
-    train.py checkpoint), "official" (official:<name> or a file in the official key layout), or "?"."""
-    import model as M
-    if spec.startswith("official:"):
-        name = spec.split(":", 1)[1]
-        return "official", M.OFFICIAL[name][2] if name in M.OFFICIAL else None, {}
-    ck = None
-    for safe in (True, False):  # our checkpoints carry numpy RNG states, which weights_only refuses
-        try:
-            ck = torch.load(spec, map_location="cpu", mmap=True, weights_only=safe)
-            break
-        except Exception:
-            continue
-    if isinstance(ck, dict) and isinstance(ck.get("config"), dict) and "model" in ck:
-        return "train", ck["config"].get("arch"), ck["config"]
-    if isinstance(ck, dict) and "encoder.conv1.weight" in ck:
-        w = ck["encoder.conv1.weight"].shape  # [width, 3, p, p]: the released ZUTIS files are ViT-B
-        return "official", f"ViT-B/{w[-1]}" if w[0] == 768 and w[-1] in (16, 32) else None, {}
-    return "?", None, {}
-
-
 def checkpoint_config(spec):
-    """The `config` dict of a train.py checkpoint ({} for official files and names)."""
-    return checkpoint_info(spec)[2]
+    """The `config` dict of a train.py checkpoint; {} for official files and official:<name>."""
+    if str(spec).startswith("official:"):
+        return {}
+    ck = common.torch_load(spec)
+    return dict(ck["config"]) if isinstance(ck, dict) and isinstance(ck.get("config"), dict) else {}
 
 
 def build_segmenter(args, categories, device):
     """--model zutis|maskclip -> a segmenter with `categories` (None: the checkpoint's own)."""
-    import clip_model
+    kw = dict(nms=args.nms, nms_iou=args.nms_iou, proposal_score=args.proposal_score, with_decoder=args.with_decoder)
     if args.model == "maskclip":
         clip, _ = clip_model.load(args.arch or "ViT-B/16", device=device)
-        return MaskCLIPSegmenter(clip, categories or list(C.VOC), norm="clip" if args.norm == "auto" else args.norm,
-                                 proposals=args.maskclip_proposals)
-    import model as M
+        return MaskCLIPSegmenter(clip, categories or list(C.VOC), **kw)
     spec = args.ckpt or newest_checkpoint()
-    if not spec.startswith("official:") and not os.path.isfile(spec):
-        raise UserError(f"checkpoint not found: {spec!r}")
-    kind, arch, cfg = checkpoint_info(spec)
-    if args.arch and arch and arch != args.arch and clip_model.arch_tag(arch) != clip_model.arch_tag(args.arch):
-        raise UserError(f"{spec} is a {arch} checkpoint, not --arch {args.arch}")  # before any download
-    # an official-layout file stores no arch name: --arch may name its CLIP (e.g. a local file)
-    extra = {"arch": args.arch} if kind == "official" and args.arch and not spec.startswith("official:") else {}
-    net = M.load_checkpoint(spec, categories=categories, device=device, **extra)
-    norm = cfg.get("norm", "imagenet") if args.norm == "auto" else args.norm
+    cfg = checkpoint_config(spec)  # also turns a missing or unreadable file into a one-line error
+    names = list(clip_model.MODELS)
+    if args.arch in names and cfg.get("arch") in names and args.arch != cfg["arch"]:  # before any download
+        raise UserError(f"{spec} is a {cfg['arch']} checkpoint, not --arch {args.arch}")
+    net = M.load_checkpoint(spec, categories=categories, device=device, arch=args.arch)
+    norm = cfg.get("norm", "imagenet")
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"loaded {spec} ({getattr(net, 'arch', arch)}, {kind} checkpoint, input norm {norm})")
-    return ZutisSegmenter(net, norm, t=args.t, nms=args.nms, nms_iou=args.nms_iou, class_prob=args.class_prob)
+        print(f"loaded {spec} ({getattr(net, 'arch', '?')}, input norm {norm})")
+    return ZutisSegmenter(net, norm, t=args.t, class_prob=args.class_prob, **kw)
 
-
-# ----------------------------------------------------------------------------- inference
 
 def to_input(img_u8, norm, device, max_size=None):
-    """uint8 [3, H, W] -> normalised float [1, 3, h, w] on `device`, the longer side capped at
-    max_size (bilinear, aspect kept; ImageNet-S protocol)."""
-    mean, std = common.NORMS[norm]
-    x = img_u8.to(device, non_blocking=True).float().div_(255)
-    x = ((x - torch.tensor(mean, device=device)[:, None, None]) / torch.tensor(std, device=device)[:, None, None])[None]
-    H, W = x.shape[-2:]
+    """uint8 [3, H, W] -> normalised float [1, 3, h, w] on `device`. A longer side above max_size is resized
+    as official datasets/imagenet_s.py does: the uint8 image with PIL bilinear (antialiased), the longer side
+    to max_size, the shorter to int(short / long * max_size), then normalised."""
+    H, W = img_u8.shape[-2:]
     if max_size and max(H, W) > max_size:
-        s = max_size / max(H, W)
-        x = F.interpolate(x, size=(max(1, round(H * s)), max(1, round(W * s))), mode="bilinear", align_corners=False)
-    return x
-
-
-def infer(seg, img_u8, max_size=None, instances=True):
-    """Full inference on one image: uint8 [3, H, W] -> prediction dict at (H, W)."""
-    return seg(to_input(img_u8, seg.norm, seg.device, max_size), tuple(img_u8.shape[-2:]), instances=instances)
+        h, w = (int(H / W * max_size), max_size) if W > H else (max_size, int(W / H * max_size))
+        pil = Image.fromarray(img_u8.permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
+        img_u8 = image_tensor(pil)
+    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in common.NORMS[norm])
+    return ((img_u8.to(device, non_blocking=True).float().div_(255) - mean) / std)[None]
 
 
 def image_tensor(pil):
     return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
 
 
+def infer(seg, img_u8, max_size=None, instances=True, proposals=None):
+    """Full inference on one image: uint8 [3, H, W] -> prediction dict at (H, W)."""
+    x = to_input(img_u8, seg.norm, seg.device, max_size)
+    return seg(x, tuple(img_u8.shape[-2:]), instances=instances, **({"proposals": proposals} if proposals else {}))
+
+
+# ----------------------------------------------------------------------------- external proposals
+
+def read_proposals(path, samples):
+    """A COCO results list of RLE masks -> ({sample id: [entries]}, count of unmatched entries), matched by
+    file_name (path, base name or stem; an ambiguous base name needs the path), else by image_id."""
+    data = common.load_json(path, "proposals file")
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) and isinstance(d.get("segmentation"), dict)
+                                                         and {"size", "counts"} <= set(d["segmentation"]) for d in data):
+        raise UserError(f"{path!r} is not a COCO results list of RLE masks (entries with image_id or file_name, "
+                        "segmentation {size, counts} and score)")
+    by_name = {}
+    for s in samples:
+        rel = os.path.basename(s["image"])
+        for key in {s["name"], s["name"] + os.path.splitext(rel)[1], rel, os.path.splitext(rel)[0]}:
+            by_name[key] = s["id"] if by_name.get(key, s["id"]) == s["id"] else None  # None: ambiguous
+    ids, out, unmatched = {s["id"] for s in samples}, {}, 0
+    for d in data:
+        fn = str(d.get("file_name") or "")
+        sid = next((by_name[k] for k in (fn, os.path.basename(fn), os.path.splitext(os.path.basename(fn))[0])
+                    if by_name.get(k) is not None), None) if fn else None
+        sid = sid if sid is not None else (d.get("image_id") if d.get("image_id") in ids else None)
+        if sid is None:
+            unmatched += 1
+        else:
+            out.setdefault(sid, []).append(d)
+    if not out:
+        raise UserError(f"none of the {len(data)} proposals in {path!r} matches an image by file_name or image_id "
+                        f"(first: {data[0].get('file_name') or data[0].get('image_id')!r})")
+    for s in (s for s in samples if s["id"] in out):  # mask sizes against the image headers, before any work
+        with contextlib.suppress(OSError), Image.open(s["image"]) as im:  # an unreadable image is skipped later
+            for size in {tuple(d["segmentation"]["size"]) for d in out[s["id"]]} - {(im.height, im.width)}:
+                raise UserError(f"a proposal for {s['name']} in {path!r} is {size[0]}x{size[1]}, the image {im.height}x{im.width}")
+    return out, unmatched
+
+
+def decode_proposals(entries, hw):
+    """Entries of one image (sizes checked by read_proposals) -> (bool masks [N, H, W], scores [N])."""
+    from pycocotools import mask as mask_util
+    if not entries:
+        return torch.zeros(0, *hw, dtype=torch.bool), torch.zeros(0)
+    rles = [mask_util.frPyObjects(d["segmentation"], *hw) if isinstance(d["segmentation"]["counts"], list)
+            else d["segmentation"] for d in entries]
+    masks = torch.from_numpy(mask_util.decode(rles)).permute(2, 0, 1).bool()
+    return masks, torch.tensor([float(d.get("score", 1.0)) for d in entries])
+
+
 # ----------------------------------------------------------------------------- benchmark loop
 
-class _Single:
-    """Stands in for common.Dist when a caller passes no dist (one process, no process group)."""
-    rank, world, is_main, ddp = 0, 1, True, False
-
-    @staticmethod
-    def gather(obj):
-        return [obj]
-
-
 def bench_categories(classes, bench):
-    """--classes (names, a file or a list) replacing the benchmark's names. Label ids stay positional,
-    so the count must match, except on VOC-layout data whose ids are just indices into the list."""
-    if classes is None:
-        return list(bench.categories)
-    try:
-        names = C.get_categories(classes)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    """--classes replacing the benchmark's names. Label ids stay positional, so the count must match, except
+    on VOC-layout data whose ids are indices into the list; no id may equal the ground truth's ignore value."""
+    names = list(bench.categories) if classes is None else C.get_categories(classes)
     if len(names) != len(bench.categories) and bench.name != "voc":
         raise UserError(f"--classes has {len(names)} names with background; {bench.name} needs {len(bench.categories)} "
                         "(label ids are positional: --classes renames the benchmark's classes)")
+    if len(names) > bench.ignore_index:
+        raise UserError(f"{len(names)} classes: label id {bench.ignore_index} would be {bench.name}'s ignore value")
     return names
 
 
-def _all_reduce(dist, arr):
-    import torch.distributed as tdist
-    if not dist.ddp:
-        return arr
-    t = torch.from_numpy(arr).to(getattr(dist, "device", "cpu"))
-    tdist.all_reduce(t)
-    return t.cpu().numpy()
-
-
-def _resume_state(path, key, K, buckets):
+def _resume_state(path, key, K, official):
     """Per-rank partial results of an interrupted run with the same settings, else a fresh state."""
-    fresh = {"key": key, "next": 0, "conf": torch.zeros(K, K, dtype=torch.long),
-             "buckets": torch.zeros(4, K, K, dtype=torch.long) if buckets else None,
-             "dets": [], "gt_imgs": [], "gt_anns": [], "done": [], "skipped": [], "fg_ious": []}
+    fresh = {"key": key, "next": 0, "conf": torch.zeros(K + 1, K, dtype=torch.long),
+             "buckets": torch.zeros(4, K + 1, K, dtype=torch.long) if official else None,
+             "dets": [], "gt_imgs": [], "gt_anns": [], "done": [], "skipped": [], "per_image": []}
     if path and os.path.isfile(path):
         try:
-            st = torch.load(path, map_location="cpu", weights_only=True)
+            st = common.torch_load(path, "partial results")
             if st.get("key") == key:
                 print(f"resuming from {path}: {st['next']} images of this rank already done")
                 return st
-        except Exception as e:  # a partial file we cannot read is just recomputed
-            print(f"ignoring unreadable {path}: {e}")
+        except UserError as e:  # a partial file we cannot read is recomputed
+            print(f"ignoring {e}")
     return fresh
 
 
-def _run_key(bench, n, names, seg, max_size, config):
-    """What must match for partial results to be reused: data, classes, model, checkpoint, rules."""
-    config = config or {}
-    ck = config.get("ckpt") or ""
-    rules = {k: v for k, v in config.items() if k in ("ckpt", "arch", "nms", "nms_iou", "t", "class_prob", "norm",
-                                                       "coco_gt", "unseen", "cub_text", "split")}
-    return json.dumps([bench.name, n, names, getattr(seg, "kind", ""), max_size,
-                       os.path.getmtime(ck) if os.path.isfile(ck) else None, rules], sort_keys=True, default=str)
-
-
 def _accumulate(st, bench, s, size, gt, objs, p, K, cat_ids):
-    """Add one image's prediction `p` to the running state: confusion (and size buckets, CUB IoU)
-    against `gt`, COCO-format detections, and VOC-style GT instances `objs`."""
+    """Add one image's prediction `p`: confusion (and size buckets, per-image scores) against `gt`,
+    COCO-format detections, and VOC-style ground-truth instances `objs`."""
     pred = p["semantic"].numpy()
     st["done"].append(s["id"])
     if gt is not None:
-        st["conf"] += torch.from_numpy(metrics.confusion(gt, pred, K))
-        if st["buckets"] is not None:
-            bk = np.zeros((4, K, K), np.int64)
-            metrics.size_bucket_update(bk, gt, pred, K)
-            st["buckets"] += torch.from_numpy(bk)
+        st["conf"] += torch.from_numpy(B.confusion(gt, pred, K, bench.ignore_index))
+        if bench.official_eval:
+            st["buckets"] += torch.from_numpy(B.size_buckets(gt, pred, K, bench.ignore_index))
+            st["per_image"].append(B.image_scores(gt, pred, K))
         if bench.name == "cub":
             u = ((gt == 1) | (pred > 0)).sum()
-            st["fg_ious"].append(float(((gt == 1) & (pred > 0)).sum() / u) if u else 1.0)
+            st["per_image"].append(float(((gt == 1) & (pred > 0)).sum() / u) if u else 1.0)
     if "masks" in p:
-        st["dets"] += metrics.detections(p, s["id"], cat_ids)
+        st["dets"] += B.detections(p, s["id"], cat_ids)
     if objs is not None:
         st["gt_imgs"].append({"id": s["id"], "height": size[0], "width": size[1], "file_name": s["name"]})
-        st["gt_anns"] += [B.gt_annotation(m, cat_ids[l], s["id"], 0) for m, l in objs if l < K]
+        st["gt_anns"] += [B.gt_annotation(m, cat_ids[lab], s["id"], 0) for m, lab in objs if lab < K]
 
 
 def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8, max_size=None, config=None,
-                   save_every=500):
-    """Run `seg` over the benchmark's images (sharded by rank), accumulate confusion matrices and
-    detections, gather them, and on rank 0 compute and write the metrics. Returns the metrics dict.
-    Every `save_every` images each rank saves its partial results (atomically) under out_dir, so an
-    interrupted run with the same settings resumes where it stopped."""
+                   save_every=500, proposals=None):
+    """Run `seg` over the benchmark's images (sharded by rank), gather, and on rank 0 compute and write the
+    metrics; returns them ({} off rank 0). Every `save_every` images each rank saves its partial results
+    under out_dir, so an interrupted run with the same settings resumes where it stopped."""
     from tqdm import tqdm
-    dist = dist or _Single()
+    dist = dist or common.Dist(seg.device.type)
     samples = bench.samples[:max_images] if max_images else bench.samples
     names, cat_ids = list(seg.categories), bench.cat_ids or list(range(len(seg.categories)))
     K, max_size = len(names), max_size or bench.max_size
+    props, unmatched = read_proposals(proposals, samples) if proposals else ({}, 0)
     need_inst = bench.load_instances is not None or bench.coco_gt is not None
-    write_test = bench.load_semantic is None and bench.name == "imagenet_s919"
     mine = samples[dist.rank::dist.world]
     part = os.path.join(out_dir, f".partial_rank{dist.rank}of{dist.world}.pt") if out_dir else None
-    st = _resume_state(part, _run_key(bench, len(samples), names, seg, max_size, config), K, bench.size_buckets)
-    t0 = time.time()
+    # partial results are reused only for the same data, classes, model, checkpoint (and its time) and rules
+    ck, rules = (config or {}).get("ckpt") or "", {k: v for k, v in (config or {}).items() if k not in ("max_images", "save_vis")}
+    key = json.dumps([bench.name, len(samples), names, seg.kind, max_size, os.path.isfile(ck) and os.path.getmtime(ck), rules],
+                     sort_keys=True, default=str)
+    st = _resume_state(part, key, K, bench.official_eval)
     for i in tqdm(range(st["next"], len(mine)), disable=not dist.is_main, desc=bench.name, initial=st["next"], total=len(mine)):
         s = mine[i]
         try:
             pil = common.load_rgb(s["image"])
             gt = bench.load_semantic(s) if bench.load_semantic else None
             if gt is not None and gt.shape != (pil.height, pil.width):
-                raise ValueError(f"ground truth {gt.shape} does not match image {(pil.height, pil.width)}")
+                raise ValueError(f"ground truth {gt.shape} does not match the image {(pil.height, pil.width)}")
             objs = bench.load_instances(s, gt) if bench.load_instances is not None else None
         except (OSError, ValueError) as e:
             st["skipped"].append(f"{s['image']}\t{type(e).__name__}: {e}")
             continue
         if bench.per_image_text:  # CUB breed mode: this image's own breed name is the only class
             seg.set_categories(["background", s["text"]])
-        p = infer(seg, image_tensor(pil), max_size, instances=need_inst)
+        pr = decode_proposals(props.get(s["id"], []), (pil.height, pil.width)) if proposals else None
+        p = infer(seg, image_tensor(pil), max_size, instances=need_inst or proposals is not None, proposals=pr)
         _accumulate(st, bench, s, (pil.height, pil.width), gt, objs, p, K, cat_ids)
-        if write_test:  # ImageNet-S server format: class I as RGB (I % 256, I // 256, 0), one PNG per image
+        if bench.load_semantic is None and bench.name == "imagenet_s919":  # server format: I as RGB (I % 256, I // 256, 0)
             pred = p["semantic"].numpy()
-            rgb = np.stack([pred % 256, pred // 256, np.zeros_like(pred)], -1).astype(np.uint8)
-            common.save_image(rgb, os.path.join(out_dir, "test", s["name"] + ".png"))
+            common.save_image(np.stack([pred % 256, pred // 256, np.zeros_like(pred)], -1).astype(np.uint8),
+                              os.path.join(out_dir, "test", s["name"] + ".png"))
         if dist.is_main and out_dir and i < n_vis:
             save_vis(os.path.join(out_dir, "vis", s["name"].replace("/", "__") + ".png"), np.asarray(pil), gt, p,
                      list(seg.categories), bench.ignore_index)
         if part and (i + 1) % save_every == 0 and i + 1 < len(mine):
             common.save_torch({**st, "next": i + 1}, part)
-    conf = _all_reduce(dist, st["conf"].numpy())
-    buckets = _all_reduce(dist, st["buckets"].numpy()) if st["buckets"] is not None else None
-    parts = dist.gather([st[k] for k in ("dets", "gt_imgs", "gt_anns", "done", "skipped", "fg_ious")])
+    parts = dist.gather(st)
     if not dist.is_main:
         return {}
-    lists = [sum((q[k] for q in parts), []) for k in range(6)]
-    m = _finalize(bench, names, cat_ids, conf, buckets, *lists, need_inst=need_inst, wall=time.time() - t0)
+    lists = {k: sum((q[k] for q in parts), []) for k in ("dets", "gt_imgs", "gt_anns", "done", "skipped", "per_image")}
+    m = {"bench": bench.name, "n_images": len(lists["done"]), "n_skipped": len(lists["skipped"])}
+    if bench.load_semantic is not None:
+        conf = sum(q["conf"] for q in parts).numpy()
+        m.update(B.semantic_metrics(conf, names if not bench.per_image_text else ["background", "bird"], bench.official_eval))
+    if bench.official_eval and bench.load_semantic is not None:  # LUSSeg/ImageNet-S evaluator.py
+        buckets = sum(q["buckets"] for q in parts).numpy()
+        m.update({k: B.bucket_miou(buckets[b]) for b, k in enumerate(("S", "MS", "ML", "L"))})
+        if lists["per_image"]:
+            m["Acc"], m["FMeasure"] = (float(v) for v in np.mean(lists["per_image"], 0) * 100)
+    if bench.name == "cub":  # foreground IoU: dataset-level (headline) and the mean over images
+        m["fg_iou"] = m["per_class_iou"]["bird"]
+        m["fg_iou_per_image"] = float(np.mean(lists["per_image"]) * 100) if lists["per_image"] else None
+    if need_inst:
+        m.update(B.instance_metrics(bench, names, cat_ids, lists["dets"], lists["gt_imgs"], lists["gt_anns"], lists["done"]))
+    if proposals:
+        m["proposals"] = {"file": proposals, "matched": sum(map(len, props.values())), "unmatched": unmatched}
+    m["notes"] = bench.notes
     if out_dir:
         common.save_json({**m, "config": config or {}, **common.git_info()}, os.path.join(out_dir, "metrics.json"))
         if need_inst:
-            common.save_json(lists[0], os.path.join(out_dir, "instances.json"), indent=None)
-        if lists[4]:
-            with common.atomic_path(os.path.join(out_dir, "skipped.txt")) as tmp, open(tmp, "w") as f:
-                f.write("\n".join(lists[4]) + "\n")
-        for f in glob.glob(os.path.join(out_dir, f".partial_rank*of{dist.world}.pt")):  # results are safe now
+            common.save_json(lists["dets"], os.path.join(out_dir, "instances.json"), indent=None)
+        write_skipped(lists["skipped"], out_dir)
+        for f in glob.glob(os.path.join(out_dir, f".partial_rank*of{dist.world}.pt")):  # the results are safe
             os.remove(f)
-    if lists[4]:
-        print(f"skipped {len(lists[4])} unreadable images" + (f" (list in {out_dir}/skipped.txt)" if out_dir else ""))
     return m
 
 
-def _finalize(bench, names, cat_ids, conf, buckets, dets, gt_imgs, gt_anns, done, skipped, fg_ious, need_inst, wall):
-    """The metrics dict from the gathered state (rank 0)."""
-    m = {"bench": bench.name, "n_images": len(done), "n_skipped": len(skipped), "wall_s": round(wall, 1)}
-    if bench.load_semantic is not None:
-        m.update(metrics.semantic_metrics(conf, names if not bench.per_image_text else ["background", "bird"]))
-    if buckets is not None:
-        m.update({k: metrics.bucket_miou(buckets[b]) for b, k in enumerate(("S", "MS", "ML", "L"))})
-    if bench.name == "cub":  # foreground IoU: dataset-level (headline) and the mean over images
-        m["fg_iou"] = float(metrics.iou_per_class(conf)[1] * 100)
-        m["fg_iou_per_image"] = float(np.mean(fg_ious) * 100) if fg_ious else None
-    if need_inst:
-        m.update(metrics.instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, done))
-    m["notes"] = bench.notes
-    return m
+def write_skipped(skipped, out_dir):
+    """Print every skipped image with its reason and list them in out_dir/skipped.txt."""
+    for line in skipped:
+        print("skipped " + line.replace("\t", ": "))
+    if skipped and out_dir:
+        with common.atomic_path(os.path.join(out_dir, "skipped.txt")) as tmp, open(tmp, "w") as f:
+            f.write("\n".join(skipped) + "\n")
 
 
 def run_benchmark(model, bench, data_root, out_dir=None, split=None, max_images=None, dist=None, **kw):
     """For train.py --eval_bench: evaluate `model` (a ZUTIS module or a segmenter) on `bench`.
-    kw: classes (default: the model's own categories), norm, t, nms, nms_iou, class_prob, coco_gt,
-    unseen, cub_text, coco20k_list, max_size, save_vis. Returns the metrics dict (empty off rank 0)."""
-    b = B.read_bench(bench, data_root, split, coco_gt=kw.get("coco_gt", "stuffthings"), unseen=kw.get("unseen", False),
-                     cub_text=kw.get("cub_text", "bird"), coco20k_list=kw.get("coco20k_list"), cache_dir=out_dir)
-    seg = model if hasattr(model, "kind") else ZutisSegmenter(
-        model, kw.get("norm", "imagenet"), t=kw.get("t", 0.5), nms=kw.get("nms", "hard"),
-        nms_iou=kw.get("nms_iou", 0.3), class_prob=kw.get("class_prob", "sigmoid"))
-    seg.set_categories(bench_categories(kw.get("classes") or seg.categories, b))
-    if b.per_image_text:
-        seg.set_categories(["background", "bird"])
+    kw: classes (default: the model's own), norm, t, nms, nms_iou, class_prob, unseen, cub_text, max_size,
+    save_vis. Returns the metrics dict (empty off rank 0)."""
+    b = B.read_bench(bench, data_root, split, unseen=kw.get("unseen", False), cub_text=kw.get("cub_text", "bird"))
+    rules = {k: kw[k] for k in ("t", "nms", "nms_iou", "class_prob") if k in kw}
+    seg = model if hasattr(model, "kind") else ZutisSegmenter(model, kw.get("norm", "imagenet"), **rules)
+    seg.set_categories(["background", "bird"] if b.per_image_text else bench_categories(kw.get("classes") or seg.categories, b))
     with torch.no_grad():
         return evaluate_bench(seg, b, out_dir, dist, max_images, kw.get("save_vis", 4), kw.get("max_size"), kw)
 
 
-# ----------------------------------------------------------------------------- throughput and demo
+# ----------------------------------------------------------------------------- your own images
 
-def measure_throughput(seg, pils, max_size=None, warmup=10, instances=True):
-    """img/s of full inference at batch 1 on decoded images (disk I/O excluded), after warm-up,
-    with a device synchronisation after every image."""
-    imgs = [image_tensor(p) for p in pils]
-    dev = seg.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    for i in range(warmup):
-        infer(seg, imgs[i % len(imgs)], max_size, instances)
-    sync()
-    lat, t0 = [], time.perf_counter()
-    for im in imgs:
-        t = time.perf_counter()
-        infer(seg, im, max_size, instances)
-        sync()
-        lat.append(time.perf_counter() - t)
-    total = time.perf_counter() - t0
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return {"img_per_s": len(imgs) / total, "median_ms": float(np.median(lat) * 1e3), "n_images": len(imgs),
-            "warmup": warmup, "device": name, "batch": 1, "dtype": "fp32", "max_size": max_size,
-            "mean_hw": [float(np.mean([p.height for p in pils])), float(np.mean([p.width for p in pils]))],
-            "protocol": "batch 1, fp32, original resolution (longer side capped at max_size), images decoded in "
-                        "memory beforehand (no disk I/O or JPEG decoding timed); timed per image: host-to-device "
-                        "copy, normalisation, encoder, decoder, semantic argmax at full resolution, instance "
-                        "post-processing incl. NMS, results copied back; synchronised after each image; "
-                        f"{warmup} untimed warm-up runs first"}
-
-
-def run_images(seg, src, out_dir, max_size=1024):
+def run_images(seg, src, out_dir, max_size=1024, proposals=None):
     """--images: per image <stem>_semantic.png, <stem>_instances.png (overlays with a legend) and
-    <stem>_labels.png (label ids), plus predictions.json (COCO format, category id = label id)."""
-    if os.path.isfile(src):
-        base, rels = os.path.dirname(src), [os.path.basename(src)]
-    elif os.path.isdir(src):
-        base, rels = src, common.list_images(src)
-    else:
-        raise UserError(f"--images not found: {src!r}")
+    <stem>_labels.png (label ids), plus predictions.json (COCO format: image ids = positions in the sorted
+    file list, category id = label id, names in "categories" and in each annotation's category_name)."""
+    base, rels = (os.path.dirname(src), [os.path.basename(src)]) if os.path.isfile(src) else (src, common.list_images(src))
     if not rels:
         raise UserError(f"no images in {src!r}")
+    samples = [{"id": i, "name": os.path.splitext(r)[0], "image": os.path.join(base, r)} for i, r in enumerate(rels)]
+    props, unmatched = read_proposals(proposals, samples) if proposals else ({}, 0)
     names = list(seg.categories)
     coco = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for i, n in enumerate(names) if i > 0]}
     skipped = []
-    for i, rel in enumerate(rels):
+    for s, rel in zip(samples, rels):
         try:
-            pil = common.load_rgb(os.path.join(base, rel))
+            pil = common.load_rgb(s["image"])
+            hw = (pil.height, pil.width)
+            pr = decode_proposals(props.get(s["id"], []), hw) if proposals else None
+            p = infer(seg, image_tensor(pil), max_size, proposals=pr)
         except (OSError, ValueError) as e:
-            skipped.append(f"{rel}\t{e}")
+            skipped.append(f"{rel}\t{type(e).__name__}: {e}")
             continue
-        p = infer(seg, image_tensor(pil), max_size, instances=True)
-        img, stem = np.asarray(pil), os.path.join(out_dir, os.path.splitext(rel)[0])
-        sem = p["semantic"].numpy()
+        img, stem, sem = np.asarray(pil), os.path.join(out_dir, s["name"]), p["semantic"].numpy()
         common.save_image(render_semantic(img, sem, names), stem + "_semantic.png")
         common.save_image(render_instances(img, p, names), stem + "_instances.png")
         common.save_image(sem.astype(np.uint8 if len(names) <= 256 else np.uint16), stem + "_labels.png")
-        coco["images"].append({"id": i, "file_name": rel, "height": pil.height, "width": pil.width})
-        for d in metrics.detections(p, i, list(range(len(names)))):
-            from pycocotools import mask as mask_util
-            coco["annotations"].append({**d, "id": len(coco["annotations"]) + 1, "area": float(mask_util.area(d["segmentation"])),
-                                        "bbox": [float(v) for v in mask_util.toBbox(d["segmentation"])], "iscrowd": 0})
+        coco["images"].append({"id": s["id"], "file_name": rel, "height": hw[0], "width": hw[1]})
+        for m, lab, sc in zip(p["masks"].numpy(), p["labels"].tolist(), p["scores"].tolist()):  # background already dropped
+            coco["annotations"].append({**B.gt_annotation(m, lab, s["id"], len(coco["annotations"]) + 1), "score": sc,
+                                        "category_name": names[lab]})
+    write_skipped(skipped, out_dir)
+    if not coco["images"]:
+        raise UserError(f"none of the {len(rels)} images could be segmented (reasons above and in {out_dir}/skipped.txt)")
     common.save_json(coco, os.path.join(out_dir, "predictions.json"))
-    print(f"segmented {len(coco['images'])} images ({len(coco['annotations'])} instances) -> {out_dir}"
-          + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
+    extra = f"; proposals: {sum(map(len, props.values()))} matched, {unmatched} unmatched" if proposals else ""
+    print(f"segmented {len(coco['images'])} images ({len(coco['annotations'])} instances, {len(skipped)} skipped{extra}) -> {out_dir}")
     return coco
 
 
 # ----------------------------------------------------------------------------- main
 
+@torch.no_grad()  # restores the caller's autograd state on return, unlike set_grad_enabled(False)
 def main():
-    # A context manager, not set_grad_enabled(False): callers that run main() in-process (tests,
-    # notebooks) keep their autograd state.
-    with torch.no_grad():
-        _main()
-
-
-def _main():
     args = get_args_parser().parse_args()
-    for flag, ok in (("nms", ("hard", "none")), ("maskclip_proposals", ("components", "classes")), ("model", ("zutis", "maskclip")), ("norm", ("auto", "imagenet", "clip")),
-                     ("class_prob", ("sigmoid", "softmax"))):
+    for flag, ok in CHOICES.items():
         if getattr(args, flag) not in ok:
             raise UserError(f"--{flag} must be one of {', '.join(ok)}, got {getattr(args, flag)!r}")
     if args.images is None and args.bench not in B.BENCHES:
         raise UserError(f"unknown benchmark {args.bench!r}: use one of {', '.join(B.BENCHES)}")
+    if args.images is not None and not os.path.exists(args.images):
+        raise UserError(f"--images not found: {args.images!r}")
+    if args.proposals is not None and not os.path.isfile(args.proposals):
+        raise UserError(f"--proposals file not found: {args.proposals!r}")
     dist = common.Dist(args.device)
-    config = {**vars(args), **common.git_info()}
-    dist.print0("config:")
+    if dist.device.type == "cpu":
+        common.set_cpu_threads()
+    out_dir = args.out_dir or ("out/demo" if args.images else f"out/eval_{args.bench}_{args.model}")
     if dist.is_main:
-        common.print_config(config)
+        common.remove_stale_tmp(out_dir)
     if args.images is not None:
-        try:
-            names = C.get_categories(args.classes) if args.classes else None
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        names = C.get_categories(args.classes) if args.classes else None
         if names is None and args.model == "maskclip":
             raise UserError("--images with --model maskclip needs --classes")
-        if not os.path.exists(args.images):
-            raise UserError(f"--images not found: {args.images!r}")
-        seg = build_segmenter(args, names, dist.device)
-        run_images(seg, args.images, args.out_dir or "out/demo", args.max_size or 1024)
+        run_images(build_segmenter(args, names, dist.device), args.images, out_dir, args.max_size or 1024, args.proposals)
         return dist.close()
-    out_dir = args.out_dir or f"out/eval_{args.bench}_{args.model}"
-    bench = B.read_bench(args.bench, args.data_root, args.split, coco_gt=args.coco_gt, unseen=args.unseen,
-                         cub_text=args.cub_text, coco20k_list=args.coco20k_list, cache_dir=out_dir,
-                         **({"max_size": args.max_size} if args.bench == "imagenet_s919" and args.max_size else {}))
+    bench = B.read_bench(args.bench, args.data_root, args.split, unseen=args.unseen, cub_text=args.cub_text)
     names = bench_categories(args.classes, bench)
     seg = build_segmenter(args, names, dist.device)
     seg.set_categories(["background", "bird"] if bench.per_image_text else names)
-    max_size = args.max_size or bench.max_size
     dist.print0(f"{bench.name}: {len(bench.samples)} images, {len(names)} classes" + "".join(f"; {n}" for n in bench.notes))
-    if args.throughput:
-        pils = [common.load_rgb(s["image"]) for s in bench.samples[:args.throughput_images]]
-        r = measure_throughput(seg, pils, max_size, args.warmup, instances=True)
-        print(f"throughput: {r['img_per_s']:.1f} img/s (median {r['median_ms']:.1f} ms) on {r['device']}, "
-              f"{r['n_images']} {bench.name} images\nprotocol: {r['protocol']}")
-        if dist.is_main:
-            common.save_json({**r, "config": config}, os.path.join(out_dir, "throughput.json"))
-        return dist.close()
-    m = evaluate_bench(seg, bench, out_dir, dist, args.max_images, args.save_vis, max_size, config)
-    if dist.is_main:
-        keys = ("mIoU", "pixel_acc", "S", "MS", "ML", "L", "fg_iou", "fg_iou_per_image", "AP", "AP50", "AP75",
-                "AP_agn", "AP50_agn", "AP75_agn")
-        print(" ".join(f"{k} {m[k]:.2f}" for k in keys if m.get(k) is not None) + f" ({m['n_images']} images) -> {out_dir}")
+    m = evaluate_bench(seg, bench, out_dir, dist, args.max_images, args.save_vis, args.max_size,
+                       {**vars(args), **common.git_info()}, proposals=args.proposals)
+    keys = "mIoU pixel_acc S MS ML L Acc FMeasure fg_iou fg_iou_per_image AP AP50 AP75 AP_agn AP50_agn AP75_agn".split()
+    dist.print0(" ".join(f"{k} {m[k]:.2f}" for k in keys if m.get(k) is not None) + f" ({m.get('n_images')} images"
+                + "".join(f", {n} proposals {k}" for k, n in m.get("proposals", {}).items() if k != "file") + f") -> {out_dir}")
     dist.close()
 
 

@@ -1,8 +1,7 @@
-"""Tests for evaluate.py, visualize.py and benchmarks.py: every reader on a tiny dataset written here in
-the exact on-disk layout, the metrics on hand-computed cases, the pipeline with an oracle, MaskCLIP and
-a tiny ZUTIS end to end, the --images demo, --throughput, and the one-line errors.
-
-    cd /work/main && .venv/bin/python -m pytest -q test_evaluate.py
+"""Tests for evaluate.py, benchmarks.py, visualize.py and bench.py's `infer`: every reader on a tiny dataset
+written here in the exact on-disk layout, the metrics on hand-computed cases (against the official
+evaluators' definitions), the pipeline with an oracle, MaskCLIP and a tiny ZUTIS end to end, external
+proposals, the --images demo, and the one-line errors.
 """
 import json
 import os
@@ -14,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+import bench
 import benchmarks as B
-import metrics
 import categories as C
+import common
 import evaluate as E
 import visualize as V
 from common import UserError
@@ -105,27 +105,13 @@ def test_coco2017_reader(tmp_path):
     sem = b.load_semantic(b.samples[0])
     assert (sem[:5] == 1).all() and (sem[5:10] == 12).all() and (sem[10:15] == 0).all() and (sem[15:18] == 80).all()
     assert (sem[18:] == 255).all() and C.COCO[12] == "stop sign" and C.COCO[80] == "toothbrush"
-    # --coco_gt instances: a polygon dog over a crowd person region, crowd elsewhere ignored
-    gt = {"images": [{"id": 139, "file_name": "000000000139.jpg", "height": 20, "width": 30}],
-          "categories": [{"id": i, "name": n} for i, n in zip(C.COCO_IDS[1:], C.COCO[1:])],
-          "annotations": [
-              {"id": 1, "image_id": 139, "category_id": 18, "iscrowd": 0, "area": 50,
-               "segmentation": [[2, 2, 12, 2, 12, 7, 2, 7]]},
-              {"id": 2, "image_id": 139, "category_id": 1, "iscrowd": 1, "area": 300,
-               "segmentation": metrics.mask_to_rle(np.pad(np.ones((10, 30), bool), ((10, 0), (0, 0))))}]}
-    os.makedirs(f"{root}/annotations")
-    with open(f"{root}/annotations/instances_val2017.json", "w") as f:
-        json.dump(gt, f)
-    b = B.read_bench("coco2017", str(root), coco_gt="instances")
-    sem = b.load_semantic(b.samples[0])
-    assert sem[4, 6] == C.COCO.index("dog") and sem[0, 0] == 0 and (sem[10:] == 255).all()
-    assert b.coco_gt is not None and b.cat_ids[C.COCO.index("dog")] == 18
+    assert b.cat_ids[C.COCO.index("dog")] == 18
 
 
 def test_coco20k_reader(tmp_path, monkeypatch):
     root = tmp_path / "coco"
     ims = [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 8, "width": 8} for i in (9, 25, 30)]
-    rle = metrics.mask_to_rle(np.ones((8, 8), bool))
+    rle = B.mask_to_rle(np.ones((8, 8), bool))
     anns = [{"id": k, "image_id": i, "category_id": c, "segmentation": rle, "area": 64, "bbox": [0, 0, 8, 8], "iscrowd": 0}
             for k, (i, c) in enumerate([(9, 1), (25, 17), (30, 1)], 1)]  # 17 = cat, an unseen class
     os.makedirs(f"{root}/annotations")
@@ -138,12 +124,12 @@ def test_coco20k_reader(tmp_path, monkeypatch):
     assert [s["id"] for s in b.samples] == [9, 25] and len(b.coco_gt["annotations"]) == 2
     assert os.path.isfile(f"{root}/annotations/instances_train2014_sel20k.json")
     monkeypatch.setattr(B, "build_sel20k", lambda *a: pytest.fail("sel20k rebuilt"))
-    u = B.read_bench("coco20k", str(root), unseen=True)  # built once: read back, not rebuilt
+    u = B.read_bench("coco20k", str(root), unseen=True)  # built by the first read: read back, not rebuilt
     assert len(u.categories) == 16 and "cat" in u.categories and "person" not in u.categories
     assert [s["id"] for s in u.samples] == [25] and 17 in u.eval_cat_ids
 
 
-def test_coca_reader(tmp_path):
+def test_coca_reader(tmp_path, capsys):
     root = tmp_path / "coca"
     for cat, n in (("Accordion", 2), ("Yellow duck", 1)):
         for i in range(n):
@@ -156,6 +142,13 @@ def test_coca_reader(tmp_path):
     assert len(b.samples) == 3 and len(b.categories) == 81
     sem = b.load_semantic(b.samples[2])
     assert set(np.unique(sem)) == {0, C.COCA.index("Yellow duck")} and (sem > 0).sum() == 24
+    assert "warning" not in capsys.readouterr().err
+    m = np.zeros((10, 12), np.uint8)  # the official rule: 255 -> the category, other values kept as they are
+    m[0, :4], m[1, :2] = 255, 7
+    Image.fromarray(m).save(f"{root}/binary/Accordion/0.png")
+    sem = b.load_semantic(b.samples[0])
+    assert (sem[0, :4] == C.COCA.index("Accordion")).all() and (sem[1, :2] == 7).all() and sem.sum() == 4 * sem[0, 0] + 14
+    assert "Accordion/0.png has values other than 0 and 255" in capsys.readouterr().err
     os.makedirs(f"{root}/image/not a class")
     with pytest.raises(UserError, match="not a CoCA category"):
         B.read_bench("coca", str(root))
@@ -172,6 +165,7 @@ def test_imagenet_s_reader(tmp_path):
     Image.fromarray(rgb).save(f"{root}/validation-segmentation/n01440764/ILSVRC2012_val_00000293.png")
     b = B.read_bench("imagenet_s919", str(tmp_path))
     assert len(b.samples) == 1 and b.ignore_index == 1000 and b.max_size == 1024 and len(b.categories) == 920
+    assert b.official_eval
     sem = b.load_semantic(b.samples[0])
     assert (sem[:4] == 600).all() and (sem[4:8] == 0).all() and (sem[8:] == 1000).all()
     t = B.read_bench("imagenet_s919", str(root), split="test")
@@ -211,37 +205,70 @@ def test_reader_errors(tmp_path):
 # ----------------------------------------------------------------------------- metrics
 
 def test_miou_hand_computed():
+    """Official running_score: ignored pixels dropped on both sides, mean over present classes."""
     gt = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 3, 3]])
-    conf = metrics.confusion(gt, pred, 5)
-    assert conf.sum() == 6  # the two 255 pixels are ignored, whatever was predicted there
+    conf = B.confusion(gt, pred, 5)
+    assert conf[:5].sum() == 6 and conf[5].tolist() == [0, 0, 0, 2, 0]  # the last row: predictions on ignore
     # class 0: tp 1, gt 2, pred 2 -> 1/3; class 1: tp 2, gt 2, pred 3 -> 2/3; class 2: tp 1, gt 2, pred 1 -> 1/2
     # class 3 is predicted only on ignored pixels and class 4 never appears: both absent -> excluded
-    m = metrics.semantic_metrics(conf, ["a", "b", "c", "d", "e"])
+    m = B.semantic_metrics(conf, ["a", "b", "c", "d", "e"])
     assert m["mIoU"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert m["pixel_acc"] == pytest.approx(100 * 4 / 6)
     assert m["per_class_iou"]["d"] is None and m["per_class_iou"]["e"] is None
-    # a class predicted but absent from GT counts with IoU 0
-    conf2 = metrics.confusion(np.array([0, 0]), np.array([0, 1]), 2)
-    assert metrics.semantic_metrics(conf2, ["a", "b"])["mIoU"] == pytest.approx(100 * (0.5 + 0) / 2)
+    conf2 = B.confusion(np.array([0, 0]), np.array([0, 1]), 2)  # predicted but absent from GT: IoU 0
+    assert B.semantic_metrics(conf2, ["a", "b"])["mIoU"] == pytest.approx(100 * (0.5 + 0) / 2)
+    assert B.confusion(np.array([0, 3]), np.array([0, 0]), 5, ignore=3)[5, 0] == 1  # the ignore value itself
 
 
-def test_size_buckets():
-    K = 4
-    gt = np.zeros((10, 10), np.int64)
-    gt[0, :3] = 1       # 3% -> S
-    gt[1:3, :] = 2      # 20% -> MS
-    gt[5:, :] = 3       # 50% -> ML
-    confs = np.zeros((4, K, K), np.int64)
-    metrics.size_bucket_update(confs, gt, gt.copy(), K)
-    assert [metrics.bucket_miou(c) for c in confs] == [100.0, 100.0, 100.0, None]
-    assert confs[0][1, 1] == 3 and confs[0][2, 2] == 0 and confs[0][0, 0] == (gt == 0).sum()
-    pred = gt.copy()
-    pred[0, :3] = 0  # the small object missed: S = mean(bg IoU, class-1 IoU 0)
-    confs = np.zeros((4, K, K), np.int64)
-    metrics.size_bucket_update(confs, gt, pred, K)
-    bg = (gt == 0).sum()
-    assert metrics.bucket_miou(confs[0]) == pytest.approx(100 * (bg / (bg + 3) + 0) / 2)
+def imagenet_s_case():
+    """10 x 20 = 200 pixels: class 1 on 10 (5%: S, its upper edge), class 2 on 12 (6%: MS), the ignore
+    value 1000 on 50 (25%: MS, its upper edge), class 3 on 52 (26%: ML), background on 76. The prediction
+    is right except: every ignored pixel predicted as class 1, two class-2 pixels predicted as background."""
+    gt = np.zeros((10, 20), np.int64)
+    gt.ravel()[:10], gt.ravel()[10:22], gt.ravel()[22:72], gt.ravel()[72:124] = 1, 2, 1000, 3
+    pred = np.where(gt == 1000, 1, gt)
+    pred.ravel()[10:12] = 0
+    return gt, pred
+
+
+def test_imagenet_s_official_metric():
+    """LUSSeg/ImageNet-S evaluator.py: T counts predictions on ignored pixels, IoU = TP / (T + P - TP), mean
+    over all classes (absent ones count 0)."""
+    gt, pred = imagenet_s_case()
+    conf = B.confusion(gt, pred, 5, ignore=1000)
+    # class 0: TP 76, T 78, P 76; class 1: TP 10, T 10 + 50, P 10; class 2: TP 10, T 10, P 12; class 3: 52/52/52
+    m = B.semantic_metrics(conf, list("abcde"), official_imagenet_s=True)
+    assert m["mIoU"] == pytest.approx(100 * (76 / 78 + 10 / 60 + 10 / 12 + 1 + 0) / 5)
+    # the running_score rule drops the ignored pixels on both sides and class 4 (absent)
+    assert B.semantic_metrics(conf, list("abcde"))["mIoU"] == pytest.approx(100 * (76 / 78 + 1 + 10 / 12 + 1) / 4)
+
+
+def test_imagenet_s_size_buckets():
+    gt, pred = imagenet_s_case()
+    bk = B.size_buckets(gt, pred, 4, 1000)
+    # S: background + class 1, both perfect; MS: background + class 2 + the ignore region (its pixels
+    # predicted as class 1 count in T of class 1, which has no GT here and is skipped); ML: background +
+    # class 3, perfect; L: empty
+    assert bk[0][:4].sum(1).tolist() == [76, 10, 0, 0] and bk[0][4].sum() == 0
+    assert bk[1][:4].sum(1).tolist() == [76, 0, 12, 0] and bk[1][4].tolist() == [0, 50, 0, 0]
+    assert bk[2][:4].sum(1).tolist() == [76, 0, 0, 52] and bk[3].sum() == 0
+    assert [B.bucket_miou(c) for c in bk] == [pytest.approx(100), pytest.approx(100 * (76 / 78 + 10 / 12) / 2),
+                                              pytest.approx(100), None]
+    half = np.zeros((10, 10), np.int64)
+    half[:5], half[5:] = 1, 2  # 50% each: ML, its upper edge
+    assert B.size_buckets(half, half, 3, 1000)[2][:3].sum(1).tolist() == [0, 50, 50]
+    half.ravel()[50] = 1  # 51%: L
+    assert B.size_buckets(half, half, 3, 1000)[3][:3].sum(1).tolist() == [0, 51, 0]
+
+
+def test_imagenet_s_image_scores():
+    """evaluator.py's image-level Acc and F-measure (beta^2 = 0.3, the ignore value counts as foreground)."""
+    gt, pred = np.array([[0, 1], [1000, 2]]), np.array([[1, 1], [2, 0]])
+    acc, f = B.image_scores(gt, pred, 3)  # largest predicted class 1 is in the GT; P = R = 2/3
+    assert acc == 1.0 and f == pytest.approx(2 / 3)
+    assert B.image_scores(gt, np.array([[0, 0], [2, 2]]), 3)[0] == 1.0
+    assert B.image_scores(np.array([[0, 1]]), np.array([[2, 2]]), 3)[0] == 0.0
 
 
 def coco_gt_from(masks, labels, h, w):
@@ -258,12 +285,27 @@ def test_ap_perfect_and_shuffled():
         masks.append(m)
     labels = [1, 2, 3, 4, 5]
     gt = coco_gt_from(masks, labels, 40, 40)
-    dets = [{"image_id": 1, "category_id": l, "segmentation": metrics.mask_to_rle(m), "score": 0.9} for m, l in zip(masks, labels)]
-    assert metrics.coco_segm_ap(gt, dets, [1]) == [pytest.approx(100.0)] * 3
+    dets = [{"image_id": 1, "category_id": l, "segmentation": B.mask_to_rle(m), "score": 0.9} for m, l in zip(masks, labels)]
+    assert B.coco_segm_ap(gt, dets, [1]) == [pytest.approx(100.0)] * 3
     wrong = [{**d, "category_id": labels[(k + 1) % 5]} for k, d in enumerate(dets)]
-    assert metrics.coco_segm_ap(gt, wrong, [1])[0] == pytest.approx(0.0)
-    assert metrics.coco_segm_ap(gt, wrong, [1], use_cats=False) == [pytest.approx(100.0)] * 3  # class-agnostic
-    assert metrics.coco_segm_ap(gt, [], [1]) == [0.0] * 3
+    assert B.coco_segm_ap(gt, wrong, [1])[0] == pytest.approx(0.0)
+    assert B.coco_segm_ap(gt, wrong, [1], use_cats=False) == [pytest.approx(100.0)] * 3  # class-agnostic
+    assert B.coco_segm_ap(gt, [], [1]) == [0.0] * 3
+
+
+def test_ap_on_unrounded_scores():
+    """Near-tied scores reach COCOeval as predicted: rounding them would tie a false positive of image 1 with
+    a true positive of image 2, and COCOeval breaks ties by image order."""
+    box = lambda y: torch.from_numpy(np.pad(np.ones((4, 4), bool), ((y, 12 - y), (2, 10))))  # noqa: E731
+    gt = {"images": [{"id": 1, "height": 16, "width": 16}, {"id": 2, "height": 16, "width": 16}],
+          "annotations": [B.gt_annotation(box(0).numpy(), 1, i, i) for i in (1, 2)], "categories": [{"id": 1, "name": "a"}]}
+    pred = lambda masks, scores: {"masks": torch.stack(masks), "labels": torch.ones(len(masks), dtype=torch.long),  # noqa: E731
+                                  "scores": torch.tensor(scores, dtype=torch.float64)}
+    dets = B.detections(pred([box(8), box(0)], [0.500001, 0.3]), 1, [0, 1]) + B.detections(pred([box(0)], [0.500003]), 2, [0, 1])
+    assert [d["score"] for d in dets] == [0.500001, 0.3, 0.500003]
+    raw = B.coco_segm_ap(gt, dets, [1, 2])
+    rounded = B.coco_segm_ap(gt, [{**d, "score": round(d["score"], 5)} for d in dets], [1, 2])
+    assert raw[1] > rounded[1]  # TP first on the raw scores: precision 1 at recall 0.5
 
 
 def test_mask_nms_in_the_zutis_path():
@@ -286,8 +328,6 @@ def test_maskclip_components():
     r = E.component_instances(sem, lambda c: prob[c])
     assert r["labels"].tolist() == [1, 1, 2] and r["masks"].sum((1, 2)).tolist() in ([4, 6, 1], [6, 4, 1])
     assert r["scores"].tolist() == pytest.approx([0.7, 0.7, 0.2])
-    r = E.component_instances(sem, lambda c: prob[c], whole_class=True)
-    assert r["labels"].tolist() == [1, 2] and r["masks"].sum((1, 2)).tolist() == [10, 1]
 
 
 # ----------------------------------------------------------------------------- the pipeline with an oracle
@@ -346,9 +386,22 @@ class Constant:
         self.categories = list(names)
 
     def __call__(self, x, out_size, instances=True):
-        assert max(x.shape[-2:]) <= 1024
+        assert tuple(x.shape[-2:]) == (1024, 18)  # 1100 x 20: the short side int(20 / 1100 * 1024)
         return {"semantic": torch.full(out_size, self.label, dtype=torch.long), "masks": torch.zeros(0, *out_size, dtype=torch.bool),
                 "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+
+
+def test_resize_the_official_way():
+    """Longer side above max_size: the uint8 image resized with PIL bilinear (antialiased), the short side
+    truncated, then normalised; smaller images pass untouched."""
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 4096, 64), dtype=np.uint8))
+    x = E.to_input(img, "imagenet", "cpu", max_size=1024)
+    assert x.shape == (1, 3, 1024, 16)
+    ref = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((16, 1024), Image.BILINEAR)
+    mean, std = (torch.tensor(v)[:, None, None] for v in common.NORMS["imagenet"])
+    assert torch.allclose(x[0], (E.image_tensor(ref).float() / 255 - mean) / std)
+    assert (x[0] * std + mean).std() < 0.12  # averaged over ~4x4 pixels (noise std 0.29); plain bilinear: 2x2
+    assert E.to_input(img[:, :100], "imagenet", "cpu", max_size=1024).shape == (1, 3, 100, 64)
 
 
 def test_imagenet_s_test_split_writes_server_pngs(tmp_path):
@@ -368,7 +421,8 @@ def tiny_ckpt(tiny_clip_path, tmp_path_factory):
     net = M.ZUTIS(tiny_clip_path, ["background", "person", "dog"], n_queries=8, n_layers=1, n_heads=2, dim_ffn=32, mlp_hidden=16)
     path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
     torch.save({"model": net.state_dict(), "step": 0,
-                "config": {**net.hparams, "arch": tiny_clip_path, "categories": net.categories, "norm": "imagenet"}}, path)
+                "config": {**net.hparams, "arch": tiny_clip_path, "categories": net.categories, "norm": "imagenet",
+                                                            "ignore_index": 255}}, path)
     return path
 
 
@@ -408,10 +462,11 @@ def test_cub_breed_mode_with_maskclip(tmp_path, tiny_clip):
     assert ("background", "Laysan Albatross") in seg._cache  # each image was segmented with its breed name
 
 
-def test_images_demo(tiny_ckpt, tmp_path, monkeypatch):
+def test_images_demo(tiny_ckpt, tmp_path, monkeypatch, capsys):
     src = tmp_path / "photos"
     save_jpg(f"{src}/a.jpg", 40, 56, 1)
     save_jpg(f"{src}/more/b.png", 33, 17, 2)  # odd size, smaller than a legend
+    save_jpg(f"{src}/tiny.png", 5, 40, 3)  # smaller than one patch
     (src / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "demo"
     run_main(monkeypatch, "--images", str(src), "--classes", "cat,dog,red bicycle", "--ckpt", tiny_ckpt, "--out_dir", str(out))
@@ -423,32 +478,179 @@ def test_images_demo(tiny_ckpt, tmp_path, monkeypatch):
     coco = json.load(open(out / "predictions.json"))
     assert [c["name"] for c in coco["categories"]] == ["cat", "dog", "red bicycle"] and len(coco["images"]) == 2
     assert all(1 <= a["category_id"] <= 3 and "counts" in a["segmentation"] for a in coco["annotations"])
+    printed, listed = capsys.readouterr().out, open(out / "skipped.txt").read()
+    for name, why in (("broken.jpg", "UnidentifiedImageError"), ("tiny.png", "smaller than one 8-pixel patch")):
+        assert f"skipped {name}: " in printed and name in listed and why in listed
+    run_main(monkeypatch, "--images", str(src / "a.jpg"), "--classes", "bird", "--ckpt", tiny_ckpt, "--out_dir", str(out / "one"))
+    assert [c["name"] for c in json.load(open(out / "one" / "predictions.json"))["categories"]] == ["bird"]
 
 
-def test_throughput_cpu(voc_root, tiny_ckpt, tmp_path, monkeypatch, capsys):
-    run_main(monkeypatch, "--bench", "voc", "--data_root", voc_root, "--ckpt", tiny_ckpt, "--out_dir", str(tmp_path),
-             "--throughput", "--throughput_images", "3", "--warmup", "1")
-    r = json.load(open(tmp_path / "throughput.json"))
-    assert r["img_per_s"] > 0 and r["n_images"] == 3 and r["batch"] == 1
-    assert "protocol:" in capsys.readouterr().out
+def test_bench_infer_cpu(tiny_clip_path, tmp_path):
+    r = bench.main(["infer", "--device", "cpu", "--archs", tiny_clip_path, "--sizes", "32x48,40x24", "--images", "2",
+                    "--warmup", "1", "--classes", "cat,dog", "--json", str(tmp_path / "b.json")])
+    rows = json.load(open(tmp_path / "b.json"))["results"]["rows"]
+    assert r is None and rows[0]["img_per_s"] > 0 and rows[0]["images"] == 2 and rows[0]["classes"] == 3
+
+
+# ----------------------------------------------------------------------------- checkpoints that travel
+
+def test_checkpoint_from_another_directory_and_arch_override(voc_root, tiny_clip_path, tiny_ckpt, tmp_path, monkeypatch):
+    """The stored CLIP path works from any working directory, and --arch overrides a stored path that moved."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run_main(monkeypatch, "--bench", "voc", "--data_root", voc_root, "--ckpt", tiny_ckpt, "--max_images", "1", "--save_vis", "0")
+    assert json.load(open(elsewhere / "out" / "eval_voc_zutis" / "metrics.json"))["n_images"] == 1
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    ck["config"]["arch"] = "moved/tiny_clip.pt"
+    torch.save(ck, elsewhere / "moved.pt")
+    run_main(monkeypatch, "--bench", "voc", "--data_root", voc_root, "--ckpt", "moved.pt", "--arch", tiny_clip_path,
+             "--max_images", "1", "--save_vis", "0", "--out_dir", "o2")
+    assert json.load(open(elsewhere / "o2" / "metrics.json"))["n_images"] == 1
+
+
+# ----------------------------------------------------------------------------- external proposals
+
+class PerfectNet(torch.nn.Module):
+    """A stand-in ZUTIS whose tokens are the one-hot true class at every pixel (a perfect semantic map) and
+    whose decoder proposes nothing; the image is recognised by the sum of its normalised pixels."""
+
+    def __init__(self, bench):
+        super().__init__()
+        self.w, self.patch_size, self.categories, self.table = torch.nn.Parameter(torch.zeros(1)), 1, list(bench.categories), {}
+        for s in bench.samples:
+            x = E.to_input(E.image_tensor(Image.open(s["image"]).convert("RGB")), "imagenet", "cpu")
+            sem = torch.from_numpy(bench.load_semantic(s))
+            self.table[x.sum().item()] = torch.where(sem == 255, 0, sem)
+
+    def forward(self, x):
+        sem = next(v for k, v in self.table.items() if abs(k - x.sum().item()) < 1e-2)
+        K = len(self.categories)
+        return {"patch_tokens": torch.eye(K)[sem][None], "text_emb": torch.eye(K), "logit_scale": 1.0,
+                "mask_logits": torch.full((1, 1, 1, *sem.shape), -10.0)}
+
+
+def write_proposals(path, bench, key="file_name", size=None, extra=()):
+    """The ground-truth instances of `bench` as a COCO results file (score 0.9), matched by `key`."""
+    out = []
+    for s in bench.samples:
+        for m, _ in bench.load_instances(s, bench.load_semantic(s)):
+            rle = B.mask_to_rle(m)
+            rle["size"] = size or rle["size"]
+            ident = {"file_name": f"JPEGImages/{s['name']}.jpg"} if key == "file_name" else {"image_id": s["id"]}
+            out.append({**ident, "segmentation": rle, "score": 0.9, "category_id": 1})
+    with open(path, "w") as f:
+        json.dump(out + list(extra), f)
+    return out
+
+
+def test_proposals_round_trip_through_pycocotools(voc_root, tmp_path):
+    from pycocotools.coco import COCO
+    b = B.read_bench("voc", voc_root)
+    written = write_proposals(tmp_path / "p.json", b, extra=[{"image_id": 99, "segmentation": written_rle(), "score": 1}])
+    props, unmatched = E.read_proposals(str(tmp_path / "p.json"), b.samples)
+    assert unmatched == 1 and sum(map(len, props.values())) == len(written) == 6
+    s = b.samples[0]
+    masks, scores = E.decode_proposals(props[s["id"]], (32, 48))
+    assert [m.numpy().tolist() for m in masks] == [m.tolist() for m, _ in b.load_instances(s, b.load_semantic(s))]
+    assert scores.tolist() == pytest.approx([0.9, 0.9])
+    gt = {"images": [{"id": s["id"], "height": 32, "width": 48} for s in b.samples], "annotations": [], "categories": [{"id": 1}]}
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    res = coco.loadRes([{**d, "image_id": s["id"]} for d, s in zip(written, b.samples)])  # valid COCO results
+    assert len(res.anns) == len(b.samples)
+
+
+def written_rle():
+    return B.mask_to_rle(np.ones((32, 48), bool))
+
+
+def test_gt_proposals_named_by_a_perfect_semantic_map(voc_root, tmp_path):
+    """Ground-truth instances as proposals, named from a perfect semantic map: every instance gets its class
+    (class-aware AP 100), background is dropped, and the score is the proposal's times sigmoid(5)."""
+    b = B.read_bench("voc", voc_root)
+    write_proposals(tmp_path / "p.json", b, key="image_id")
+    seg = E.ZutisSegmenter(PerfectNet(b))
+    m = E.evaluate_bench(seg, b, str(tmp_path / "o"), proposals=str(tmp_path / "p.json"), n_vis=0)
+    assert m["AP"] == pytest.approx(100) and m["n_detections"] == m["n_gt_instances"] == 6
+    assert m["proposals"] == {"file": str(tmp_path / "p.json"), "matched": 6, "unmatched": 0}
+    scores = [d["score"] for d in json.load(open(tmp_path / "o" / "instances.json"))]
+    assert scores == pytest.approx([0.9 * torch.sigmoid(torch.tensor(5.0)).item()] * 6)
+    s = b.samples[0]
+    bg = torch.zeros(1, 32, 48, dtype=torch.bool)
+    bg[0, 0, :3] = True  # a background proposal is dropped
+    p = seg(E.to_input(E.image_tensor(Image.open(s["image"])), "imagenet", "cpu"), (32, 48), proposals=(bg, torch.ones(1)))
+    assert len(p["labels"]) == 0
+
+
+def test_proposals_with_maskclip(voc_root, tiny_clip, tmp_path):
+    b = B.read_bench("voc", voc_root)
+    write_proposals(tmp_path / "p.json", b)
+    seg = E.MaskCLIPSegmenter(tiny_clip, b.categories, with_decoder=True)
+    m = E.evaluate_bench(seg, b, None, proposals=str(tmp_path / "p.json"))
+    assert m["proposals"]["matched"] == 6 and "AP" in m
+
+
+def test_proposals_on_your_images(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    save_jpg(f"{tmp_path}/photos/a.jpg", 40, 56, 1)
+    m = np.zeros((40, 56), bool)
+    m[5:30, 10:40] = True
+    props = [{"file_name": "photos/a.jpg", "segmentation": B.mask_to_rle(m), "score": 0.8},
+             {"file_name": "elsewhere/zzz.jpg", "segmentation": B.mask_to_rle(m), "score": 0.8}]
+    (tmp_path / "p.json").write_text(json.dumps(props))
+    run_main(monkeypatch, "--images", str(tmp_path / "photos"), "--classes", "cat,dog", "--ckpt", tiny_ckpt, "--proposals",
+             str(tmp_path / "p.json"), "--proposal_score", "proposal", "--out_dir", str(tmp_path / "d"))
+    assert "proposals: 1 matched, 1 unmatched" in capsys.readouterr().out
+    anns = json.load(open(tmp_path / "d" / "predictions.json"))["annotations"]
+    assert len(anns) <= 1 and all(a["category_name"] in ("cat", "dog") and a["score"] == pytest.approx(0.8) for a in anns)
+
+
+def test_proposal_errors(voc_root, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    b = B.read_bench("voc", voc_root)
+    args = ("--bench", "voc", "--data_root", voc_root, "--ckpt", tiny_ckpt, "--save_vis", "0", "--out_dir", str(tmp_path / "o"))
+    (tmp_path / "bad.json").write_text(json.dumps({"not": "results"}))
+    assert "is not a COCO results list of RLE masks" in cli_error(monkeypatch, capsys, *args, "--proposals", str(tmp_path / "bad.json"))
+    (tmp_path / "none.json").write_text(json.dumps([{"image_id": 12345, "segmentation": written_rle(), "score": 1}]))
+    assert "none of the 1 proposals" in cli_error(monkeypatch, capsys, *args, "--proposals", str(tmp_path / "none.json"))
+    write_proposals(tmp_path / "size.json", b, size=[10, 10])
+    assert "is 10x10, the image 32x48" in cli_error(monkeypatch, capsys, *args, "--proposals", str(tmp_path / "size.json"))
 
 
 # ----------------------------------------------------------------------------- one-line errors
 
-def run_cli(*argv):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--device", "cpu", *argv],
-                       capture_output=True, text=True, cwd=HERE, timeout=120)
-    err = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-    assert len(err) == 1 and err[0].startswith("error: "), r.stderr
+def cli_error(monkeypatch, capsys, *argv):
+    """evaluate.py's main as the command line runs it: exit 2, exactly one `error:` line, no traceback."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device", "cpu", *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.run_main(E.main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
 
 
-def test_cli_errors(voc_root, tiny_ckpt, tmp_path):
-    assert "unknown benchmark 'kitti'" in run_cli("--bench", "kitti")
-    assert "data root not found" in run_cli("--bench", "voc", "--data_root", str(tmp_path / "missing"))
-    assert "checkpoint not found" in run_cli("--bench", "voc", "--data_root", voc_root, "--ckpt", str(tmp_path / "no.pt"))
-    assert "not --arch ViT-B/32" in run_cli("--bench", "voc", "--data_root", voc_root, "--ckpt", tiny_ckpt, "--arch", "ViT-B/32")
+def test_cli_errors(voc_root, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    assert "unknown benchmark 'kitti'" in cli_error(monkeypatch, capsys, "--bench", "kitti")
+    assert "data root not found" in cli_error(monkeypatch, capsys, "--bench", "voc", "--data_root", str(tmp_path / "missing"))
+    assert "not found" in cli_error(monkeypatch, capsys, "--bench", "voc", "--data_root", voc_root, "--ckpt", str(tmp_path / "no.pt"))
+    assert "--nms must be one of" in cli_error(monkeypatch, capsys, "--nms", "soft")
+    fake = tmp_path / "photos"
+    fake.mkdir()
+    (fake / "x.jpg").write_bytes(b"not an image")
+    assert "none of the 1 images could be segmented" in cli_error(monkeypatch, capsys, "--images", str(fake), "--classes", "bird",
+                                                                  "--ckpt", tiny_ckpt, "--out_dir", str(tmp_path / "d"))
+
+
+def test_random_bytes_checkpoint_subprocess(voc_root, tmp_path):
+    """A random-bytes --ckpt from the real command line: exit 2, one `error:` line, no traceback."""
+    (tmp_path / "junk.pt").write_bytes(os.urandom(4096))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--device", "cpu", "--bench", "voc", "--data_root",
+                        voc_root, "--ckpt", str(tmp_path / "junk.pt"), "--out_dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(err) == 1 and err[0].startswith("error: "), r.stderr
+    assert "junk.pt" in err[0]
 
 
 def test_official_layout_file_on_voc(voc_root, tiny_ckpt, tiny_clip_path, tmp_path, monkeypatch):

@@ -127,7 +127,7 @@ def test_load_rejects_unknown_corrupt_and_training_checkpoints(tmp_path):
 
 
 def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch):
-    monkeypatch.setitem(clip_model._MODELS, "ViT-B/16", (tmp_path / "nowhere" / ("0" * 64) / "ViT-B-16.pt").as_uri())
+    monkeypatch.setitem(clip_model.MODELS, "ViT-B/16", (tmp_path / "nowhere" / ("0" * 64) / "ViT-B-16.pt").as_uri())
     with pytest.raises(common.UserError) as e:
         clip_model.load("ViT-B/16", download_root=str(tmp_path / "cache"))
     assert str(tmp_path / "cache" / "ViT-B-16.pt") in str(e.value) and "--arch" in str(e.value)
@@ -211,7 +211,7 @@ def test_load_by_name_uses_cache(tmp_path, monkeypatch):
     path = tmp_path / "ViT-B-16.pt"
     torch.save(m.state_dict(), path)
     sha = clip_model.sha256_of(str(path))
-    monkeypatch.setitem(clip_model._MODELS, "ViT-B/16", f"https://example.invalid/x/{sha}/ViT-B-16.pt")
+    monkeypatch.setitem(clip_model.MODELS, "ViT-B/16", f"https://example.invalid/x/{sha}/ViT-B-16.pt")
     model, _ = clip_model.load("ViT-B/16", download_root=str(tmp_path))
     assert model.visual.width == 64
 

@@ -1,8 +1,6 @@
 """Drawing of predictions for people to look at: VOC's colour palette, label-map overlays, integer zoom,
-legend strips, and the image | ground truth | semantic | instances panels evaluate.py writes to vis/
-(and to <stem>_semantic.png / <stem>_instances.png with --images). toy.py draws its sheet with these too.
-
-Library only; importing it does no work. Tests: `python -m pytest -q test_evaluate.py`.
+legend strips, and the titled image | ground truth | semantic | instances panels evaluate.py writes to
+vis/ (and <stem>_semantic.png / <stem>_instances.png with --images). The toy report draws with these too.
 References: the PASCAL VOC devkit's colour map (labelcolormap: label bits spread over R, G, B).
 """
 import numpy as np
@@ -72,12 +70,13 @@ def render_instances(img, p, names):
 
 
 def save_vis(path, img, gt, p, names, ignore):
-    """image | ground truth | semantic prediction | instances, each with its legend."""
+    """image | ground truth | semantic prediction | instances, each titled and with its legend."""
     f = max(1, -(-192 // img.shape[1]))
-    panels = [zoom(img, f)] + ([render_semantic(img, gt, names, ignore)] if gt is not None else [])
-    panels.append(render_semantic(img, p["semantic"].numpy(), names))
+    panels = [("image", zoom(img, f))] + ([("ground truth", render_semantic(img, gt, names, ignore))] if gt is not None else [])
+    panels.append(("semantic", render_semantic(img, p["semantic"].numpy(), names)))
     if "masks" in p:
-        panels.append(render_instances(img, p, names))
+        panels.append(("instances", render_instances(img, p, names)))
+    panels = [np.concatenate([with_legend(np.zeros((0, q.shape[1], 3), np.uint8), [(None, t)]), q]) for t, q in panels]
     h = max(q.shape[0] for q in panels)
     panels = [np.pad(q, ((0, h - q.shape[0]), (0, 4), (0, 0)), constant_values=255) for q in panels]
     common.save_image(np.concatenate(panels, axis=1), path)
