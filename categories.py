@@ -1,8 +1,8 @@
 """Built-in category lists and prompt templates (data, not code).
 
 Every list starts with "background" at index 0: the list index is the label id used in
-ground-truth maps and in every prediction. Sources: zutis_facts.md appendix A (the official
-configs, verbatim), NamedMask's VOC2012 names, and the 65/15 COCO seen/unseen split (Rahman et
+ground-truth maps and in every prediction. Sources: the official repository's configs/*.yaml
+(verbatim) and utils/extract_text_embeddings.py (the 85 templates), NamedMask's VOC2012 names, and the 65/15 COCO seen/unseen split (Rahman et
 al. 2020) used for the paper's Table 7.
 
     get_categories("voc") -> ["background", "aeroplane", ...]
