@@ -327,16 +327,22 @@ def smoke(device, argv):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=sorted(COMMANDS), help="what to time")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--json", default=None, help="also write the results here (default out/bench_<name>.json)")
+    listing = "\n".join(f"  {n:<10} {h}" for n, (_, h) in sorted(COMMANDS.items()))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False, epilog="subcommands:\n" + listing
+                                + "\n\n`python bench.py NAME --help` lists a subcommand's own flags.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", choices=sorted(COMMANDS), help="What to time.")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N.")
+    p.add_argument("--json", default=None, help="Where the results go (default out/bench_<name>.json).")
     args, rest = p.parse_known_args(argv)
+    if args.name is None:  # no subcommand, or --help before one: the overview
+        p.print_help()
+        return
     fn, _ = COMMANDS[args.name]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cpu":
         common.set_cpu_threads()
-    results = fn(device, rest)
+    results = fn(device, rest)  # a subcommand's own --help prints its flags and exits here
     path = args.json or os.path.join("out", f"bench_{args.name}.json")
     common.save_json({"name": args.name, "device": device, "torch": torch.__version__, "results": results}, path)
     print(f"wrote {path}")
