@@ -212,9 +212,8 @@ PRESETS = {
 # the AP50 at 1,500 iterations). Photometric jitter 0.4 without hue or grayscale: the official hue shift
 # (up to 0.2 of the colour circle) and 20% grayscale erase colour, which is most of what names a category
 # here (seeds 0/1/2 at 1,800 iterations: mIoU 28.0/31.1/29.4 -> 38.5/40.8/43.0, AP50 3.9/2.0/2.4 -> 5.5/4.7/5.4).
-TRAIN_FLAGS = ["--crop", "64", "--lr", "1e-3", "--lr_encoder", "3e-4", "--logit_scale", "10",
-               "--jitter", "0.4", "0.4", "0.4", "0", "--p_gray", "0", "--n_queries", "20",
-               "--n_layers", "2", "--n_heads", "4", "--dim_ffn", "256", "--mlp_hidden", "128",
+TRAIN_FLAGS = ["--crop", "64", "--lr", "1e-3", "--lr_encoder", "3e-4", "--aug", "jitter=0.4,0.4,0.4,0", "p_gray=0",
+               "--model", "logit_scale=10", "n_queries=20", "n_layers=2", "n_heads=4", "dim_ffn=256", "mlp_hidden=128",
                "--num_workers", "0", "--log_every", "50"]
 SAVE_EVERY = 200  # ckpt.pt (16 MB, well under a second) every 200 iterations: a killed toy run resumes from there
 
