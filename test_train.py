@@ -262,3 +262,14 @@ def test_torchrun_two_processes(tiny_clip_path, data, tmp_path):
     ck = common.torch_load(str(out / "ckpt.pt"))
     assert ck["step"] == 2 and ck["config"]["world_size"] == 2
     assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
+
+
+@pytest.mark.slow
+def test_bench_train_and_loader_run_tiny(tmp_path):
+    """bench.py's training timings at a CPU size: one row per dtype, loss curves that agree."""
+    import bench
+    rows = bench.COMMANDS["train"][0]("cpu", ["--arch", "ViT-B/32", "--crop", "64", "--batch_size", "1", "--iters", "1",
+                                              "--warmup", "1", "--model", "n_layers=1", "--compile", "off",
+                                              "--num_workers", "0"])
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"] and all(r["it_s"] > 0 and r["agrees"] for r in rows)
+    assert bench.COMMANDS["loader"][0]("cpu", ["--crop", "32", "--scenes", "2"])[0]["scenes_s"] > 0

@@ -42,7 +42,8 @@ MODEL_DEFAULTS = {k: v for k, v in dataclasses.asdict(M.ModelConfig()).items()  
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), usage="%(prog)s [options]",
+                                formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30, width=120))
     a = p.add_argument
     a("--arch", default="ViT-B/16", help="CLIP name or path to CLIP weights (default %(default)s).")
     a("--archive", default="out/archive.json", help="Archive JSON written by build_archive.py (default %(default)s).")
@@ -70,11 +71,11 @@ def parse_args(argv=None):
       help="Autocast dtype (losses stay fp32); tf32 = float32 with TF32 matmuls (default %(default)s).")
     a("--compile", action="store_true", help="torch.compile the model.")
     a("--device", default="auto", help="auto, cpu or cuda (default %(default)s).")
-    a("--num_workers", type=int, default=8, help="DataLoader workers per rank; 0 loads in the main process.")
+    a("--num_workers", type=int, default=8, help="DataLoader workers per rank; 0: none (default %(default)s).")
     a("--seed", type=int, default=0, help="Seed of the model init and of the data stream (default %(default)s).")
     a("--out_dir", default=None, help="Output folder; default out/train_<CLIP name>, e.g. out/train_ViT-B-16.")
-    a("--save_every", type=int, default=1000, help="Save ckpt.pt every N iterations and at the end.")
-    a("--log_every", type=int, default=50, help="Print and log the losses every N iterations.")
+    a("--save_every", type=int, default=1000, help="Save ckpt.pt every N iterations and at the end (default %(default)s).")
+    a("--log_every", type=int, default=50, help="Print and log the losses every N iterations (default %(default)s).")
     a("--resume", action="store_true", help="Continue from <out_dir>/ckpt.pt if it exists, exactly.")
     a("--init", default=None, help="Start from these weights: a ckpt.pt, an official file, or official:<name>.")
     return p.parse_args(argv)
