@@ -392,7 +392,7 @@ def main():
                                 "instances, grey = padding) to look at what train.py will see.")
     p.add_argument("--archive", default="out/archive.json", help="Archive JSON (default %(default)s).")
     p.add_argument("--masks_dir", default="out/masks", help="Pseudo-mask folder (default %(default)s).")
-    p.add_argument("--index_dirs", nargs="*", default=None, help="Where the archive's images live now, if they moved.")
+    p.add_argument("--index_dirs", nargs="*", default=None, help="Where the archive's images live, if they moved.")
     p.add_argument("--preview", default="out/scenes.jpg", help="Where to save the sheet (default %(default)s).")
     p.add_argument("--crop", type=int, default=384, help="Scene size in pixels (default %(default)s).")
     p.add_argument("--norm", default="imagenet", choices=sorted(common.NORMS), help="Image normalisation.")

@@ -137,9 +137,8 @@ class Decoder(nn.Module):
 
 
 def text_embeddings(clip, names, config):
-    """Class-name embeddings of the frozen CLIP text tower -> unit-norm fp32 [K, C_t] on the CPU. On CUDA
-    the official code runs CLIP in fp16 (`clip.load(..., device="cuda")`), so we do too unless
-    config.text_fp32; a copy is converted, so a caller's CLIP (and our encoder) keep fp32 weights."""
+    """Class-name embeddings of the CLIP text tower -> unit-norm fp32 [K, C_t] on the CPU. On CUDA in fp16
+    as the official `clip.load(..., device="cuda")` (unless text_fp32), on a copy: `clip` stays fp32."""
     templates = C.TEMPLATES if config.text_templates == "85" else None
     if torch.cuda.is_available():
         clip = copy.deepcopy(clip).cuda()
@@ -150,7 +149,7 @@ def text_embeddings(clip, names, config):
 
 def resolve_arch(arch, arch_path=None):
     """A CLIP name or an existing file for clip_model.load: `arch` as given, else the absolute path
-    recorded when the checkpoint was trained (so a checkpoint loads from any working directory)."""
+    recorded at training time (so a checkpoint loads from any working directory)."""
     if arch in clip_model.available_models() or os.path.isfile(str(arch)):
         return arch
     if arch_path and os.path.isfile(arch_path):
@@ -160,19 +159,16 @@ def resolve_arch(arch, arch_path=None):
 
 
 class ZUTIS(nn.Module):
-    """ZUTIS (paper Fig. 2). `arch` is a ModelConfig, or a CLIP name/file with ModelConfig fields in `hparams`.
-    `clip` passes an already-built clip_model.CLIP (its visual tower becomes the encoder); `encoder` and
-    `text_emb` pass those parts directly, so a checkpoint that stores them needs no CLIP file.
-
-    Parameter names equal the official checkpoint's: `encoder.*` (CLIP `visual.*`, trained, with `proj`),
-    `ffn1.layers.N`, `ffn2.layers.N`, `decoder.layers.N.*`, `decoder.norm`, `query_embed`. The text
-    embeddings are a non-persistent buffer `text_emb` [K, C_t]; the text tower is never kept."""
+    """ZUTIS (paper Fig. 2). `arch`: a ModelConfig, or a CLIP name/file with ModelConfig fields in `hparams`.
+    `clip` passes a built clip_model.CLIP (its visual tower becomes the encoder); `encoder` and `text_emb`
+    pass those parts, so a checkpoint that stores them needs no CLIP file. Parameter names equal the
+    official checkpoint's (`query_embed`, `encoder.*`, `ffn1.*`, `ffn2.*`, `decoder.*`); the text
+    embeddings are a non-persistent buffer [K, C_t] and the text tower is never kept."""
 
     def __init__(self, arch, categories, clip=None, encoder=None, text_emb=None, arch_path=None, **hparams):
         super().__init__()
-        cfg = arch if isinstance(arch, ModelConfig) else ModelConfig.from_dict({}, arch=str(arch), **hparams)
-        self.config = cfg
-        self.arch_path = arch_path  # where the CLIP file was found, for re-embedding new categories
+        self.config = cfg = arch if isinstance(arch, ModelConfig) else ModelConfig.from_dict({}, arch=str(arch), **hparams)
+        self.arch_path = arch_path  # the CLIP file by absolute path, for re-embedding new categories
         if clip is None and (encoder is None or text_emb is None):
             clip = clip_model.load(resolve_arch(cfg.arch, arch_path))[0]
         if text_emb is None:
@@ -490,7 +486,7 @@ def to_official(model):
 
 
 def download_official(name, root=None):
-    """Fetch a published checkpoint into ~/.cache/zutis once, print its size and sha256, and check the
+    """Fetch a published checkpoint into ~/.cache/zutis (a cached copy is reused), print its size and sha256, and check the
     size against the official README's (to its 0.1 MB precision)."""
     if name not in OFFICIAL:
         raise UserError(f"unknown official checkpoint {name!r}: use one of {sorted(OFFICIAL)}")
@@ -520,7 +516,7 @@ def from_train_checkpoint(ck, categories=None, arch=None, **overrides):
 
 def load_checkpoint(spec, categories=None, device="cpu", arch=None, **overrides):
     """A zutis train.py checkpoint ({"model", "config", "text_emb", ...}), an official ZUTIS file, or
-    "official:<name>" (see OFFICIAL; downloaded once) -> ZUTIS in eval mode on `device`.
+    "official:<name>" (see OFFICIAL; downloaded on first use) -> ZUTIS in eval mode on `device`.
     `categories` (a built-in name, file, comma list or list) replaces the stored / default list;
     `arch` (a CLIP name or file) replaces the stored one; `overrides` are ModelConfig fields."""
     cats = None if categories is None else C.get_categories(categories)

@@ -375,7 +375,7 @@ def test_mask_nms_classwise():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.0005, 0.0005])
     labels = torch.tensor([1, 1, 2, 1, 1, 3])
     assert M.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
-    masks[1, :5, 2:] = False  # B now has IoU 11/25 = 0.44 with A: still removed at 0.3, kept at 0.5
+    masks[1, :5, 2:] = False  # B then has IoU 11/25 = 0.44 with A: still removed at 0.3, kept at 0.5
     assert M.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
     assert M.mask_nms(masks, scores, labels, iou=0.5).tolist() == [0, 1, 2, 3, 5]
 

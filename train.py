@@ -48,7 +48,7 @@ def parse_args(argv=None):
     a("--arch", default="ViT-B/16", help="CLIP name or path to CLIP weights (default %(default)s).")
     a("--archive", default="out/archive.json", help="Archive JSON written by build_archive.py (default %(default)s).")
     a("--masks_dir", default="out/masks", help="Pseudo-masks written by pseudo_label.py (default %(default)s).")
-    a("--index_dirs", nargs="+", default=None, help="Where the archive's images live now, if they moved.")
+    a("--index_dirs", nargs="+", default=None, help="Where the archive's images live, if they moved.")
     a("--categories", default=None, help="Built-in name, text file or comma list; default: the archive's list.")
     a("--ignore_index", type=int, default=None, help="Label id of padding, ignored by the loss; default 255, or "
       "1000 above 255 categories (ImageNet-S919), as categories.recipe gives.")
@@ -120,8 +120,7 @@ def poly_lr(base_lr, step, iters, min_lr=1e-6):
 def make_optimizer(model, cfg):
     """AdamW, two groups: the CLIP visual encoder (incl. proj) and the rest (ffn1, decoder, queries,
     ffn2). Weight decay on everything, biases and norms included (official)."""
-    enc = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    enc, rest = list(model.encoder.parameters()), [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     groups = [{"params": enc, "lr": cfg["lr_encoder"], "base_lr": cfg["lr_encoder"], "name": "encoder"},
               {"params": rest, "lr": cfg["lr"], "base_lr": cfg["lr"], "name": "rest"}]
     # fused: one kernel for the whole update on a GPU, the same maths as the default
@@ -233,7 +232,7 @@ def compute_losses(net, batch, ctx, cfg):
 
 
 def reduce_losses(losses, dist):
-    """Mean of every loss term over ranks as python floats (one small all-reduce per step)."""
+    """Mean of every loss term over ranks, as python floats."""
     names = sorted(losses)
     vec = torch.stack([losses[k].detach().float() for k in names])
     if dist.ddp:
@@ -277,7 +276,6 @@ def save_checkpoint(path, raw_model, optimizer, scaler, step, cfg, dist):
 
 
 def trim_metrics(path, step):
-    """Drop log lines written after the checkpoint we resume from (they will be logged again)."""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
@@ -330,12 +328,11 @@ def train(args, dist):
             common.set_rng_state(ck["rng"][dist.rank])
         else:
             dist.print0(f"note: RNG states saved for {len(ck['rng'])} ranks, this run has {dist.world}: not restored")
-        if dist.is_main:
+        if dist.is_main:  # log lines after the saved step are logged again
             trim_metrics(metrics_path, start)
         dist.print0(f"resumed from {ckpt_path} at step {start}")
         del ck
-    n_enc = sum(p.numel() for n, p in raw_model.named_parameters() if n.startswith("encoder."))
-    n_all = sum(p.numel() for p in raw_model.parameters())
+    n_enc, n_all = sum(p.numel() for p in raw_model.encoder.parameters()), sum(p.numel() for p in raw_model.parameters())
     dist.print0(f"parameters: {n_all / 1e6:.2f}M ({n_enc / 1e6:.2f}M CLIP visual encoder)")
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
     if dist.ddp:
@@ -353,7 +350,7 @@ def train(args, dist):
         vals = reduce_losses(losses, dist)
         if not all(math.isfinite(v) for v in vals.values()):  # before any update: the weights stay good
             shown = ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
-            raise UserError(f"non-finite loss at step {step}: {shown}; nothing was updated at this step, the last "
+            raise UserError(f"non-finite loss at step {step}: {shown}; no weight is updated at this step, the last "
                             f"good checkpoint is {ckpt_path} (try a lower --lr, --dtype float32 or another --seed)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
