@@ -1,43 +1,14 @@
-"""Copy-paste training scenes from a retrieval archive and its pseudo-masks (ZUTIS stage 3 data).
+"""Copy-paste training scenes from a retrieval archive and its pseudo-masks (paper sections 3.3, 4.1;
+official datasets/index_dataset.py and datasets/augmentations/). Reference: docs/train.md.
 
-Reads  <archive.json> (common.py format) and <masks_dir>/<dir>_<basename>/<rel path>.png (pseudo_label.py).
-Writes nothing when imported. As a script it benchmarks the loader or saves a preview sheet:
+    ds = ArchiveDataset("out/archive.json", "out/masks", crop=384)   # item i -> one scene, a pure function of i
+    python dataset.py --archive out/archive.json --masks_dir out/masks --preview out/scenes.jpg   # look at some
 
-    python dataset.py --benchmark --crop 384                 # scenes/s on 1 core, generated JPEGs
-    python dataset.py --benchmark --crop 64 --num_threads 1
-    python dataset.py --archive out/archive.json --masks_dir out/masks --preview out/scenes.jpg
-
-One scene (zutis_facts.md section 4; the official datasets/index_dataset.py behaviour):
-  n ~ randint(1, max_n) images (canvas included); with p_same all from one random category's archive,
-  else uniform over all archive entries (duplicates included). Each image: scale s ~ U(scale_range) of its
-  original size (image bilinear, mask nearest), pad (image: its mean colour, mask: ignore_index) and random
-  crop to crop x crop, h-flip p=0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2 (strengths: the
-  `jitter` and `p_gray` arguments; toy.py turns hue and grayscale off), Gaussian blur p=0.5. Image 1 is the
-  canvas; the object pixels of images 2..n are pasted at uniform random offsets, later pastes occluding
-  earlier ones. Targets: semantic map (0 bg / label / ignore) and one boolean mask per image
-  (instance id = paste order, all-zero masks kept, ignore counts as background), as the official code does.
-
-Reproducibility: every random number of item i comes from one numpy Generator seeded with
-(seed, rank, epoch, i) -- no global RNG, no torch RNG -- so a scene depends only on those four numbers,
-never on the worker count or on which worker builds it. Two ways to drive it from train.py:
-  * index-addressable (recommended, exact resume): length = iters * batch_size * world and a sampler that is
-    a plain range, e.g. `sampler = range(start_step * B * world + rank, len(ds), world)` with shuffle off;
-    rank=0 then, so global item i is the same scene for any world size.
-  * epochs: call set_epoch(e) before iterating; with persistent_workers=True workers keep their old copy of
-    the dataset, so set_epoch would not reach them (use persistent_workers=False or the first way).
-
-Speed (why the code looks the way it does): JPEGs are decoded with PIL draft() at 1/2..1/8 scale when the
-target is small; when no padding is needed only the crop window is resized (PIL resize box=, identical to
-resize-then-crop); masks are sampled by index arithmetic inside the crop window. Photometric ops are
-torchvision's PIL kernels (what the official ColorJitter ran on) applied to the real-pixel window plus one
-pixel standing for the constant padding, contrast's whole-image mean computed exactly from both; a pasted
-image is processed only inside its paste box (+ blur radius) once contrast is done, and not at all if
-nothing of it is pasted. All of this gives the same pixels as the plain whole-image path (tested). The blur
-is an exact Gaussian (scipy, mirror border = cv2's default) truncated at 4 sigma and at the official
-kernel size int(0.1 * crop) // 2 * 2 + 1.
-
-References: paper section 3.3 and 4.1; official datasets/index_dataset.py, datasets/augmentations/
-{copy_paste,geometric_transforms,gaussian_blur}.py (behaviour only; no code copied).
+One scene: n ~ randint(1, max_n) images (with probability p_same all of one category). Each is scaled by
+U(scale_range), padded with its mean colour (label: ignore_index), randomly cropped, flipped, jittered,
+greyed and blurred; image 1 is the canvas and the objects of images 2..n are pasted on it at random
+offsets, later ones on top. Every random number of item i comes from one numpy Generator seeded with
+(seed, rank, epoch, i), so a scene never depends on the worker count and train.py resumes exactly.
 """
 import collections
 import os
@@ -46,16 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageStat
 
+import categories as C
 import common
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-NORMS = {"imagenet": (common.IMAGENET_MEAN, common.IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+# The copy-paste settings (train.py --aug KEY=VALUE): the official recipe.
+AUG = {"max_n": 10, "scale_range": (0.1, 1.0), "p_same": 0.5, "jitter": (0.8, 0.8, 0.8, 0.2), "p_gray": 0.2}
 
 # Probability of padding (left+top, left+bottom, right+top, right+bottom) when the scaled image is smaller
-# than the crop. The official random_crop re-draws random() in each elif, which skews the sides to
-# 1/4, 3/16, 9/64, 27/64 (zutis_facts.md section 12, pitfall 11); we keep that default.
-# For uniform sides change this one line to (0.25, 0.25, 0.25, 0.25).
+# than the crop. The official random_crop draws random() anew in each elif, which skews the sides to
+# 1/4, 3/16, 9/64, 27/64; we keep that. For uniform sides change this line to (0.25, 0.25, 0.25, 0.25).
 PAD_SIDE_PROBS = (0.25, 0.1875, 0.140625, 0.421875)
 
 MAX_REDRAWS = 100  # unreadable images in a row before we give up on the archive
@@ -64,7 +34,7 @@ PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBom
 
 # ----------------------------------------------------------------------------- photometric ops
 
-def jitter_params(rng, strength=(0.8, 0.8, 0.8, 0.2)):
+def jitter_params(rng, strength=AUG["jitter"]):
     """torchvision ColorJitter(b, c, s, h)'s random parameters, drawn from `rng`: factors in
     [1 - x, 1 + x] (hue in [-h, h]) and the four ops in a random order. Returns (order, factors)."""
     b, c, s, h = strength
@@ -75,27 +45,17 @@ def jitter_params(rng, strength=(0.8, 0.8, 0.8, 0.2)):
 
 
 def apply_op(img, op, factor=None):
+    """One torchvision PIL op: adjust_{brightness, contrast, saturation, hue}, or "gray"."""
     import torchvision.transforms.v2.functional as TF  # lazy: keeps `import dataset` cheap
-    if op == "brightness":
-        return TF.adjust_brightness(img, factor)
-    if op == "contrast":  # the only op that needs the whole image: it blends towards its mean grey
-        return TF.adjust_contrast(img, factor)
-    if op == "saturation":
-        return TF.adjust_saturation(img, factor)
-    if op == "hue":
-        return TF.adjust_hue(img, factor)
     if op == "gray":
         return TF.rgb_to_grayscale(img, num_output_channels=3)
-    raise ValueError(op)
+    return getattr(TF, f"adjust_{op}")(img, factor)
 
 
-JITTER, P_GRAY = (0.8, 0.8, 0.8, 0.2), 0.2  # the official ColorJitter strengths and grayscale probability
-
-
-def photometric_params(rng, crop, jitter=JITTER, p_gray=P_GRAY):
+def photometric_params(rng, crop, jitter=AUG["jitter"], p_gray=AUG["p_gray"]):
     """The official photometric draws: ColorJitter(0.8, 0.8, 0.8, 0.2) p=0.8, grayscale p=0.2, Gaussian blur
-    p=0.5 with sigma ~ U(0.1, 2) and kernel int(0.1 * crop) // 2 * 2 + 1 (39 at 384). `jitter` and `p_gray`
-    override the strengths (the random draws stay the same, so only the amounts change).
+    p=0.5 with sigma ~ U(0.1, 2) and kernel int(0.1 * crop) // 2 * 2 + 1. `jitter` and `p_gray` change
+    only the amounts (the random draws stay the same).
     Returns (ops, sigma or None, ksize) with ops a list of (name, factor) in application order."""
     ops = []
     if rng.random() < 0.8:
@@ -110,7 +70,7 @@ def photometric_params(rng, crop, jitter=JITTER, p_gray=P_GRAY):
 
 def photometric(img, params, window=None, fill=(0, 0, 0), box=None):
     """Apply photometric_params to a PIL RGB image -> uint8 [H, W, 3], the same pixels as running the ops
-    on the whole image (test_dataset checks this against the plain torchvision path), only cheaper:
+    on the whole image (tested against the plain torchvision path), only cheaper:
       * outside `window` (y0, y1, x0, x1) the image is the constant padding colour `fill`, so every
         per-pixel op runs on the window plus ONE pad pixel; contrast (the only op that needs a whole-image
         statistic, the mean grey) gets that mean exactly from the window's sum and the pad count;
@@ -172,41 +132,39 @@ class ArchiveDataset(torch.utils.data.Dataset):
     (0 bg, label id, ignore_index), "instance_masks": bool [n, crop, crop], "category_ids": long [n]}.
 
     categories: None (the archive's), a list, or a categories.get_categories spec; label id = index.
-    rank: mixed into the seed; leave 0 when ranks read disjoint indices (see the module docstring).
+    ignore_index: the semantic label of padding; never a label id. `aug`: AUG keys (the official values
+    by default). rank: mixed into the seed; leave 0 when ranks read disjoint indices (train.py does).
     `stats` counts images, scenes, missing/empty/unreadable masks and unreadable images (per process:
     with DataLoader workers each worker counts its own; `check_masks()` lists missing masks up front)."""
 
-    def __init__(self, archive_json, masks_dir, categories=None, crop=384, scale_range=(0.1, 1.0), max_n=10,
-                 p_same=0.5, ignore_index=255, norm="imagenet", seed=0, length=None, index_dirs=None, rank=0,
-                 jitter=JITTER, p_gray=P_GRAY):
-        if norm not in NORMS:
-            raise common.UserError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
-        lo, hi = (float(v) for v in scale_range)
+    def __init__(self, archive_json, masks_dir, categories=None, crop=384, ignore_index=255, norm="imagenet",
+                 seed=0, length=None, index_dirs=None, rank=0, **aug):
+        if norm not in common.NORMS or set(aug) - set(AUG):
+            raise common.UserError(f"norm must be one of {sorted(common.NORMS)} (got {norm!r}) and the "
+                                   f"augmentation keys in {sorted(AUG)} (got {sorted(aug)})")
+        aug = {**AUG, **aug}
+        (lo, hi), jitter, p_gray, p_same = (float(v) for v in aug["scale_range"]), aug["jitter"], aug["p_gray"], aug["p_same"]
         jitter = tuple(float(v) for v in jitter)
-        if (not (0 < lo <= hi) or crop < 1 or max_n < 1 or not 0 <= p_same <= 1 or ignore_index < 1
-                or len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5 or not 0 <= p_gray <= 1):
-            raise common.UserError(f"bad dataset settings: crop={crop} scale_range={scale_range} max_n={max_n} "
-                                   f"p_same={p_same} ignore_index={ignore_index} jitter={jitter} p_gray={p_gray}")
+        if (not (0 < lo <= hi) or crop < 1 or aug["max_n"] < 1 or not 0 <= p_same <= 1 or len(jitter) != 4
+                or min(jitter) < 0 or jitter[3] > 0.5 or not 0 <= p_gray <= 1):
+            raise common.UserError(f"bad dataset settings: crop={crop} {aug}")
         self.archive = common.load_archive(archive_json, index_dirs)
         self.masks_dir = common.require_dir(masks_dir, "masks dir", "<masks_dir>/<dir>_<basename>/<path>.png")
         self.categories = self._resolve_categories(categories)
-        self.crop, self.scale_range, self.max_n, self.p_same = int(crop), (lo, hi), int(max_n), float(p_same)
+        if 0 <= ignore_index < len(self.categories):
+            raise common.UserError(f"ignore_index {ignore_index} is a label id of the {len(self.categories)} "
+                                   "categories: the padding would become that class")
+        self.crop, self.scale_range, self.max_n, self.p_same = int(crop), (lo, hi), int(aug["max_n"]), float(p_same)
         self.ignore_index, self.seed, self.rank, self.epoch = int(ignore_index), int(seed), int(rank), 0
         self.jitter, self.p_gray = jitter, float(p_gray)
-        self.mean, self.std = NORMS[norm]
+        self.mean, self.std = common.NORMS[norm]
         self._build_pools()
         self.length = int(length) if length is not None else len(self.flat)
         self.stats = collections.Counter()
         self.unreadable = set()  # image paths that failed to decode (per process)
 
     def _resolve_categories(self, categories):
-        import categories as cats
-        if categories is None:
-            categories = self.archive["categories"]
-        try:
-            names = cats.get_categories(categories)
-        except ValueError as e:
-            raise common.UserError(str(e)) from None
+        names = C.get_categories(self.archive["categories"] if categories is None else categories)
         missing = [c for c in names[1:] if c not in self.archive["archive"]]
         if missing:
             raise common.UserError(f"{len(missing)} categories have no archive entry (e.g. {missing[:3]}); "
@@ -214,10 +172,9 @@ class ArchiveDataset(torch.utils.data.Dataset):
         return names
 
     def _build_pools(self):
-        """Entries once each; per-category pools and the flat pool as indices into them (duplicates kept,
+        """Each entry a single time; per-category pools and the flat pool as indices into them (duplicates kept,
         as official: an image retrieved for 2 categories is twice as likely to be drawn). Label of an
-        entry = the LAST category (in `categories` order) whose archive holds it (official dict overwrite,
-        facts section 12 pitfall 8)."""
+        entry = the LAST category (in `categories` order) whose archive holds it (the official dict overwrite)."""
         self.entries, self.labels, key_to_idx = [], [], {}
         self.pools = []  # one list of entry indices per non-background category (may be empty)
         for label, name in enumerate(self.categories[1:], start=1):
@@ -243,7 +200,7 @@ class ArchiveDataset(torch.utils.data.Dataset):
         return self.length
 
     def check_masks(self):
-        """Entries whose pseudo-mask file is missing (one stat per entry; call once, in the main process)."""
+        """Entries whose pseudo-mask file is missing (one stat per entry: call it in the main process)."""
         return [e for e in self.entries if not os.path.isfile(self._mask_path(e))]
 
     def _mask_path(self, entry):
@@ -358,7 +315,7 @@ class ArchiveDataset(torch.utils.data.Dataset):
         c, ign = self.crop, self.ignore_index
         rgb = layers[0]["rgb"].copy()  # [c, c, 3] uint8
         sem = np.full((c, c), ign, dtype=np.int64)
-        inst = np.full((c, c), ign, dtype=np.int64)
+        inst = np.full((c, c), -1, dtype=np.int64)  # -1: padding, never an instance id
         y0, y1, x0, x1 = layers[0]["valid"]
         sem[y0:y1, x0:x1] = layers[0]["obj"][y0:y1, x0:x1] * layers[0]["label"]
         inst[y0:y1, x0:x1] = layers[0]["obj"][y0:y1, x0:x1]
@@ -372,11 +329,9 @@ class ArchiveDataset(torch.utils.data.Dataset):
             rgb[oy:oy + bh, ox:ox + bw][sel] = layer["rgb"][by0:by1, bx0:bx1][sel]
             sem[oy:oy + bh, ox:ox + bw][sel] = layer["label"]
             inst[oy:oy + bh, ox:ox + bw][sel] = i
-        n = len(layers)
         image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255)  # [c, c, 3] -> [3, c, c]
         mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        inst_t = torch.from_numpy(inst)
-        masks = inst_t[None] == torch.arange(1, n + 1)[:, None, None]  # [n, c, c]; ignore != any id
+        masks = torch.from_numpy(inst)[None] == torch.arange(1, len(layers) + 1)[:, None, None]  # [n, c, c]
         return {"image": image.sub_(mean).div_(std), "semantic": torch.from_numpy(sem), "instance_masks": masks,
                 "category_ids": torch.tensor([layer["label"] for layer in layers], dtype=torch.long)}
 
@@ -392,8 +347,8 @@ def crop_window(t, c, pad_before, rng):
 
 def paste_box(obj):
     """(y0, y1, x0, x1) of the object's box with the official EXCLUSIVE max (ymin:ymax, xmin:xmax), so
-    the last object row and column are never pasted and 1-pixel-thin objects not at all (facts section 12
-    pitfall 12). None when nothing would be pasted."""
+    the last object row and column are never pasted and 1-pixel-thin objects not at all. None when
+    nothing would be pasted."""
     rows, cols = np.flatnonzero(obj.any(1)), np.flatnonzero(obj.any(0))
     if rows.size == 0 or rows[-1] == rows[0] or cols[-1] == cols[0]:
         return None
@@ -409,54 +364,10 @@ def collate_fn(items):
             "category_ids": [it["category_ids"] for it in items]}
 
 
-# ----------------------------------------------------------------------------- benchmark / preview
-
-def make_fake_archive(root, n_categories=3, per_category=20, size=(500, 375), seed=0):
-    """A generated archive (smooth random JPEGs with elliptic 0/255 PNG masks) for tests and benchmarks.
-    Returns (archive_json, masks_dir)."""
-    rng = np.random.default_rng(seed)
-    img_dir, masks_dir = os.path.join(root, "images"), os.path.join(root, "masks")
-    arc = {"arch": "fake", "k": per_category, "index_dirs": ["images"],
-           "categories": ["background"] + [f"thing{k}" for k in range(n_categories)], "archive": {}}
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    for k in range(n_categories):
-        arc["archive"][f"thing{k}"] = []
-        for j in range(per_category):
-            rel = f"c{k}/img{j}.jpg"
-            low = rng.integers(0, 256, (h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)  # blocky-smooth content
-            img = Image.fromarray(low).resize((w, h), Image.BILINEAR)
-            os.makedirs(os.path.join(img_dir, f"c{k}"), exist_ok=True)
-            img.save(os.path.join(img_dir, rel), quality=90)
-            cy, cx, ry, rx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, h / 4, w / 4
-            mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1).astype(np.uint8) * 255
-            entry = {"path": rel, "dir": 0, "score": 0.3}
-            common.save_image(mask, os.path.join(masks_dir, common.mask_relpath(
-                {"index_dirs": [img_dir]}, entry)))
-            arc["archive"][f"thing{k}"].append(entry)
-    path = os.path.join(root, "archive.json")
-    common.save_json(arc, path)
-    return path, masks_dir
-
-
-def benchmark(args):
-    import tempfile
-    import time
-    torch.set_num_threads(args.num_threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        arc, masks = make_fake_archive(tmp)
-        ds = ArchiveDataset(arc, masks, crop=args.crop, seed=args.seed, norm=args.norm)
-        ds[0]  # warm up imports
-        t0, c0 = time.perf_counter(), time.process_time()
-        n_inst = sum(ds[i]["instance_masks"].shape[0] for i in range(1, args.n_scenes + 1))
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    # CPU time is reported too: on a shared machine wall time also measures the neighbours
-    print(f"crop {args.crop}: {args.n_scenes / dt:.1f} scenes/s wall, {args.n_scenes / dc:.1f} scenes per "
-          f"CPU-second, {n_inst / dt:.1f} images/s ({1e3 * dt / args.n_scenes:.1f} ms/scene, "
-          f"{args.num_threads} thread(s), generated 500x375 JPEGs, {n_inst / args.n_scenes:.1f} images/scene)")
-
+# ----------------------------------------------------------------------------- preview sheet
 
 def preview(args):
+    """A sheet of scenes: images on top, their instances below (grey = ignore, i.e. padding)."""
     ds = ArchiveDataset(args.archive, args.masks_dir, crop=args.crop, seed=args.seed, norm=args.norm,
                         index_dirs=args.index_dirs)
     mean, std = torch.tensor(ds.mean).view(3, 1, 1), torch.tensor(ds.std).view(3, 1, 1)
@@ -477,22 +388,19 @@ def preview(args):
 
 def main():
     import argparse
-    # --- CLI ---
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--benchmark", action="store_true", help="time scene generation on generated 500x375 JPEGs")
-    p.add_argument("--archive", default="out/archive.json", help="archive JSON (for --preview)")
-    p.add_argument("--masks_dir", default="out/masks", help="pseudo-mask dir (for --preview)")
-    p.add_argument("--index_dirs", nargs="*", default=None, help="override the archive's index dirs")
-    p.add_argument("--preview", default="out/scenes.jpg", help="where to save a sheet of scenes (top: image, "
-                   "bottom: instances, grey = ignore)")
-    p.add_argument("--crop", type=int, default=384, help="scene size in pixels")
-    p.add_argument("--norm", default="imagenet", choices=sorted(NORMS), help="image normalisation")
-    p.add_argument("--n_scenes", type=int, default=50, help="scenes to time (benchmark) or show (preview)")
-    p.add_argument("--num_threads", type=int, default=1, help="torch threads (benchmark)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed")
+    p = argparse.ArgumentParser(description="Save a sheet of copy-paste training scenes (top: image, bottom: "
+                                "instances, grey = padding) to look at what train.py will see.")
+    p.add_argument("--archive", default="out/archive.json", help="Archive JSON (default %(default)s).")
+    p.add_argument("--masks_dir", default="out/masks", help="Pseudo-mask folder (default %(default)s).")
+    p.add_argument("--index_dirs", nargs="*", default=None, help="Where the archive's images live, if they moved.")
+    p.add_argument("--preview", default="out/scenes.jpg", help="Where to save the sheet (default %(default)s).")
+    p.add_argument("--crop", type=int, default=384, help="Scene size in pixels (default %(default)s).")
+    p.add_argument("--norm", default="imagenet", choices=sorted(common.NORMS), help="Image normalisation.")
+    p.add_argument("--n_scenes", type=int, default=50, help="Number of scenes to show (default %(default)s).")
+    p.add_argument("--seed", type=int, default=0, help="Dataset seed (default %(default)s).")
     args = p.parse_args()
     common.print_config(vars(args))
-    benchmark(args) if args.benchmark else preview(args)
+    preview(args)
 
 
 if __name__ == "__main__":

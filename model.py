@@ -1,41 +1,63 @@
-"""The ZUTIS segmenter: CLIP ViT encoder + class-agnostic query decoder, its inference rules, and
-loading of the official released checkpoints. The Hungarian-matched loss (`criterion`,
-`HungarianMatcher`) lives in criterion.py.
+"""The ZUTIS segmenter (paper sections 3.2-3.3): a CLIP ViT encoder, a class-agnostic query decoder behind
+a stop-gradient, the Hungarian-matched loss, the official inference rules, and checkpoint loading.
 
-    model = ZUTIS("ViT-B/16", categories.get_categories("voc"))    # CLIP weights from ~/.cache/clip
-    out = model(images)          # {"mask_logits": [B, L, Q, 2h, 2w], "patch_tokens": [B, 2h, 2w, C_t], ...}
-    losses = criterion.criterion(out, batch)                        # criterion.py: {"loss", "loss_ce", ...}
-    pred = predict(model, image)                                    # semantic map + instances
-    model = load_checkpoint("official:coco_vit_b_16")               # published weights, official behaviour
+    model = ZUTIS("ViT-B/16", categories.get_categories("voc"))   # CLIP weights from ~/.cache/clip
+    out = model(images)              # {"mask_logits": [B, L, Q, 2h, 2w], "patch_tokens": [B, 2h, 2w, C_t], ...}
+    losses = criterion(out, batch)   # {"loss", "loss_ce", "loss_mask", ...}
+    pred = predict(model, image)     # semantic map + scored instance masks
+    model = load_checkpoint("official:coco_vit_b_16")   # or a train.py ckpt.pt
 
-Importing this file does no work. Tests: `python -m pytest -q test_model.py` (CPU, tiny random CLIP).
-Timing (random weights, no download): `python model.py --benchmark [--device cuda --dtype bfloat16]`.
-
-References: Shin, Albanie, Xie, "Zero-shot Unsupervised Transfer Instance Segmentation" (CVPRW 2023),
-sections 3.2-3.3; behaviour of the official code (github.com/NoelShin/zutis: networks/zutis.py,
-networks/transformer.py, networks/positional_embedding.py) as recorded in
-shared/reference/zutis_facts.md sections 5, 8 and zutis_checkpoint_keys.md; DETR (sine positions,
-post-norm decoder). Written from those descriptions; no code copied.
+Hyper-parameters: `ModelConfig`, saved by train.py and read by load_checkpoint. Behaviour follows the
+official code (github.com/NoelShin/zutis: networks/zutis.py, networks/transformer.py, criterion.py) and
+DETR (sine positions, post-norm decoder, matcher). Reference: docs/train.md.
 """
 import copy
-import inspect
+import dataclasses
 import math
 import os
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-import categories
+import categories as C
 import clip_model
+import common
 from common import UserError
 
-# ----------------------------------------------------------------------------- official checkpoints
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything that defines a ZUTIS network besides its categories; defaults = the official model."""
+    arch: str = "ViT-B/16"           # CLIP name or path: the encoder's shape and init, and the text tower
+    n_queries: int = 100             # learned instance queries
+    n_layers: int = 6                # decoder layers (each one supervised)
+    n_heads: int = 8                 # decoder attention heads
+    dim_ffn: int = 2048              # decoder feed-forward width
+    mlp_hidden: int = 256            # hidden width of ffn1 / ffn2
+    logit_scale: float = 1.0         # semantic logits = scale x cosine (official: raw cosines)
+    text_templates: str = "none"     # "none": bare class names (official); "85": the paper's template ensemble
+    pos_interp: str = "bicubic"      # position-table resize: "bicubic" (exact at the native grid) or "official"
+    stop_grad: bool = True           # the paper's stop-gradient between encoder and instance branch
+    text_fp32: bool = False          # text embeddings in fp32 on CUDA (official: fp16 on CUDA, fp32 on CPU)
+
+    @classmethod
+    def from_dict(cls, d, **overrides):
+        """The fields of `d` (a checkpoint config may hold more keys) with `overrides` on top, checked."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if set(overrides) - set(names):
+            raise UserError(f"unknown model setting(s) {sorted(set(overrides) - set(names))}: use {names}")
+        cfg = cls(**{**{k: v for k, v in d.items() if k in names}, **overrides})
+        if cfg.text_templates not in ("none", "85") or cfg.pos_interp not in ("bicubic", "official"):
+            raise UserError(f"text_templates must be none|85 and pos_interp bicubic|official, got "
+                            f"{cfg.text_templates!r}, {cfg.pos_interp!r}")
+        return cfg
+
 
 _URL = "https://www.robots.ox.ac.uk/~vgg/research/zutis/shared_files"
-# name: (url, README size in MB (10^6 bytes, one decimal), CLIP arch, built-in category list).
-# sha256 of the released files: unknown until first downloaded (printed by load_checkpoint).
+# name: (url, size in MB as the official README gives it, CLIP arch, built-in category list)
 OFFICIAL = {
     "coco_vit_b_16": (f"{_URL}/coco2017/coco_vit_b_16.pt", 537.9, "ViT-B/16", "coco"),
     "coca_vit_b_16": (f"{_URL}/coca/coca_vit_b_16.pt", 537.9, "ViT-B/16", "coca"),
@@ -43,31 +65,26 @@ OFFICIAL = {
     "imagenet_s919_vit_b_32": (f"{_URL}/imagenet-s919/imagenet_s919_vit_b_32.pt", 544.6, "ViT-B/32", "imagenet_s919"),
 }
 
-# ----------------------------------------------------------------------------- model parts
+# ----------------------------------------------------------------------------- the network
 
 
 class MLP(nn.Module):
-    """in -> hidden -> hidden -> out with ReLU between (ffn1/ffn2; keys `layers.N.{weight,bias}`)."""
+    """dim -> hidden -> hidden -> dim with ReLU between (ffn1/ffn2; keys `layers.N.{weight,bias}`)."""
 
-    def __init__(self, dim_in, hidden, dim_out, n_layers=3):
+    def __init__(self, dim, hidden):
         super().__init__()
-        dims = [dim_in] + [hidden] * (n_layers - 1) + [dim_out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList([nn.Linear(dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, dim)])
 
     def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
+        a, b, c = self.layers
+        return c(F.relu(b(F.relu(a(x)))))
 
 
 def sine_positions(h, w, dim, device, temperature=10000.0):
     """DETR's normalised sine positions for an unpadded h x w grid -> [h*w, dim]: the first dim/2
     channels encode y, the rest x, each as interleaved (sin, cos) pairs. Stateless, so no key."""
-    half = dim // 2
-    scale, eps = 2 * math.pi, 1e-6
-    y = torch.arange(1, h + 1, device=device, dtype=torch.float32) / (h + eps) * scale  # cumsum of ones, normalised
+    half, scale, eps = dim // 2, 2 * math.pi, 1e-6
+    y = torch.arange(1, h + 1, device=device, dtype=torch.float32) / (h + eps) * scale
     x = torch.arange(1, w + 1, device=device, dtype=torch.float32) / (w + eps) * scale
     i = torch.arange(half, device=device, dtype=torch.float32)
     freq = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / half)  # [half]
@@ -78,7 +95,7 @@ def sine_positions(h, w, dim, device, temperature=10000.0):
 
     py, px = enc(y), enc(x)  # [h, half], [w, half]
     pos = torch.cat([py[:, None].expand(h, w, half), px[None].expand(h, w, half)], dim=2)  # [h, w, dim]
-    return pos.reshape(h * w, dim)  # [h, w, dim] -> [h*w, dim]
+    return pos.reshape(h * w, dim)
 
 
 class DecoderLayer(nn.Module):
@@ -106,14 +123,12 @@ class Decoder(nn.Module):
 
     def __init__(self, dim, heads, dim_ffn, n_layers):
         super().__init__()
-        # The official decoder deep-copies one freshly initialised layer, so all layers start equal.
-        layer = DecoderLayer(dim, heads, dim_ffn)
+        layer = DecoderLayer(dim, heads, dim_ffn)  # the official decoder deep-copies one layer: all start equal
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(n_layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, memory, pos, query_pos):
-        B = memory.shape[0]
-        query_pos = query_pos[None].expand(B, -1, -1)  # [Q, C] -> [B, Q, C]
+        query_pos = query_pos[None].expand(memory.shape[0], -1, -1)  # [Q, C] -> [B, Q, C]
         tgt, outs = torch.zeros_like(query_pos), []  # the target starts at zeros; queries are positions
         for layer in self.layers:
             tgt = layer(tgt, memory, pos, query_pos)
@@ -121,118 +136,232 @@ class Decoder(nn.Module):
         return torch.stack(outs)  # [L, B, Q, C]
 
 
-def _templates(text_templates):
-    if text_templates in ("none", None):
-        return None  # bare names: what the official segmenter embeds
-    if text_templates == "85":
-        return categories.TEMPLATES  # the paper's 85-template ensemble (section 4.1)
-    raise UserError(f"text_templates must be 'none' or '85', got {text_templates!r}")
+def text_embeddings(clip, names, config):
+    """Class-name embeddings of the CLIP text tower -> unit-norm fp32 [K, C_t] on the CPU. On CUDA in fp16
+    as the official `clip.load(..., device="cuda")` (unless text_fp32), on a copy: `clip` stays fp32."""
+    templates = C.TEMPLATES if config.text_templates == "85" else None
+    if torch.cuda.is_available():
+        clip = copy.deepcopy(clip).cuda()
+        if not config.text_fp32:
+            clip_model.official_fp16(clip)
+    return clip_model.text_embeddings(clip, list(names), templates=templates).float().cpu()
+
+
+def resolve_arch(arch, arch_path=None):
+    """A CLIP name or an existing file for clip_model.load: `arch` as given, else the absolute path
+    recorded at training time (so a checkpoint loads from any working directory)."""
+    if arch in clip_model.available_models() or os.path.isfile(str(arch)):
+        return arch
+    if arch_path and os.path.isfile(arch_path):
+        return arch_path
+    raise UserError(f"CLIP weights {arch!r} not found" + (f" (nor {arch_path!r})" if arch_path else "") +
+                    ": pass the CLIP name or file (--arch / arch=)")
 
 
 class ZUTIS(nn.Module):
-    """ZUTIS (paper Fig. 2). `arch` is a CLIP name ("ViT-B/16") or a CLIP checkpoint path; `clip`
-    optionally passes an already-built clip_model.CLIP (its visual tower becomes our encoder).
+    """ZUTIS (paper Fig. 2). `arch`: a ModelConfig, or a CLIP name/file with ModelConfig fields in `hparams`.
+    `clip` passes a built clip_model.CLIP (its visual tower becomes the encoder); `encoder` and `text_emb`
+    pass those parts, so a checkpoint that stores them needs no CLIP file. Parameter names equal the
+    official checkpoint's (`query_embed`, `encoder.*`, `ffn1.*`, `ffn2.*`, `decoder.*`); the text
+    embeddings are a non-persistent buffer [K, C_t] and the text tower is never kept."""
 
-    Parameter names equal the official checkpoint's: `encoder.*` (CLIP `visual.*`, trained; includes
-    `proj` = W), `ffn1.layers.N`, `ffn2.layers.N`, `decoder.layers.N.*`, `decoder.norm`, `query_embed`.
-    The text embeddings are a non-persistent buffer `text_emb` [K, C_t], recomputed from names with the
-    CLIP text tower, which is never kept in the state dict (nor in memory after use)."""
-
-    def __init__(self, arch, categories, n_queries=100, n_layers=6, n_heads=8, dim_ffn=2048, mlp_hidden=256,
-                 logit_scale=1.0, text_templates="none", stop_grad=True, pos_interp="bicubic", clip=None):
+    def __init__(self, arch, categories, clip=None, encoder=None, text_emb=None, arch_path=None, **hparams):
         super().__init__()
-        if pos_interp not in ("bicubic", "official"):
-            raise UserError(f"pos_interp must be 'bicubic' or 'official', got {pos_interp!r}")
-        _templates(text_templates)  # validate early
-        self.arch, self.hparams = arch, dict(
-            arch=arch, n_queries=n_queries, n_layers=n_layers, n_heads=n_heads, dim_ffn=dim_ffn,
-            mlp_hidden=mlp_hidden, logit_scale=logit_scale, text_templates=text_templates,
-            stop_grad=stop_grad, pos_interp=pos_interp)
-        self.logit_scale, self.text_templates = float(logit_scale), text_templates
-        self.stop_grad, self.pos_interp = stop_grad, pos_interp
-        own_clip = clip is None
-        if own_clip:
-            clip = clip_model.load(arch)[0]
-        self.register_buffer("text_emb", self._embed(categories, clip, movable=own_clip), persistent=False)
+        self.config = cfg = arch if isinstance(arch, ModelConfig) else ModelConfig.from_dict({}, arch=str(arch), **hparams)
+        self.arch_path = arch_path  # the CLIP file by absolute path, for re-embedding new categories
+        if clip is None and (encoder is None or text_emb is None):
+            clip = clip_model.load(resolve_arch(cfg.arch, arch_path))[0]
+        if text_emb is None:
+            text_emb = text_embeddings(clip, categories, cfg)
+        self.register_buffer("text_emb", text_emb.float(), persistent=False)
         self.categories = list(categories)
         # Registration order = key order: query_embed, encoder, ffn1, ffn2, decoder (as in the official file).
-        dim = clip.visual.width
-        self.query_embed = nn.Parameter(torch.randn(n_queries, dim))  # nn.Embedding's N(0, 1) init, no `.weight`
-        self.encoder = clip.visual.float()
-        self.ffn1 = MLP(dim, mlp_hidden, dim)
-        self.ffn2 = MLP(dim, mlp_hidden, dim)
-        self.decoder = Decoder(dim, n_heads, dim_ffn, n_layers)
+        encoder = encoder if encoder is not None else clip.visual
+        dim = encoder.width
+        self.query_embed = nn.Parameter(torch.randn(cfg.n_queries, dim))  # nn.Embedding's N(0, 1) init
+        self.encoder = encoder.float()
+        self.ffn1, self.ffn2 = MLP(dim, cfg.mlp_hidden), MLP(dim, cfg.mlp_hidden)
+        self.decoder = Decoder(dim, cfg.n_heads, cfg.dim_ffn, cfg.n_layers)
 
-    # --- text side (open vocabulary)
-    @torch.no_grad()
-    def _embed(self, names, clip, movable=True):
-        """Bare-name (official) or 85-template (paper) text embeddings, unit norm, fp32 [K, C_t]. A CLIP
-        we loaded ourselves goes to the GPU for this when there is one (920 names x 85 templates)."""
-        if not names:
-            raise UserError("empty category list")
-        if movable and torch.cuda.is_available():
-            clip = clip.cuda()
-        emb = clip_model.text_embeddings(clip, list(names), templates=_templates(self.text_templates))
-        if movable:
-            clip.cpu()
-        return emb.float().cpu()
+    arch = property(lambda self: self.config.arch)
+    hparams = property(lambda self: dataclasses.asdict(self.config))
+    patch_size = property(lambda self: self.encoder.patch_size)
 
     def set_categories(self, names):
-        """Re-embed a new category list (open vocabulary); label id = index, "background" should be 0.
-        Reloads the CLIP text tower of `self.arch` (the released OpenAI weights, or the given path)."""
-        emb = self._embed(names, clip_model.load(self.arch)[0])
-        self.text_emb = emb.to(self.text_emb.device)
+        """Re-embed a new category list (open vocabulary); label id = index, "background" should be 0."""
+        clip = clip_model.load(resolve_arch(self.config.arch, self.arch_path))[0]
+        self.text_emb = text_embeddings(clip, names, self.config).to(self.text_emb.device)
         self.categories = list(names)
 
-    @property
-    def patch_size(self):
-        return self.encoder.patch_size
-
-    # --- forward
     def forward(self, images):
-        """images [B, 3, H, W] (ImageNet-normalised; H, W floored to the patch grid by the patch conv)
-        -> {"mask_logits": [B, L, Q, 2h, 2w] (sigmoid = the official mask proposals),
+        """images [B, 3, H, W] (normalised; H, W floored to the patch grid by the patch conv)
+        -> {"mask_logits": [B, L, Q, 2h, 2w] (sigmoid = the mask proposals of every decoder layer),
             "patch_tokens": [B, 2h, 2w, C_t] (unit norm), "text_emb": [K, C_t], "logit_scale": float}."""
-        tok = self.encoder.forward_dense(images, pos_interp=self.pos_interp)  # [B, h, w, C_v]
+        tok = self.encoder.forward_dense(images, pos_interp=self.config.pos_interp)  # [B, h, w, C_v]
         B, h, w, C = tok.shape
         feat = F.interpolate(tok.permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False)
         feat = feat.permute(0, 2, 3, 1)  # [B, C_v, 2h, 2w] -> [B, 2h, 2w, C_v]
-        # Instance branch on detached features: the paper's stop-gradient (section 3.3), so the encoder
-        # learns only from the semantic loss and the decoder only from the mask loss.
-        memory = self.ffn1(feat.detach() if self.stop_grad else feat).flatten(1, 2)  # [B, 4hw, C_v]
+        # The stop-gradient (paper section 3.3): the instance branch reads detached features, so the
+        # encoder learns only from the semantic loss and the decoder only from the mask loss.
+        memory = self.ffn1(feat.detach() if self.config.stop_grad else feat).flatten(1, 2)  # [B, 4hw, C_v]
         pos = sine_positions(2 * h, 2 * w, C, memory.device).to(memory.dtype)  # [4hw, C_v]
         hs = self.ffn2(self.decoder(memory, pos, self.query_embed))  # [L, B, Q, C_v]
         hs = hs / hs.norm(dim=-1, keepdim=True)  # unit mask embeddings; the memory is not normalised
-        mask_logits = torch.einsum("lbqc,bnc->blqn", hs, memory).unflatten(-1, (2 * h, 2 * w))  # [B, L, Q, 2h, 2w]
+        mask_logits = torch.einsum("lbqc,bnc->blqn", hs, memory).unflatten(-1, (2 * h, 2 * w))
         return {"mask_logits": mask_logits, "patch_tokens": self.semantic_tokens(feat),
-                "text_emb": self.text_emb, "logit_scale": self.logit_scale}
+                "text_emb": self.text_emb, "logit_scale": self.config.logit_scale}
 
     def semantic_tokens(self, feat):
         """[B, 2h, 2w, C_v] -> [B, 2h, 2w, C_t]: W = CLIP's visual.proj, then the official per-image
-        LayerNorm over the whole (2h, 2w, C_t) map without affine (it subtracts one scalar per image),
-        then per-token L2 normalisation (+1e-7)."""
-        x = feat @ self.encoder.proj  # [B, 2h, 2w, C_v] @ [C_v, C_t] -> [B, 2h, 2w, C_t]
+        LayerNorm over the whole (2h, 2w, C_t) map without affine, then per-token L2 norm (+1e-7)."""
+        x = feat @ self.encoder.proj
         x = F.layer_norm(x, x.shape[1:])
         return x / (x.norm(dim=-1, keepdim=True) + 1e-7)
 
 
-# ----------------------------------------------------------------------------- inference (facts section 8)
+# ----------------------------------------------------------------------------- matcher and losses
+
+class _BCELogs(torch.autograd.Function):
+    """(log p, log(1 - p)), each clamped at -100 as F.binary_cross_entropy does. The gradient uses
+    1 / max(x, 1e-12) (torch's BCE epsilon), so saturated probabilities give no inf * 0 = NaN."""
+
+    @staticmethod
+    def forward(ctx, p):
+        ctx.save_for_backward(p)
+        return torch.log(p).clamp(min=-100), torch.log(1 - p).clamp(min=-100)
+
+    @staticmethod
+    def backward(ctx, g_log_p, g_log_1mp):
+        p, = ctx.saved_tensors
+        return g_log_p / p.clamp(min=1e-12) - g_log_1mp / (1 - p).clamp(min=1e-12)
+
+
+def pairwise_dice_bce(probs, gt):
+    """The official costs between every predicted and every target mask, by matrix products (never a
+    Q x N x P tensor). probs [..., Q, P] in [0, 1]; gt [N, P] in {0, 1} -> dice, bce [..., Q, N] fp32:
+      dice = 1 - (2 p.g + 1) / (sum p + sum g + 1)      (smoothing 1)
+      bce  = -(log p . g + log(1 - p) . (1 - g)) / P    (= F.binary_cross_entropy, mean over pixels)"""
+    with torch.autocast(probs.device.type, enabled=False):
+        p, gT = probs.float(), gt.float().t()  # gT: [P, N]
+        dice = 1 - (2 * (p @ gT) + 1) / (p.sum(-1, keepdim=True) + gT.sum(0) + 1)
+        log_p, log_1mp = _BCELogs.apply(p)
+        bce = -(log_p @ gT + log_1mp @ (1 - gT)) / p.shape[-1]
+    return dice, bce
+
+
+class HungarianMatcher:
+    """One-to-one assignment of class-agnostic queries to target masks (DETR's matcher with the official
+    costs: dice + BCE, no class term), solved by scipy's linear_sum_assignment.
+
+    __call__(probs, gt):
+        probs: float [Q, P] or [L, Q, P], mask probabilities of Q queries over P pixels (per layer L)
+        gt:    {0, 1} [N, P], the N target masks at the same P pixels
+    returns: a list with one (query_idx, target_idx) pair per layer (one pair for 2-D probs); each an
+        int64 tensor of length min(Q, N), so that query_idx[i] is matched to target target_idx[i]."""
+
+    @staticmethod
+    def cost(probs, gt):
+        """probs [..., Q, P], gt [N, P] -> (cost, dice, bce), each [..., Q, N] fp32, differentiable."""
+        dice, bce = pairwise_dice_bce(probs, gt)
+        return dice + bce, dice, bce
+
+    @staticmethod
+    def assign(cost):
+        """cost [..., Q, N] -> one (query_idx, target_idx) pair per leading index; one host copy for all."""
+        c = cost.detach().float().cpu()
+        assert torch.isfinite(c).all(), f"non-finite matching cost (min {c.min()}, max {c.max()})"
+        out = []
+        for m in c.reshape(-1, *c.shape[-2:]).numpy():
+            q, t = linear_sum_assignment(m)
+            out.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)))
+        return out
+
+    @torch.no_grad()
+    def __call__(self, probs, gt):
+        return self.assign(self.cost(probs, gt)[0])
+
+
+def check_ignore_index(ignore_index, n_categories):
+    """The ignore id must never be a label id (0 .. K-1): with 920 classes 255 is the class "pug"."""
+    if 0 <= ignore_index < n_categories:
+        raise UserError(f"ignore_index {ignore_index} is a label id of the {n_categories} categories: use one "
+                        f">= {n_categories} (categories.recipe gives 255, or 1000 above 255 classes)")
+
+
+def semantic_ce(tokens, semantic, text_emb, logit_scale=1.0, ignore_index=255):
+    """Cross-entropy of logit_scale * cos(text, token) at the label size. The official code upsamples
+    the tokens then takes dot products; upsampling the K logits instead is the same linear map, cheaper."""
+    K = text_emb.shape[0]
+    check_ignore_index(ignore_index, K)
+    logits = logit_scale * torch.einsum("kc,bhwc->bkhw", text_emb.float(), tokens.float())  # [B, K, 2h, 2w]
+    logits = F.interpolate(logits, size=semantic.shape[-2:], mode="bilinear", align_corners=False)
+    target = semantic.to(logits.device).long()
+    valid = target != ignore_index
+    if ((target[valid] < 0) | (target[valid] >= K)).any():
+        raise ValueError(f"semantic labels outside [0, {K}) and != ignore_index {ignore_index}")
+    if not valid.any():
+        return logits.sum() * 0  # F.cross_entropy would return NaN on an all-ignored batch
+    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+def mask_losses(mask_logits, instance_masks):
+    """Official mask loss: per image with any target pixel, per decoder layer, sigmoid proposals are
+    upsampled (bilinear, as probabilities) to the target size, matched, and the matched costs summed.
+    Returns (per-layer sums [L], dice sum, bce sum)."""
+    matcher = HungarianMatcher()
+    zero = mask_logits.float().sum() * 0  # keeps the decoder in the graph when nothing is matched (DDP)
+    layers, dice_sum, bce_sum = [zero] * mask_logits.shape[1], 0.0, 0.0
+    for b, gt in enumerate(instance_masks):
+        if gt.numel() == 0 or not gt.any():
+            continue  # the official code skips images whose instance masks are all empty
+        g = gt.to(mask_logits.device, torch.float32).flatten(1)  # [N, H*W]
+        p = F.interpolate(mask_logits[b].float().sigmoid(), size=gt.shape[-2:], mode="bilinear",
+                          align_corners=False).flatten(2)  # [L, Q, 2h, 2w] -> [L, Q, H*W]
+        cost, dice, bce = matcher.cost(p, g)  # [L, Q, N]
+        for l, (qi, ti) in enumerate(matcher.assign(cost)):
+            qi, ti = qi.to(cost.device), ti.to(cost.device)
+            layers[l] = layers[l] + cost[l, qi, ti].sum()  # the matched cost itself is the loss (official)
+            dice_sum = dice_sum + dice[l, qi, ti].detach().sum()
+            bce_sum = bce_sum + bce[l, qi, ti].detach().sum()
+    return layers, dice_sum, bce_sum
+
+
+def criterion(outputs, batch, ignore_index=255, lambda_mask=1.0):
+    """ZUTIS loss = CE(semantic) + lambda_mask * sum over decoder layers of the matched dice + BCE.
+
+    outputs: ZUTIS.forward's dict. batch: {"semantic": long [B, H, W] (label ids or ignore_index),
+    "instance_masks": list of bool [n_b, H, W]}. As the official criterion, the mask loss is summed
+    over matched pairs and layers and divided by the batch size. Computed in fp32 whatever the autocast.
+    Returns fp32 scalars: loss, loss_ce, loss_mask (with grad), detached loss_dice, loss_bce, loss_mask_{l}."""
+    mask_logits = outputs["mask_logits"]
+    with torch.autocast(mask_logits.device.type, enabled=False):
+        loss_ce = semantic_ce(outputs["patch_tokens"], batch["semantic"], outputs["text_emb"],
+                              outputs.get("logit_scale", 1.0), ignore_index)
+        layers, dice_sum, bce_sum = mask_losses(mask_logits, batch["instance_masks"])
+        denom = float(mask_logits.shape[0])  # the batch size
+        layers = [x / denom for x in layers]
+        loss_mask = torch.stack(layers).sum()
+        out = {"loss": loss_ce + lambda_mask * loss_mask, "loss_ce": loss_ce, "loss_mask": loss_mask,
+               "loss_dice": torch.as_tensor(dice_sum / denom).detach().float(),
+               "loss_bce": torch.as_tensor(bce_sum / denom).detach().float()}
+        out.update({f"loss_mask_{l}": x.detach() for l, x in enumerate(layers)})
+    return out
+
+
+# ----------------------------------------------------------------------------- inference (official rules)
 
 @torch.no_grad()
-def semantic_from_outputs(outputs, size, text_emb=None, chunk=64):
+def semantic_from_outputs(outputs, size, chunk=64):
     """argmax over classes (background included, no threshold) of the raw-cosine logits upsampled
     bilinearly to `size` (H, W) -> long [H, W]. Chunked over classes so 920 classes at 1024^2 fit."""
-    te = (outputs["text_emb"] if text_emb is None else text_emb).float()
-    logits = torch.einsum("kc,hwc->khw", te, outputs["patch_tokens"][0].float())  # [K, 2h, 2w]
-    best_v = best_i = None
+    logits = torch.einsum("kc,hwc->khw", outputs["text_emb"].float(), outputs["patch_tokens"][0].float())  # [K, 2h, 2w]
+    best_v = torch.full(tuple(size), -math.inf, device=logits.device)
+    best_i = torch.zeros(tuple(size), dtype=torch.long, device=logits.device)
     for k0 in range(0, logits.shape[0], chunk):
         up = F.interpolate(logits[None, k0:k0 + chunk], size=tuple(size), mode="bilinear", align_corners=False)[0]
         v, i = up.max(0)  # [H, W]; the first maximum wins, as torch.argmax
-        if best_v is None:
-            best_v, best_i = v, i
-        else:
-            better = v > best_v
-            best_v, best_i = torch.where(better, v, best_v), torch.where(better, i + k0, best_i)
+        better = v > best_v
+        best_v, best_i = torch.where(better, v, best_v), torch.where(better, i + k0, best_i)
     return best_i
 
 
@@ -240,14 +369,12 @@ def mask_nms(masks, scores, labels, iou=0.3, score_floor=0.001):
     """Class-wise greedy NMS on mask IoU (official "hard" NMS). masks bool [N, H, W], scores [N],
     labels [N] -> kept indices (long, by descending score). Within a class the best mask is always kept;
     another survives if its IoU with every kept mask is <= iou and its score > score_floor."""
-    keep = []
-    flat = masks.flatten(1).float()  # [N, H*W]
+    keep, flat = [], masks.flatten(1).float()  # [N, H*W]
     for c in labels.unique():
         idx = (labels == c).nonzero()[:, 0]
         order = idx[torch.sort(scores[idx], descending=True, stable=True).indices]
         m = flat[order]
-        inter = m @ m.t()  # [n, n] pixel counts (exact in fp32 below 2^24 pixels)
-        area = m.sum(1)
+        inter, area = m @ m.t(), m.sum(1)  # [n, n] pixel counts (exact in fp32 below 2^24 pixels)
         ious = (inter / (area[:, None] + area[None] - inter + 1e-7)).cpu()
         alive = (scores[order] > score_floor).cpu()
         alive[0] = True
@@ -267,7 +394,7 @@ def mean_token_cos(binary, tokens, text_emb):
 
 
 @torch.no_grad()
-def instances_from_outputs(outputs, size, text_emb=None, t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid",
+def instances_from_outputs(outputs, size, t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid",
                            temperature=5.0, score_floor=0.001):
     """Official instance rules on the last decoder layer: low-res binary masks P > t, confidence = mean
     P inside, class from the mean unit token inside (sigmoid(5 cos), or "softmax" = the paper's
@@ -276,17 +403,13 @@ def instances_from_outputs(outputs, size, text_emb=None, t=0.5, nms="hard", nms_
     -> {"masks": bool [N, H, W], "labels": long [N], "scores": float [N]} by descending score."""
     if nms not in ("hard", "none") or class_prob not in ("sigmoid", "softmax"):
         raise UserError(f"nms must be hard|none and class_prob sigmoid|softmax, got {nms!r}, {class_prob!r}")
-    te = (outputs["text_emb"] if text_emb is None else text_emb).float()
     probs = outputs["mask_logits"][0, -1].float().sigmoid()  # [Q, 2h, 2w]
     tokens = outputs["patch_tokens"][0].float().flatten(0, 1)  # [2h, 2w, C_t] -> [4hw, C_t]
     binary = (probs > t).flatten(1).float()  # [Q, 4hw]
-    area = binary.sum(1)
-    conf = (probs.flatten(1) * binary).sum(1) / (area + 1e-7)
-    cos = mean_token_cos(binary, tokens, te)  # [Q, K]
-    if class_prob == "sigmoid":
-        prob = torch.sigmoid(temperature * cos)
-    else:
-        prob = torch.softmax(outputs.get("logit_scale", 1.0) * cos, dim=-1)
+    conf = (probs.flatten(1) * binary).sum(1) / (binary.sum(1) + 1e-7)
+    cos = mean_token_cos(binary, tokens, outputs["text_emb"].float())  # [Q, K]
+    prob = (torch.sigmoid(temperature * cos) if class_prob == "sigmoid"
+            else torch.softmax(outputs.get("logit_scale", 1.0) * cos, dim=-1))
     max_prob, labels = prob.max(-1)
     scores = conf * max_prob
     idx = (labels != 0).nonzero()[:, 0]  # background is just class 0: dropped
@@ -301,117 +424,55 @@ def instances_from_outputs(outputs, size, text_emb=None, t=0.5, nms="hard", nms_
     return {"masks": masks[keep], "labels": labels[keep], "scores": scores[keep]}
 
 
-def _forward1(model, image):
-    if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(f"expected one image [1, 3, H, W], got {tuple(image.shape)}")
-    p = model.patch_size
-    if image.shape[-1] < p or image.shape[-2] < p:
-        raise UserError(f"image {tuple(image.shape[-2:])} is smaller than one {p}x{p} patch")
-    return model(image)
-
-
 @torch.no_grad()
-def predict(model, image, t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid", size=None):
+def predict(model, image, t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid", size=None, instances=True):
     """One normalised image [1, 3, H, W] at its original resolution -> {"semantic": long [H, W],
     "masks": bool [N, H, W], "labels": long [N], "scores": float [N]}; one forward pass for both.
     `size` (H, W) overrides the output size (e.g. the pre-resize size for ImageNet-S)."""
-    out = _forward1(model, image)
-    size = tuple(size or image.shape[-2:])
-    return {"semantic": semantic_from_outputs(out, size),
-            **instances_from_outputs(out, size, t=t, nms=nms, nms_iou=nms_iou, class_prob=class_prob)}
+    p = model.patch_size
+    if image.dim() != 4 or image.shape[0] != 1 or min(image.shape[-2:]) < p:
+        raise UserError(f"expected one image [1, 3, H, W] of at least one {p}x{p} patch, got {tuple(image.shape)}")
+    out, size = model(image), tuple(size or image.shape[-2:])
+    pred = {"semantic": semantic_from_outputs(out, size)}
+    return {**pred, **instances_from_outputs(out, size, t, nms, nms_iou, class_prob)} if instances else pred
 
 
-@torch.no_grad()
 def predict_semantic(model, image, size=None):
-    return semantic_from_outputs(_forward1(model, image), tuple(size or image.shape[-2:]))
-
-
-@torch.no_grad()
-def predict_instances(model, image, t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid", size=None):
-    out = _forward1(model, image)
-    return instances_from_outputs(out, tuple(size or image.shape[-2:]), t=t, nms=nms, nms_iou=nms_iou,
-                                  class_prob=class_prob)
+    return predict(model, image, size=size, instances=False)["semantic"]
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _few(keys, n=6):
-    return "none" if not keys else ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def check_state_dict(model, sd, what="state dict"):
-    """Strict check with an error that names the offending keys (missing, unexpected, wrong shape)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [f"{k} {tuple(sd[k].shape)} (model {tuple(own[k].shape)})" for k in own
-             if k in sd and (not torch.is_tensor(sd[k]) or sd[k].shape != own[k].shape)]
-    if missing or unexpected or shape:
-        raise UserError(f"{what} does not match the model: missing keys: {_few(missing)}; "
-                        f"unexpected keys: {_few(unexpected)}; wrong shapes: {_few(shape)}")
-
-
-def _official_arch(sd):
-    """ViT-B/16 or ViT-B/32 from encoder.conv1.weight (kernel 16 vs 32) and the positional table (197 vs 50)."""
-    for k in ("encoder.conv1.weight", "encoder.positional_embedding"):
-        if k not in sd:
-            raise UserError(f"not an official ZUTIS state dict: missing key {k}")
-    conv, n_pos = sd["encoder.conv1.weight"].shape, sd["encoder.positional_embedding"].shape[0]
-    known = {(768, 16, 197): "ViT-B/16", (768, 32, 50): "ViT-B/32"}
-    if (conv[0], conv[-1], n_pos) not in known:
-        raise UserError(f"cannot tell the CLIP arch from encoder.conv1.weight {tuple(conv)} and "
-                        f"encoder.positional_embedding length {n_pos}; pass arch= (a CLIP name or path)")
-    return known[(conv[0], conv[-1], n_pos)]
-
-
-def _hparams_from_shapes(sd):
-    """Decoder sizes read from the tensors (heads cannot be: 8, as the official code)."""
-    kw = {}
-    if "query_embed" in sd:
-        kw["n_queries"] = sd["query_embed"].shape[0]
-    layers = {int(k.split(".")[2]) for k in sd if k.startswith("decoder.layers.")}
-    if layers:
-        kw["n_layers"] = max(layers) + 1
-    if "decoder.layers.0.linear1.weight" in sd:
-        kw["dim_ffn"] = sd["decoder.layers.0.linear1.weight"].shape[0]
-    if "ffn1.layers.0.weight" in sd:
-        kw["mlp_hidden"] = sd["ffn1.layers.0.weight"].shape[0]
-    return kw
-
-
-def _torch_load(path):
-    import pickle
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # official files: plain tensors
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoints (rng states)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from None
-
-
-def _category_list(categories):
-    import categories as cats
-    try:
-        return cats.get_categories(categories)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+def encoder_from_state_dict(sd):
+    """An untrained CLIP visual tower shaped like the `encoder.*` tensors of `sd` (loaded afterwards)."""
+    width, _, patch, _ = sd["encoder.conv1.weight"].shape
+    grid = round((sd["encoder.positional_embedding"].shape[0] - 1) ** 0.5)
+    layers = len({k.split(".")[3] for k in sd if k.startswith("encoder.transformer.resblocks.")})
+    return clip_model.VisionTransformer(patch * grid, patch, width, layers, max(1, width // 64),
+                                        sd["encoder.proj"].shape[1])
 
 
 def load_official(path_or_state_dict, categories, arch=None, clip=None, **overrides):
-    """An official ZUTIS file (a bare state dict of 275 fp32 tensors) -> ZUTIS, loaded strictly. The
-    key layout is ours, so the map is the identity, checked. The file holds no category names and no
-    text tower: the text embeddings come from `categories` and the released CLIP of the same arch.
-    The official behaviour is selected: pos_interp "official", logit_scale 1, bare-name texts."""
-    sd = _torch_load(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
-    if not isinstance(sd, dict) or ("model" in sd and "config" in sd):
-        raise UserError("not an official ZUTIS state dict (a zutis train.py checkpoint loads with load_checkpoint)")
-    arch = arch or _official_arch(sd)
-    hp = {**_hparams_from_shapes(sd), "pos_interp": "official", "logit_scale": 1.0, "text_templates": "none",
-          **overrides}
-    model = ZUTIS(arch, categories, clip=clip, **hp)
-    check_state_dict(model, sd, "official checkpoint")
-    model.load_state_dict(sd, strict=True)
-    return model
+    """An official ZUTIS file (a bare state dict of 275 fp32 tensors in our key layout) -> ZUTIS, loaded
+    strictly, with the official behaviour (pos_interp "official", logit_scale 1, bare-name texts). The
+    file holds no category names and no text tower: the text embeddings come from `categories` and the
+    released CLIP of the same arch (ViT-B/16 or ViT-B/32, told by the patch size) or `arch`."""
+    sd = path_or_state_dict
+    if isinstance(sd, (str, os.PathLike)):
+        sd = common.torch_load(sd, "official ZUTIS checkpoint")
+    if not isinstance(sd, dict) or "encoder.conv1.weight" not in sd or "config" in sd:
+        raise UserError("not an official ZUTIS state dict (no encoder.conv1.weight; train.py checkpoints "
+                        "load with load_checkpoint)")
+    width, patch = sd["encoder.conv1.weight"].shape[::3]
+    if arch is None and (width != 768 or patch not in (16, 32)):
+        raise UserError(f"cannot tell the CLIP arch of encoder.conv1.weight (width {width}, patch {patch}): "
+                        "pass arch= (a CLIP name or path)")
+    keys = {"n_queries": "query_embed", "dim_ffn": "decoder.layers.0.linear1.weight", "mlp_hidden": "ffn1.layers.0.weight"}
+    hp = {name: sd[k].shape[0] for name, k in keys.items() if k in sd}  # heads cannot be read: 8, as official
+    layers = {int(k.split(".")[2]) for k in sd if k.startswith("decoder.layers.")}
+    hp.update({"n_layers": max(layers) + 1} if layers else {})
+    hp.update(pos_interp="official", logit_scale=1.0, text_templates="none", **overrides)
+    return common.load_strict(ZUTIS(arch or f"ViT-B/{patch}", categories, clip=clip, **hp), sd, "official checkpoint")
 
 
 def to_official(model):
@@ -419,17 +480,14 @@ def to_official(model):
     tensors that `torch.save` writes as a file the official code loads with strict=True."""
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model.state_dict().items()}
     group = {"query_embed": 0, "encoder": 1, "ffn1": 2, "ffn2": 3, "decoder": 4}
-
-    def rank(k):  # within encoder the official file lists its own parameters before submodules
-        top, *rest = k.split(".")
-        return group.get(top, 5), top == "encoder" and len(rest) > 1
-
+    # within encoder the official file lists its own parameters before its submodules
+    rank = lambda k: (group.get(k.split(".")[0], 5), k.startswith("encoder.") and k.count(".") > 1)  # noqa: E731
     return OrderedDict((k, sd[k].detach().cpu().clone()) for k in sorted(sd, key=rank))
 
 
 def download_official(name, root=None):
-    """Fetch a published checkpoint into ~/.cache/zutis (progress bar, atomic), print its size and
-    sha256, and check the size against the README's (to its 0.1 MB precision)."""
+    """Fetch a published checkpoint into ~/.cache/zutis (a cached copy is reused), print its size and sha256, and check the
+    size against the official README's (to its 0.1 MB precision)."""
     if name not in OFFICIAL:
         raise UserError(f"unknown official checkpoint {name!r}: use one of {sorted(OFFICIAL)}")
     url, mb = OFFICIAL[name][:2]
@@ -437,46 +495,41 @@ def download_official(name, root=None):
     size = os.path.getsize(path)
     print(f"{name}: {path} ({size} bytes, sha256 {clip_model.sha256_of(path)})", flush=True)
     if round(size / 1e6, 1) != mb:
-        raise UserError(f"{path} has {size} bytes but the README says ~{mb} MB: delete it and retry")
+        raise UserError(f"{path} has {size} bytes but the official README says ~{mb} MB: delete it and retry")
     return path
 
 
-def _from_train_checkpoint(ckpt, categories, arch=None, **overrides):
-    cfg = dict(ckpt["config"])
-    if isinstance(cfg.get("model"), dict):
-        cfg.update(cfg["model"])
-    if "arch" not in cfg or "categories" not in cfg:
-        raise UserError("checkpoint config lacks 'arch' or 'categories'")
-    if cfg.get("no_stop_grad"):
-        cfg["stop_grad"] = False
-    names = inspect.signature(ZUTIS).parameters
-    kw = {k: cfg[k] for k in names if k in cfg and k not in ("arch", "categories", "clip")}
-    model = ZUTIS(arch or cfg["arch"], categories or cfg["categories"], **{**kw, **overrides})
-    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    check_state_dict(model, sd, "checkpoint")
-    model.load_state_dict(sd, strict=True)
-    return model
+def from_train_checkpoint(ck, categories=None, arch=None, **overrides):
+    """A train.py checkpoint dict -> ZUTIS. The encoder is shaped from the state dict and the trained
+    categories' text embeddings are stored, so no CLIP file is read unless other `categories` (or a
+    text setting in `overrides`) need new embeddings; then `arch`, else the stored CLIP name or path."""
+    cfg, sd = ck["config"], ck["model"]
+    if "encoder.conv1.weight" not in sd or "categories" not in cfg:
+        raise UserError("checkpoint lacks encoder weights or the category list: not a zutis train.py checkpoint")
+    mcfg = ModelConfig.from_dict(cfg, **overrides, **({"arch": arch} if arch else {}))
+    same_text = (categories is None or list(categories) == cfg["categories"]) and \
+        not {"text_templates", "text_fp32"} & set(overrides)
+    model = ZUTIS(mcfg, categories or cfg["categories"], encoder=encoder_from_state_dict(sd),
+                  text_emb=ck.get("text_emb") if same_text else None, arch_path=None if arch else cfg.get("arch_path"))
+    return common.load_strict(model, sd, "checkpoint")
 
 
 def load_checkpoint(spec, categories=None, device="cpu", arch=None, **overrides):
-    """A zutis train.py checkpoint ({"model", "config", ...}), an official ZUTIS file, or
-    "official:<name>" (see OFFICIAL; downloaded once) -> ZUTIS in eval mode on `device`.
-    `categories` (a builtin name, file, comma list or list) replaces the stored / default list;
-    `arch` names the CLIP (for the text tower) when the file's own is unknown or has moved;
-    `overrides` are ZUTIS keyword arguments (e.g. pos_interp) that replace the stored ones."""
-    cats = None if categories is None else _category_list(categories)
+    """A zutis train.py checkpoint ({"model", "config", "text_emb", ...}), an official ZUTIS file, or
+    "official:<name>" (see OFFICIAL; downloaded on first use) -> ZUTIS in eval mode on `device`.
+    `categories` (a built-in name, file, comma list or list) replaces the stored / default list;
+    `arch` (a CLIP name or file) replaces the stored one; `overrides` are ModelConfig fields."""
+    cats = None if categories is None else C.get_categories(categories)
     spec = str(spec)
     if spec.startswith("official:"):
         name = spec.split(":", 1)[1]
         path = download_official(name)
-        model = load_official(path, cats or _category_list(OFFICIAL[name][3]), arch=arch or OFFICIAL[name][2],
+        model = load_official(path, cats or C.get_categories(OFFICIAL[name][3]), arch=arch or OFFICIAL[name][2],
                               **overrides)
     else:
-        if not os.path.isfile(spec):
-            raise UserError(f"checkpoint not found: {spec!r} (a file, or official:<name>, name in {sorted(OFFICIAL)})")
-        obj = _torch_load(spec)
+        obj = common.torch_load(spec, f"checkpoint (a file, or official:<name> with a name in {sorted(OFFICIAL)})")
         if isinstance(obj, dict) and "model" in obj and "config" in obj:
-            model = _from_train_checkpoint(obj, cats, arch, **overrides)
+            model = from_train_checkpoint(obj, cats, arch, **overrides)
         elif isinstance(obj, dict) and "query_embed" in obj:
             if cats is None:
                 raise UserError("official ZUTIS files store no category names: pass categories (e.g. 'coco')")
@@ -484,24 +537,3 @@ def load_checkpoint(spec, categories=None, device="cpu", arch=None, **overrides)
         else:
             raise UserError(f"{spec!r} is neither a zutis train.py checkpoint nor an official ZUTIS state dict")
     return model.to(device).eval()
-
-
-if __name__ == "__main__":
-    import argparse
-    from criterion import benchmark  # the timing sits next to the loss it compares against
-    # --- CLI ---
-    parser = argparse.ArgumentParser(description="time the ZUTIS forward pass and criterion (random weights)")
-    parser.add_argument("--benchmark", action="store_true", help="run the timing (otherwise print this help)")
-    parser.add_argument("--arch", default="ViT-B/16", help="CLIP shape: ViT-B/16 or ViT-B/32 (random weights)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per step (official: 8)")
-    parser.add_argument("--crop", type=int, default=384, help="training crop in pixels (official: 384)")
-    parser.add_argument("--n_inst", type=int, default=10, help="instances per image (official max: 10)")
-    parser.add_argument("--iters", type=int, default=3, help="timed repetitions after one warm-up")
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    parser.add_argument("--dtype", default="float32", help="float32|bfloat16|float16 autocast")
-    args = parser.parse_args()
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if args.benchmark:
-        benchmark(args.arch, args.batch_size, args.crop, args.n_inst, args.iters, dev, getattr(torch, args.dtype))
-    else:
-        parser.print_help()

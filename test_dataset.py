@@ -1,4 +1,4 @@
-"""Tests for dataset.py (copy-paste scenes). Run: cd /work/main && .venv/bin/python -m pytest -q test_dataset.py
+"""Tests for dataset.py (copy-paste scenes): python -m pytest -q test_dataset.py
 
 Every archive here is generated in a tmp dir: small JPEGs whose object (an ellipse) is white on black, so
 image/mask alignment can be checked, plus masks that are missing, empty or belong to unreadable images.
@@ -338,6 +338,10 @@ def test_user_errors(arc, tmp_path):
         ArchiveDataset(arc[0], str(tmp_path / "nope"))
     with pytest.raises(common.UserError):
         make(arc, scale_range=(0.5, 0.1))
+    with pytest.raises(common.UserError, match="ignore_index 3 is a label id"):  # 4 categories: 0..3
+        make(arc, ignore_index=3)
+    with pytest.raises(common.UserError):
+        make(arc, max_m=3)  # a misspelt augmentation key
 
 
 def test_norms_differ(arc):

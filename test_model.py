@@ -1,7 +1,5 @@
-"""Tests of model.py and criterion.py on CPU with tiny random models (and one full-size key/shape check).
-
-    cd /work/main && .venv/bin/python -m pytest -q test_model.py
-"""
+"""Tests of model.py on CPU with tiny random models (and one full-size key/shape check):
+python -m pytest -q test_model.py"""
 import itertools
 import math
 from collections import OrderedDict
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 import clip_model
-import criterion as CR
+import common
 import model as M
 from common import UserError
 
@@ -22,7 +20,7 @@ TINY = dict(n_queries=10, n_layers=2, n_heads=8, dim_ffn=64, mlp_hidden=32)
 
 def official_shapes(width=768, patch=16, n_pos=197, enc_layers=12, embed=512, queries=100, dec_layers=6,
                     dim_ffn=2048, hidden=256):
-    """The official key layout, in file order, written from shared/reference/zutis_checkpoint_keys.md."""
+    """The official key layout, in the official file's order."""
     s = OrderedDict(query_embed=(queries, width))
     e = "encoder."
     s.update({e + "class_embedding": (width,), e + "positional_embedding": (n_pos, width),
@@ -88,7 +86,7 @@ def make_batch(B=2, H=64, W=64, seed=0):
 def test_official_layout_tiny_strict_round_trip(tiny_clip_path):
     sd = tiny_official_sd()
     m = M.load_official(sd, CATS, arch=tiny_clip_path)
-    assert (m.pos_interp, m.logit_scale, m.text_templates) == ("official", 1.0, "none")
+    assert (m.config.pos_interp, m.config.logit_scale, m.config.text_templates) == ("official", 1.0, "none")
     back = M.to_official(m)
     assert list(back) == list(sd)  # same keys, same (official) order
     for k in sd:
@@ -144,23 +142,24 @@ def test_load_checkpoint_files(tiny_clip_path, tmp_path):
     with pytest.raises(UserError, match="pass arch"):  # a tiny official-layout file has no known arch
         M.load_checkpoint(str(tmp_path / "official.pt"), categories="voc")
     m = M.load_checkpoint(str(tmp_path / "official.pt"), categories=CATS, arch=tiny_clip_path)
-    assert m.pos_interp == "official" and not m.training
+    assert m.config.pos_interp == "official" and not m.training
     # a train.py checkpoint: our state dict + a config with the arch, categories and hyper-parameters
-    cfg = {"arch": tiny_clip_path, "categories": CATS, "logit_scale": 10.0, "no_stop_grad": True, **TINY}
+    cfg = {"arch": tiny_clip_path, "categories": CATS, "logit_scale": 10.0, "stop_grad": False, **TINY}
     torch.save({"model": m.state_dict(), "optimizer": {}, "scaler": None, "step": 2, "config": cfg,
-                "rng": {"numpy": __import__("numpy").random.get_state()}}, tmp_path / "ckpt.pt")
+                "rng": [common.rng_state()]}, tmp_path / "ckpt.pt")
     m2 = M.load_checkpoint(str(tmp_path / "ckpt.pt"))
-    assert m2.logit_scale == 10.0 and m2.stop_grad is False and m2.categories == CATS
+    assert m2.config.logit_scale == 10.0 and m2.config.stop_grad is False and m2.categories == CATS
     assert M.load_checkpoint(str(tmp_path / "ckpt.pt"), categories="a,b", arch=tiny_clip_path).categories == \
         ["background", "a", "b"]  # the CLIP may be named anew (moved file); categories replaced
     x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
         # our checkpoint config did not name pos_interp: the default (size-form bicubic) differs off-grid
         assert not torch.allclose(m(x)["mask_logits"], m2(x)["mask_logits"])
-        m2.pos_interp = "official"
+        m2.config.pos_interp = "official"
         assert torch.allclose(m(x)["mask_logits"], m2(x)["mask_logits"])
     torch.save({"weights": 1}, tmp_path / "bad.pt")
-    for bad in (str(tmp_path / "bad.pt"), str(tmp_path / "missing.pt"), "official:nope"):
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 8)
+    for bad in (str(tmp_path / "bad.pt"), str(tmp_path / "missing.pt"), str(tmp_path / "random.pt"), "official:nope"):
         with pytest.raises(UserError):
             M.load_checkpoint(bad)
 
@@ -209,7 +208,7 @@ def test_text_templates_and_set_categories(tiny_clip_path, tiny_model):
 def test_dice_bce_hand_values():
     p = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.9, 0.2, 0.0, 1.0], [0.0, 1.0, 0.5, 0.5]])
     g = torch.tensor([[1., 1, 0, 0], [1, 0, 0, 1]])
-    dice, bce = CR.pairwise_dice_bce(p, g)
+    dice, bce = M.pairwise_dice_bce(p, g)
     assert dice.shape == bce.shape == (3, 2)
     assert dice[0, 0].item() == pytest.approx(1 - 3 / 5, abs=1e-6)
     assert dice[1, 1].item() == pytest.approx(1 - (2 * 1.9 + 1) / (2.1 + 2 + 1), abs=1e-6)
@@ -233,14 +232,14 @@ def test_matcher_is_optimal(Q, N):
     for _ in range(3):
         probs = torch.rand(Q, 50, generator=g)
         gt = (torch.rand(N, 50, generator=g) > 0.6).float()
-        matcher = CR.HungarianMatcher()
+        matcher = M.HungarianMatcher()
         (qi, ti), = matcher(probs, gt)
         cost = matcher.cost(probs, gt)[0]
         assert qi.dtype == ti.dtype == torch.int64 and len(qi) == min(Q, N)
         assert len(set(qi.tolist())) == len(qi) and len(set(ti.tolist())) == len(ti)
         assert cost[qi, ti].sum().item() == pytest.approx(brute_force(cost.tolist()), abs=1e-5)
     with pytest.raises(AssertionError, match="non-finite"):
-        CR.HungarianMatcher.assign(torch.tensor([[float("nan"), 1.0]]))
+        M.HungarianMatcher.assign(torch.tensor([[float("nan"), 1.0]]))
 
 
 def naive_official_mask_loss(mask_logits, instance_masks):
@@ -274,7 +273,7 @@ def test_mask_loss_matches_naive_official_loop():
     out = {"mask_logits": mask_logits.requires_grad_(), "patch_tokens": torch.randn(3, 5, 7, 8),
            "text_emb": F.normalize(torch.randn(3, 8), dim=-1)}
     batch = {"semantic": torch.randint(0, 3, (3, 20, 28)), "instance_masks": inst}
-    losses = CR.criterion(out, batch)
+    losses = M.criterion(out, batch)
     assert losses["loss_mask"].item() == pytest.approx(naive_official_mask_loss(mask_logits.detach(), inst), rel=1e-5)
     assert sum(losses[f"loss_mask_{l}"] for l in range(2)).item() == pytest.approx(losses["loss_mask"].item(), rel=1e-6)
     assert (losses["loss_dice"] + losses["loss_bce"]).item() == pytest.approx(losses["loss_mask"].item(), rel=1e-5)
@@ -284,31 +283,27 @@ def test_mask_loss_matches_naive_official_loop():
     assert losses["loss_ce"].item() == pytest.approx(ref.item(), rel=1e-5)
     losses["loss"].backward()
     assert torch.isfinite(mask_logits.grad).all()
-    # Mask2Former-style normalisation: divide by the number of target masks used (4 + 2), not by B = 3
-    m2f = CR.criterion(out, batch, loss_norm="num_masks")
-    assert m2f["loss_mask"].item() == pytest.approx(losses["loss_mask"].item() * 3 / 6, rel=1e-6)
     assert all(v.dtype == torch.float32 and v.dim() == 0 for v in losses.values())
 
 
 def test_zero_instance_images(tiny_model):
     x, batch = make_batch()
     batch["instance_masks"] = [torch.zeros(0, 64, 64, dtype=torch.bool), torch.zeros(3, 64, 64, dtype=torch.bool)]
-    for norm in ("official", "num_masks"):
-        tiny_model.zero_grad()
-        losses = CR.criterion(tiny_model(x), batch, loss_norm=norm)
-        assert losses["loss_mask"].item() == 0 and torch.isfinite(losses["loss"])
-        losses["loss"].backward()  # the decoder stays in the graph (zero gradient), as DDP needs
-        assert tiny_model.decoder.norm.weight.grad is not None
+    tiny_model.zero_grad()
+    losses = M.criterion(tiny_model(x), batch)
+    assert losses["loss_mask"].item() == 0 and torch.isfinite(losses["loss"])
+    losses["loss"].backward()  # the decoder stays in the graph (zero gradient), as DDP needs
+    assert tiny_model.decoder.norm.weight.grad is not None
 
 
 def test_bfloat16_autocast_losses_are_fp32(tiny_model):
     x, batch = make_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny_model(x)
-        losses = CR.criterion(out, batch)  # computes in fp32 inside (autocast disabled there)
+        losses = M.criterion(out, batch)  # computes in fp32 inside (autocast disabled there)
     assert out["mask_logits"].dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
-    ref = CR.criterion({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, batch)
+    ref = M.criterion({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, batch)
     assert losses["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
 
 
@@ -326,7 +321,7 @@ def test_stop_gradient(tiny_clip_path, stop_grad):
     torch.manual_seed(0)
     m = M.ZUTIS(tiny_clip_path, CATS, stop_grad=stop_grad, **TINY)
     x, batch = make_batch()
-    losses = CR.criterion(m(x), batch)
+    losses = M.criterion(m(x), batch)
     enc, rest = grads(m, losses["loss_mask"])
     # At init the first layer's self-attention sees tgt = 0, so its output is the (zero) value bias
     # whatever q, k are: those three tensors get no gradient by construction (as in DETR).
@@ -357,7 +352,7 @@ def test_overfit_one_batch(tiny_clip_path):
     torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
     try:
         for _ in range(150):
-            losses = CR.criterion(m(x), batch)
+            losses = M.criterion(m(x), batch)
             opt.zero_grad()
             losses["loss"].backward()
             opt.step()
@@ -380,7 +375,7 @@ def test_mask_nms_classwise():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.0005, 0.0005])
     labels = torch.tensor([1, 1, 2, 1, 1, 3])
     assert M.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
-    masks[1, :5, 2:] = False  # B now has IoU 11/25 = 0.44 with A: still removed at 0.3, kept at 0.5
+    masks[1, :5, 2:] = False  # B then has IoU 11/25 = 0.44 with A: still removed at 0.3, kept at 0.5
     assert M.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
     assert M.mask_nms(masks, scores, labels, iou=0.5).tolist() == [0, 1, 2, 3, 5]
 
@@ -449,7 +444,78 @@ def test_official_name_download_path(tiny_clip_path, tmp_path, monkeypatch, caps
     monkeypatch.setitem(M.OFFICIAL, "tiny", ("https://example.invalid/tiny.pt", mb, tiny_clip_path, "voc"))
     m = M.load_checkpoint("official:tiny")
     assert calls[0][1].endswith(".cache/zutis") and m.categories[:2] == ["background", "aeroplane"]
-    assert "sha256" in capsys.readouterr().out and m.pos_interp == "official"
+    assert "sha256" in capsys.readouterr().out and m.config.pos_interp == "official"
     monkeypatch.setitem(M.OFFICIAL, "tiny", ("https://example.invalid/tiny.pt", mb + 0.2, tiny_clip_path, "voc"))
     with pytest.raises(UserError, match="README says"):
         M.load_checkpoint("official:tiny")
+
+
+# ----------------------------------------------------------------------------- ignore id, checkpoints that travel
+
+def test_920_classes_class_255_is_a_target_and_padding_is_ignored():
+    """ImageNet-S919: 920 classes, so 255 is a real class ("pug") and the ignore id is 1000."""
+    K, ign = 920, 1000
+    assert __import__("categories").recipe("imagenet_s919", K)["ignore_index"] == ign
+    g = torch.Generator().manual_seed(0)
+    tokens = F.normalize(torch.randn(1, 4, 4, 16, generator=g), dim=-1)
+    sem = torch.zeros(1, 8, 8, dtype=torch.long)
+    sem[0, :4, :4] = 255  # an object of class 255
+    sem[0, :, 6:] = ign  # padding
+
+    def ce(text_emb, semantic=sem):
+        return M.semantic_ce(tokens, semantic, text_emb, ignore_index=ign)
+
+    text = F.normalize(torch.randn(K, 16, generator=g), dim=-1).requires_grad_()
+    ce(text).backward()
+    assert text.grad[255].abs().sum() > 0  # class 255 gets a target (a positive gradient pull)
+    moved = text.detach().clone()
+    moved[255] = -moved[255]
+    assert ce(moved).item() != pytest.approx(ce(text.detach()).item())  # its logit changes the loss
+    repadded = sem.clone()
+    repadded[0, :, 6:] = 3  # padding pixels relabelled: the loss must differ, so they were ignored before
+    assert ce(text.detach(), repadded).item() != pytest.approx(ce(text.detach()).item())
+    ref = F.cross_entropy(F.interpolate(torch.einsum("kc,bhwc->bkhw", text.detach(), tokens), size=(8, 8),
+                                        mode="bilinear"), sem, ignore_index=ign)
+    assert ce(text.detach()).item() == pytest.approx(ref.item(), rel=1e-6)
+    with pytest.raises(UserError, match="ignore_index 255 is a label id"):
+        M.semantic_ce(tokens, sem, text.detach(), ignore_index=255)
+
+
+def test_checkpoint_travels_without_its_clip_file(tiny_clip_path, tiny_model, tmp_path, monkeypatch):
+    """A train.py checkpoint stores the encoder weights and the text embeddings: it loads from another
+    directory with the CLIP file gone; new categories need a CLIP, named by arch= or the stored path."""
+    clip_copy = tmp_path / "run" / "clip.pt"
+    clip_copy.parent.mkdir()
+    clip_copy.write_bytes(open(tiny_clip_path, "rb").read())
+    cfg = {**tiny_model.hparams, "arch": "clip.pt", "arch_path": str(clip_copy), "categories": CATS}
+    ck = {"model": tiny_model.state_dict(), "config": cfg, "text_emb": tiny_model.text_emb}
+    torch.save(ck, tmp_path / "run" / "ckpt.pt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # "clip.pt" (relative, as given at training time) does not resolve here
+    x = torch.randn(1, 3, 32, 40)
+    m = M.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # via the stored absolute path or nothing at all
+    with torch.no_grad():
+        assert torch.equal(m(x)["mask_logits"], tiny_model.eval()(x)["mask_logits"])
+    assert m.set_categories(["background", "zebra"]) is None and m.text_emb.shape == (2, 32)  # arch_path
+    clip_copy.unlink()
+    m = M.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # the CLIP file is gone: still loads
+    assert torch.equal(m.text_emb, tiny_model.text_emb)
+    with pytest.raises(UserError, match="not found"):  # new categories need a text tower
+        M.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), categories="a,b")
+    m = M.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), categories="a,b", arch=tiny_clip_path)
+    assert m.categories == ["background", "a", "b"] and m.arch == tiny_clip_path
+
+
+def test_text_embeddings_precision(tiny_clip, monkeypatch):
+    """CPU: fp32, no conversion. CUDA (mocked): a copy converted by clip_model.official_fp16, unless text_fp32."""
+    calls = []
+    monkeypatch.setattr(clip_model, "official_fp16", lambda m: calls.append(m) or m, raising=False)
+    emb = M.text_embeddings(tiny_clip, CATS, M.ModelConfig())
+    assert emb.dtype == torch.float32 and not calls
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a: self)
+    M.text_embeddings(tiny_clip, CATS, M.ModelConfig())
+    assert len(calls) == 1 and calls[0] is not tiny_clip  # a copy: the caller's CLIP stays fp32
+    M.text_embeddings(tiny_clip, CATS, M.ModelConfig(text_fp32=True))
+    assert len(calls) == 1

@@ -186,9 +186,8 @@ PRESETS = {
 # tiny CLIP; a higher encoder lr than the official one, since the tiny encoder starts far from useful
 # features; scenes of up to 10 images as the official recipe; photometric jitter without hue shifts or
 # grayscale, which erase colour, and colour is most of what names a category in this world.
-TRAIN_FLAGS = ["--crop", "64", "--lr", "1e-3", "--lr_encoder", "3e-4", "--logit_scale", "10",
-               "--jitter", "0.4", "0.4", "0.4", "0", "--p_gray", "0", "--n_queries", "20",
-               "--n_layers", "2", "--n_heads", "4", "--dim_ffn", "256", "--mlp_hidden", "128",
+TRAIN_FLAGS = ["--crop", "64", "--lr", "1e-3", "--lr_encoder", "3e-4", "--aug", "jitter=0.4,0.4,0.4,0", "p_gray=0",
+               "--model", "logit_scale=10", "n_queries=20", "n_layers=2", "n_heads=4", "dim_ffn=256", "mlp_hidden=128",
                "--num_workers", "0", "--log_every", "50"]
 SAVE_EVERY = 200  # a small ckpt.pt every 200 iterations: a killed toy run resumes from there
 
