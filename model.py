@@ -150,7 +150,7 @@ def text_embeddings(clip, names, config):
 def resolve_arch(arch, arch_path=None):
     """A CLIP name or an existing file for clip_model.load: `arch` as given, else the absolute path
     recorded at training time (so a checkpoint loads from any working directory)."""
-    if arch in clip_model.available_models() or os.path.isfile(str(arch)):
+    if arch in clip_model.MODELS or os.path.isfile(str(arch)):
         return arch
     if arch_path and os.path.isfile(arch_path):
         return arch_path
