@@ -258,7 +258,7 @@ def cpu_argv(cmd, world):
 
 def run(cmd, world):
     argv = cpu_argv(cmd, world)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(argv, cwd=world["root"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"{cmd}\n-> {' '.join(argv)}\nexit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return argv
