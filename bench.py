@@ -386,9 +386,61 @@ def bench_infer(device, argv):
 
 # ----------------------------------------------------------------------------- smoke: every accelerator path once
 
-# (subcommand, arguments on a GPU: the real shapes, arguments on a CPU: reduced sizes); the torchrun
-# rows exercise the multi-process code paths on one device.
-SMOKE = []
+@command("ddp", "train.py and evaluate.py under torchrun (one process per device): the multi-process code paths")
+def bench_ddp(device, argv):
+    p = argparse.ArgumentParser(prog="bench.py ddp")
+    p.add_argument("--arch", default="ViT-B/16", help="Released CLIP shape (random weights), or tiny.")
+    p.add_argument("--nproc", type=int, default=1, help="Processes (each takes one GPU on CUDA).")
+    p.add_argument("--iters", type=int, default=5, help="Training steps.")
+    p.add_argument("--crop", type=int, default=384, help="Training crop.")
+    p.add_argument("--images", type=int, default=4, help="Generated images to segment.")
+    a = p.parse_args(argv)
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    dev = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="zutis_ddp_") as tmp:
+        clip = os.path.join(tmp, "clip.pt")
+        torch.save(_clip(a.arch).state_dict(), clip)
+        archive, masks = fake_archive(os.path.join(tmp, "data"), size=(160, 120))
+        for i in range(a.images):
+            common.save_image(np.random.default_rng(i).integers(0, 256, (120, 160, 3), dtype=np.uint8),
+                              os.path.join(tmp, "images", f"{i}.jpg"))
+        steps = [("train", [os.path.join(here, "train.py"), "--arch", clip, "--archive", archive, "--masks_dir", masks,
+                            "--iters", str(a.iters), "--batch_size", str(2 * a.nproc), "--crop", str(a.crop),
+                            "--num_workers", "0", "--log_every", "1", "--device", dev, "--out_dir", os.path.join(tmp, "run")]),
+                 ("evaluate", [os.path.join(here, "evaluate.py"), "--images", os.path.join(tmp, "images"),
+                               "--classes", "thing0,thing1,thing2", "--ckpt", os.path.join(tmp, "run", "ckpt.pt"),
+                               "--device", dev, "--out_dir", os.path.join(tmp, "eval")])]
+        for name, cmd in steps:
+            t0 = time.perf_counter()
+            r = subprocess.run(run + cmd, env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise common.UserError(f"torchrun {name} failed (exit {r.returncode}): "
+                                       + " | ".join((r.stderr or r.stdout).strip().splitlines()[-3:]))
+            rows.append({"step": f"torchrun x{a.nproc} {name}", "seconds": time.perf_counter() - t0})
+    print_table(rows, f"multi-process runs on {dev}")
+    return rows
+
+
+# (subcommand, arguments on a GPU: the real shapes, arguments on a CPU: reduced sizes).
+SMOKE = [
+    ("clip", ["--archs", "ViT-B/16,ViT-L/14@336px", "--batch", "16", "--dense_res", "448"],
+     ["--archs", "tiny", "--batch", "2", "--iters", "1", "--dense_res", "64"]),
+    ("retrieval", ["--arch", "ViT-L/14@336px", "--images", "256", "--n", "1000000"],
+     ["--arch", "tiny", "--images", "8", "--n", "20000", "--workers", "0"]),
+    ("selfmask", ["--images", "32", "--post_workers", "8"],
+     ["--images", "2", "--size", "48", "64", "--short_side", "48", "--batch_size", "2", "--post_workers", "1"]),
+    ("loader", ["--scenes", "50"], ["--crop", "64", "--scenes", "4"]),
+    ("train", ["--arch", "ViT-B/16", "--crop", "384", "--batch_size", "8", "--iters", "50", "--compile", "both"],
+     ["--arch", "ViT-B/32", "--crop", "64", "--batch_size", "2", "--iters", "2", "--warmup", "1", "--compile", "off",
+      "--num_workers", "0", "--model", "n_layers=1", "n_queries=10"]),
+    ("infer", ["--archs", "ViT-B/16,ViT-B/32", "--images", "50"],
+     ["--archs", "ViT-B/32", "--sizes", "64x96", "--classes", "voc", "--images", "2", "--warmup", "1"]),
+    ("ddp", ["--arch", "ViT-B/16", "--iters", "5"], ["--arch", "tiny", "--iters", "2", "--crop", "64", "--images", "2"]),
+]
 
 
 def smoke_parts(device):
