@@ -6,16 +6,22 @@ from here, never typed in.
     python bench.py smoke --device cpu  # every accelerator path once, reduced sizes (CI runs this)
 """
 import argparse
+import concurrent.futures as cf
 import copy
 import dataclasses
-import json
+import multiprocessing as mp
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+from PIL import Image
 
 import build_archive
 import categories
@@ -24,6 +30,8 @@ import common
 import dataset
 import evaluate
 import model as M
+import pseudo_label
+import selfmask
 import train
 
 COMMANDS = {}  # name -> (function, argparse setup), filled by @command below
@@ -113,12 +121,6 @@ def bench_clip(device, argv):
 
 @command("retrieval", "build_archive: embedding img/s (decode, preprocess, CLIP) and exact streaming top-k time and memory")
 def bench_retrieval(device, argv):
-    import resource
-    import tempfile
-    from contextlib import nullcontext
-    from types import SimpleNamespace
-    import numpy as np
-    from PIL import Image
     p = argparse.ArgumentParser(prog="bench.py retrieval")
     p.add_argument("--arch", default="ViT-L/14@336px", help="CLIP for the embedding part (random weights), or tiny.")
     p.add_argument("--images", type=int, default=256, help="Generated 500x375 JPEGs to embed.")
@@ -162,15 +164,6 @@ def bench_retrieval(device, argv):
 
 # ----------------------------------------------------------------------------- SelfMask pseudo-labels
 # (selfmask.py, pseudo_label.py)
-
-import concurrent.futures as cf  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import tempfile  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import pseudo_label  # noqa: E402
-import selfmask  # noqa: E402
 
 
 def photo_like(rng, H, W):
@@ -231,7 +224,6 @@ def bench_selfmask(device, argv):
 
 def fake_archive(root, n_categories=3, per_category=20, size=(500, 375), seed=0):
     """A generated archive: smooth random JPEGs with elliptic 0/255 pseudo-masks -> (archive_json, masks_dir)."""
-    from PIL import Image
     rng, (w, h) = np.random.default_rng(seed), size
     arc = {"arch": "fake", "k": per_category, "index_dirs": ["images"], "archive": {},
            "categories": ["background"] + [f"thing{k}" for k in range(n_categories)]}
@@ -395,7 +387,6 @@ def bench_ddp(device, argv):
     p.add_argument("--crop", type=int, default=384, help="Training crop.")
     p.add_argument("--images", type=int, default=4, help="Generated images to segment.")
     a = p.parse_args(argv)
-    import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -455,8 +446,6 @@ def smoke(device, argv):
     p.add_argument("--only", nargs="+", default=None, help="run only these parts")
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per part")
     a = p.parse_args(argv)
-    import subprocess
-    import tempfile
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="zutis_smoke_") as tmp:
         for part, args in smoke_parts(device):
