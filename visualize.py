@@ -3,9 +3,21 @@ legend strips, and the titled image | ground truth | semantic | instances panels
 vis/ (and <stem>_semantic.png / <stem>_instances.png with --images). The toy report draws with these too.
 References: the PASCAL VOC devkit's colour map (labelcolormap: label bits spread over R, G, B).
 """
+import functools
+
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 import common
+
+
+@functools.lru_cache(maxsize=None)
+def _font():
+    """Pillow's scalable default font where FreeType is available (smoother than the bitmap fallback)."""
+    try:
+        return ImageFont.load_default(size=10)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
 
 
 def palette(n):
@@ -35,7 +47,6 @@ def overlay(img, label_map, colours, alpha=0.55, ignore=None):
 def with_legend(img, entries, cols=1):
     """Append a legend strip below an image: entries = [(rgb, text)], a swatch each, filled row by
     row into `cols` equal columns (rgb None: text only)."""
-    from PIL import Image, ImageDraw
     rows, cw = -(-max(1, len(entries)) // cols), img.shape[1] // cols
     strip = Image.new("RGB", (img.shape[1], 12 * rows + 4), (255, 255, 255))
     d = ImageDraw.Draw(strip)
@@ -43,7 +54,8 @@ def with_legend(img, entries, cols=1):
         x, y = 2 + cw * (k % cols), 2 + 12 * (k // cols)
         if rgb is not None:
             d.rectangle([x, y, x + 9, y + 9], fill=tuple(int(v) for v in rgb))
-        d.text((x + (13 if rgb is not None else 0), y - 1), text, fill=(0, 0, 0))
+        # both of Pillow's default fonts draw a space barely a pixel wide: two keep words apart
+        d.text((x + (13 if rgb is not None else 0), y - 1), text.replace(" ", "  "), fill=(0, 0, 0), font=_font())
     return np.concatenate([img, np.asarray(strip)], axis=0)
 
 
