@@ -1,4 +1,4 @@
-"""Tests for dataset.py (copy-paste scenes): python -m pytest -q test_dataset.py
+"""Tests for dataset.py (copy-paste scenes): python -m pytest -q tests/test_dataset.py
 
 Every archive here is generated in a tmp dir: small JPEGs whose object (an ellipse) is white on black, so
 image/mask alignment can be checked, plus masks that are missing, empty or belong to unreadable images.

@@ -21,7 +21,7 @@ import evaluate as E
 import visualize as V
 from common import UserError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- writers

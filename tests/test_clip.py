@@ -1,6 +1,6 @@
 """Tests of the foundation: clip_model.py (parity with OpenAI's reference implementation on identical
 random weights in fp32 and the official fp16, both checkpoint formats, the tokenizer, checksummed
-downloads, dense features), categories.py and common.py. Run: python -m pytest -q test_zutis.py
+downloads, dense features), categories.py and common.py. Run: python -m pytest -q tests/test_clip.py
 
 The reference is the `openai-clip` package (a test-only dependency, see README); its build_model
 rounds weights to fp16, so every parity test loads the reference's rounded weights back into ours.

@@ -1,7 +1,7 @@
 """Tests of the toy world generator (toy_world.py), its VOC-layout writer, the stage cache, the floors check, and
 the boundary saliency on generated images.
 
-    cd /work/main && .venv/bin/python -m pytest -q test_toy.py
+    python -m pytest -q tests/test_toy.py
 """
 import json
 import os
@@ -149,6 +149,7 @@ def test_interrupted_stage_resumes_or_starts_over(tmp_path):
     assert log.read_text() == "--iters 5;" and not st.resumed
 
 
+@pytest.mark.slow
 def test_tiny_clip_pretraining_resumes_exactly(tmp_path, monkeypatch):
     """Killed after step 3 of 5 and rerun, pre-training ends with the same weights as a run never
     interrupted (weights, optimizer and both RNGs come back), and leaves no resume file behind."""
@@ -178,7 +179,7 @@ def test_tiny_clip_pretraining_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_floors(tmp_path):
-    floors = toy.read_floors(os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_floors.json"))
+    floors = toy.read_floors(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy_floors.json"))
     assert floors["zutis_mIoU"] > 0 and "zutis_AP50" in floors  # the file CI checks is readable
     f = tmp_path / "floors.json"
     f.write_text('{"zutis_mIoU": 20.5, "clip_zero_shot": 32}')
@@ -198,7 +199,7 @@ def test_floors(tmp_path):
                                          (["--device", "tpu"], "--device must be"),
                                          (["--check_floors", "nope.json"], "floors file not found")])
 def test_bad_flags_fail_before_any_work(tmp_path, flags, says):
-    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.py"),
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy.py"),
                         "--out_dir", str(tmp_path / "o"), *flags], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

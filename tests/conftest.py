@@ -1,7 +1,16 @@
 """Shared pytest fixtures: a tiny random CLIP saved in the released state-dict format, so every
-stage can be tested on CPU without downloads."""
+stage can be tested on CPU without downloads.
+
+pytest.ini runs the test files in parallel processes (pytest-xdist), so each process and every script a
+test starts uses one CPU thread: tiny models gain nothing from more, and extra threads on a shared
+machine make them many times slower."""
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import clip_model
 

@@ -11,7 +11,7 @@ a CPU without downloads is changed, by appending flags (argparse keeps the last 
     official:<name>   the checkpoint the COCO chain trained with the same architecture name
 So on a real machine only the data and the device differ.
 
-    python -m pytest -q -m slow test_reproduce.py
+    python -m pytest -q -m slow tests/test_reproduce.py
 """
 import json
 import os
@@ -31,7 +31,7 @@ import model as M
 import selfmask
 from conftest import make_tiny_clip
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(HERE, "docs", "reproduce.md")
 H, W = 32, 48  # every generated image
 TRAIN_TINY = ["--iters", "2", "--batch_size", "2", "--crop", "64", "--num_workers", "0",

@@ -1,6 +1,6 @@
 """Tests of build_archive.py and import_official.py (CPU, tiny random CLIP, generated images).
 
-    .venv/bin/python -m pytest -q test_archive.py
+    python -m pytest -q tests/test_archive.py
 """
 import json
 import os
@@ -20,7 +20,7 @@ import common
 import import_official
 from build_archive import iter_blocks, topk_stream
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -154,6 +154,7 @@ def test_scores_match_clip(tiny_clip_path, tmp_path):
     assert abs(float(img @ txt.t()) - e["score"]) < 2e-3  # float16 storage of the image embedding
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process(tiny_clip_path, tmp_path):
     """Under torchrun each rank embeds chunks rank, rank + world, ...; rank 0 merges and retrieves.
     The archive must equal the single-process one."""

@@ -1,7 +1,7 @@
 """Tests for selfmask.py (network, strict loading, protocol, bilateral solver) and pseudo_label.py
 (boundary fallback, writing, resuming, a killed run, bad input). CPU, tiny shapes.
 
-    python -m pytest -q test_selfmask.py
+    python -m pytest -q tests/test_selfmask.py
 """
 import json
 import os
@@ -362,7 +362,7 @@ def test_pseudo_label_selfmask_path_and_missing_checkpoint(tmp_path, monkeypatch
 
 def script(*argv, **kw):
     return subprocess.run([sys.executable, "pseudo_label.py", *argv], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)), **kw)
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), **kw)
 
 
 def test_non_json_archive_is_one_error_line(tmp_path):
@@ -397,11 +397,17 @@ def alive(pid):
         return False
 
 
+def mask_names(out):
+    """Finished masks only: a `.tmp_*` file is a write in progress (renamed away at any moment)."""
+    return [os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files
+            if f.endswith(".png") and not f.startswith(".tmp_")]
+
+
 def masks_of(out):
-    return {os.path.relpath(os.path.join(d, f), out): np.asarray(Image.open(os.path.join(d, f)))
-            for d, _, files in os.walk(out) for f in files if f.endswith(".png")}
+    return {n: np.asarray(Image.open(os.path.join(out, n))) for n in mask_names(out)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process tree from /proc")
 def test_sigkill_leaves_no_worker_no_temp_file_and_the_rerun_matches(tmp_path, monkeypatch):
     """Kill -9 the main process while DataLoader workers and the solver pool are busy: every worker
@@ -410,12 +416,12 @@ def test_sigkill_leaves_no_worker_no_temp_file_and_the_rerun_matches(tmp_path, m
     out, ref = str(tmp_path / "masks"), str(tmp_path / "ref")
     argv = ["--archive", arc_path, "--out_dir", out, "--saliency", "boundary", "--device", "cpu", "--contact_sheet", "0"]
     p = subprocess.Popen([sys.executable, "pseudo_label.py", *argv, "--num_workers", "2", "--post_workers", "1"],
-                         cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and len(masks_of(out)) < 3:
+    while time.time() < deadline and p.poll() is None and len(mask_names(out)) < 3:
         time.sleep(0.05)
     workers = descendants(p.pid)
-    assert p.poll() is None and len(masks_of(out)) < len(truths), "the run ended before it could be killed"
+    assert p.poll() is None and len(mask_names(out)) < len(truths), "the run ended before it could be killed"
     assert len(workers) >= 3, workers  # 2 DataLoader workers + the solver pool
     os.kill(p.pid, signal.SIGKILL)
     p.wait()

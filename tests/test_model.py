@@ -1,5 +1,5 @@
 """Tests of model.py on CPU with tiny random models (and one full-size key/shape check):
-python -m pytest -q test_model.py"""
+python -m pytest -q tests/test_model.py"""
 import itertools
 import math
 from collections import OrderedDict

@@ -1,5 +1,5 @@
 """Tests of train.py on CPU with a tiny random CLIP and a generated archive + pseudo-masks:
-python -m pytest -q test_train.py
+python -m pytest -q tests/test_train.py
 
 Covered: the poly schedule, the deterministic data stream, the per-benchmark recipe (iterations, ignore
 id), exact resume (weights, logs and saved RNG states), the script as a subprocess writing a checkpoint
@@ -22,7 +22,7 @@ import model as M
 import train
 from test_dataset import write_archive
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
