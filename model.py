@@ -39,7 +39,7 @@ class ModelConfig:
     mlp_hidden: int = 256            # hidden width of ffn1 / ffn2
     logit_scale: float = 1.0         # semantic logits = scale x cosine (official: raw cosines)
     text_templates: str = "none"     # "none": bare class names (official); "85": the paper's template ensemble
-    pos_interp: str = "bicubic"      # position-table resize: "bicubic" (exact at the native grid) or "official"
+    pos_interp: str = "official"     # position-table resize: "official" (DINO's scale-factor form) or "bicubic"
     stop_grad: bool = True           # the paper's stop-gradient between encoder and instance branch
     text_fp32: bool = False          # text embeddings in fp32 on CUDA (official: fp16 on CUDA, fp32 on CPU)
 

@@ -153,10 +153,10 @@ def test_load_checkpoint_files(tiny_clip_path, tmp_path):
         ["background", "a", "b"]  # the CLIP may be named anew (moved file); categories replaced
     x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
-        # our checkpoint config did not name pos_interp: the default (size-form bicubic) differs off-grid
-        assert not torch.allclose(m(x)["mask_logits"], m2(x)["mask_logits"])
-        m2.config.pos_interp = "official"
+        # our checkpoint config did not name pos_interp: the default is the official form
         assert torch.allclose(m(x)["mask_logits"], m2(x)["mask_logits"])
+        m2.config.pos_interp = "bicubic"  # the variant resizes to size: it differs off the native grid
+        assert not torch.allclose(m(x)["mask_logits"], m2(x)["mask_logits"])
     torch.save({"weights": 1}, tmp_path / "bad.pt")
     (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 8)
     for bad in (str(tmp_path / "bad.pt"), str(tmp_path / "missing.pt"), str(tmp_path / "random.pt"), "official:nope"):
@@ -174,7 +174,7 @@ def test_forward_shapes_and_semantic_normalisation(tiny_model):
     assert tok.shape == (2, 10, 16, 32)
     assert torch.allclose(tok.norm(dim=-1), torch.ones(2, 10, 16), atol=1e-5)
     # the official normalisation: proj, per-image LayerNorm over (2h, 2w, C_t) without affine, then L2
-    feat = F.interpolate(tiny_model.encoder.forward_dense(x).permute(0, 3, 1, 2), scale_factor=2, mode="bilinear")
+    feat = F.interpolate(tiny_model.encoder.forward_dense(x, pos_interp="official").permute(0, 3, 1, 2), scale_factor=2, mode="bilinear")
     y = feat.permute(0, 2, 3, 1) @ tiny_model.encoder.proj
     y = (y - y.mean(dim=(1, 2, 3), keepdim=True)) / (y.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
     assert torch.allclose(tok, y / y.norm(dim=-1, keepdim=True), atol=1e-5)
