@@ -19,6 +19,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -154,6 +155,25 @@ def load_strict(module, sd, what="state dict", assign=False):
     return module
 
 
+def _busy_cores(seconds=0.1):
+    """How many cores other work keeps busy right now, from two reads of /proc/stat (Linux); the load
+    average elsewhere, which lags by about a minute."""
+    def ticks():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+    try:
+        t0, i0 = ticks()
+        time.sleep(seconds)
+        t1, i1 = ticks()
+        return (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
 def cpu_threads():
     """Intra-op threads for CPU work: the cores not already busy. More threads than idle cores makes
     small models many times slower (OpenMP threads spin waiting for each other), while a big run on an
@@ -162,11 +182,7 @@ def cpu_threads():
         if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
             return int(os.environ[var])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+    return max(1, min(cores, int(cores - _busy_cores() + 0.5)))
 
 
 def set_cpu_threads():

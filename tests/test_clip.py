@@ -305,3 +305,15 @@ def test_categories_and_common(tmp_path):
     # mkstemp makes 0600 temp files; the output gets the umask's permissions like any other file
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~common._umask()
     assert common._umask() == os.umask(common._umask())
+
+
+def test_cpu_threads_use_the_idle_cores(monkeypatch):
+    assert 0 <= common._busy_cores(0.05) <= os.cpu_count() + 1e-6  # measured on this machine
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("ZUTIS_THREADS", "3")
+    assert common.cpu_threads() == 3  # an explicit choice wins
+    monkeypatch.delenv("ZUTIS_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    for busy, want in [(0.0, 8), (2.4, 6), (7.9, 1), (30.0, 1)]:
+        monkeypatch.setattr(common, "_busy_cores", lambda busy=busy: busy)
+        assert common.cpu_threads() == want
