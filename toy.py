@@ -40,10 +40,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import clip_model
 import common
+from benchmarks import mask_to_rle
 from categories import TEMPLATES
+from pseudo_label import boundary_saliency
 from toy_report import archive_precision, eval_metrics, flat_results, picture_grid, proposal_recall, \
     pseudo_mask_iou, results_table
 from toy_world import CATEGORIES, SIZE, caption_batch, write_world
@@ -125,6 +128,25 @@ def _load_clip_state(resume, args, model, opt, rng):
     torch.set_rng_state(ck["torch_rng"])
     print(f"  resumed tiny-CLIP pre-training at step {ck['step']} from {resume}")
     return ck["step"]
+
+
+def write_proposals(world_dir, out):
+    """Two COCO results files of class-agnostic masks for the evaluation scenes: the true instance masks
+    (oracle) and each scene's boundary-saliency mask, one per scene, as pseudo_label.py's fallback gives
+    (a realistic, weak proposer). -> {kind: path}."""
+    voc = os.path.join(world_dir, "VOC2012")
+    oracle, boundary = [], []
+    for name in open(os.path.join(voc, "ImageSets", "Segmentation", "trainval.txt")).read().split():
+        inst = np.asarray(Image.open(os.path.join(voc, "SegmentationObject", name + ".png")))
+        for i in sorted(set(np.unique(inst).tolist()) - {0, 255}):
+            oracle.append({"file_name": name, "segmentation": mask_to_rle(inst == i), "score": 1.0})
+        sal = boundary_saliency(np.asarray(common.load_rgb(os.path.join(voc, "JPEGImages", name + ".jpg"))))
+        if sal.any():
+            boundary.append({"file_name": name, "segmentation": mask_to_rle(sal), "score": 1.0})
+    paths = {"oracle": os.path.join(out, "proposals", "oracle.json"), "boundary": os.path.join(out, "proposals", "boundary.json")}
+    common.save_json(oracle, paths["oracle"])
+    common.save_json(boundary, paths["boundary"])
+    return paths
 
 
 def load_index(world_dir):
@@ -421,6 +443,12 @@ def main():
              ("maskclip", ["--model", "maskclip", "--arch", clip_path])]
     if not args.no_ablation:
         evals.append(("zutis_no_stop_grad", ["--ckpt", os.path.join(out, "train_no_stop_grad", "ckpt.pt")]))
+    # Naming external masks (evaluate.py --proposals): the true instance masks tell how much instance AP
+    # is lost to naming alone; boundary-saliency components stand in for a class-agnostic proposer.
+    props = st.run("proposals", s_world, [os.path.join(out, "proposals")], lambda: write_proposals(world, out))
+    for kind, path in props.items():
+        evals += [(f"zutis_{kind}_proposals", ["--ckpt", os.path.join(out, "train", "ckpt.pt"), "--proposals", path]),
+                  (f"maskclip_{kind}_proposals", ["--model", "maskclip", "--arch", clip_path, "--proposals", path])]
     for name, extra in evals:
         d = os.path.join(out, "eval_" + name)
         res[name] = st.run("eval_" + name, s_train, [d], lambda d=d, extra=extra: (run_script(

@@ -138,8 +138,11 @@ def results_table(res, sec, cpu, cfg, group=None, resumed=()):
         f"| max cosine of 'background' to a category name | {res['clip_background_max_cos']:.2f} |",
         f"| pseudo-mask IoU vs generator masks (%, {res['pseudo_masks']} images) | {pct(res['pseudo_mask_iou'])} |", "",
         "| segmenter on the VOC-layout scenes | mIoU | AP | AP50 | AP (agn) | AP50 (agn) |", "|---|---|---|---|---|---|"]
+    named = [(f"{who} naming {what} proposals", res.get(f"{key}_{kind}_proposals", {})) for kind, what in
+             (("oracle", "the true instance masks as"), ("boundary", "boundary-saliency"))
+             for key, who in (("zutis", "ZUTIS"), ("maskclip", "MaskCLIP"))]
     for label, m in (("MaskCLIP (training-free baseline)", mc), ("ZUTIS (class-wise NMS 0.3)", z),
-                     ("ZUTIS, no NMS", zn), ("ZUTIS, no stop-gradient (NMS)", zs)):
+                     ("ZUTIS, no NMS", zn), ("ZUTIS, no stop-gradient (NMS)", zs), *named):
         if m:
             lines.append(f"| {label} | {pct(m['mIoU'])} | {pct(m['AP'])} | {pct(m['AP50'])} | {pct(m['AP_agn'])} | {pct(m['AP50_agn'])} |")
     pr = res.get("proposals")
@@ -166,7 +169,8 @@ def results_table(res, sec, cpu, cfg, group=None, resumed=()):
 def flat_results(res):
     """The metrics the floors refer to, as one flat dict (percent)."""
     out = {k: res[k] for k in ("clip_zero_shot", "clip_precision@50", "archive_precision", "pseudo_mask_iou")}
-    for run in ("zutis", "zutis_no_nms", "zutis_no_stop_grad", "maskclip"):
+    for run in ("zutis", "zutis_no_nms", "zutis_no_stop_grad", "maskclip", "zutis_oracle_proposals",
+                "maskclip_oracle_proposals", "zutis_boundary_proposals", "maskclip_boundary_proposals"):
         for k, v in res.get(run, {}).items():
             out[f"{run}_{k}"] = v
     for k, v in res.get("proposals", {}).items():
