@@ -6,6 +6,7 @@ id), exact resume (weights, logs and saved RNG states), the script as a subproce
 that model.load_checkpoint reloads, a SIGKILLed run resumed without leftovers, bad input as one-line
 errors, a non-finite loss stopping the run, strict --init, and a 2-process torchrun (gloo) run.
 """
+import contextlib
 import glob
 import json
 import os
@@ -17,6 +18,7 @@ import time
 import pytest
 import torch
 
+import categories as C
 import common
 import model as M
 import train
@@ -273,3 +275,26 @@ def test_bench_train_and_loader_run_tiny(tmp_path):
                                               "--num_workers", "0"])
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"] and all(r["it_s"] > 0 and r["agrees"] for r in rows)
     assert bench.COMMANDS["loader"][0]("cpu", ["--crop", "32", "--scenes", "2"])[0]["scenes_s"] > 0
+
+
+def test_imagenet_s_class_255_is_trained_and_padding_ignored(tiny_clip_path, tmp_path):
+    """ImageNet-S919 has 920 classes, so label id 255 ("pug") is a real class and the ignore id is 1000.
+    A training step (train.py's config, model and loss) on a scene holding pug gives its pixels a
+    cross-entropy target (ignoring them changes the loss), and the padding none (labelling it changes it). (The dataset's padding with 1000: test_dataset.py.)"""
+    names = C.get_categories("imagenet_s919")
+    arc, masks = write_archive(str(tmp_path), {names[255]: [("i0", "ok")]}, size=(48, 40))
+    cfg = train.make_config(train.parse_args(tiny_argv(tiny_clip_path, (arc, masks), tmp_path / "o", 1,
+                                                       "--categories", "imagenet_s919")))
+    assert cfg["ignore_index"] == 1000 and cfg["categories"][255] == "pug"
+    sem = torch.zeros(1, 32, 32, dtype=torch.long)
+    sem[:, 8:24, 8:24], sem[:, :, 28:] = 255, 1000  # a pug, then padding
+    batch = {"image": torch.randn(1, 3, 32, 32), "semantic": sem, "instance_masks": [sem[None, 0] == 255],
+             "category_ids": [torch.tensor([255])]}
+    net = train.build_model(cfg, None, torch.device("cpu"), print)
+    ce = lambda b: train.compute_losses(net, b, contextlib.nullcontext(), cfg)["loss_ce"].item()  # noqa: E731
+    before = ce(batch)
+    assert abs(ce({**batch, "semantic": torch.where(sem == 255, torch.full_like(sem, 1000), sem)}) - before) > 1e-4
+    assert abs(ce({**batch, "semantic": torch.where(sem == 1000, torch.zeros_like(sem), sem)}) - before) > 1e-4
+    with torch.no_grad():
+        net.text_emb[255] = -net.text_emb[255]  # class 255's logit changes: so does the loss
+    assert abs(ce(batch) - before) > 1e-4
