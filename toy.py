@@ -24,8 +24,8 @@ Commands (CPU only; a GPU is used by the stages when present):
     python toy.py --quick --check_floors toy_floors.json # exit 1 if a metric is below its floor
 Stages are cached under --out_dir (a stage reruns only when its settings change); a killed run
 resumes when rerun (tiny CLIP from its last 50-step save, the trainings from their last ckpt.pt).
-Every model here is tiny, so every process runs one CPU thread: a second thread buys little for
-such small tensors and costs a lot on a busy machine. docs/toy.md explains the results.
+Each stage uses the idle cores (common.cpu_threads); the two trainings run side by side with one thread
+each, since a second thread buys little for such small models. docs/toy.md explains the results.
 The report lives in toy_report.py, the world generator in toy_world.py.
 """
 import argparse
@@ -330,14 +330,11 @@ def stage_command(script, args):
     return [sys.executable, os.path.join(HERE, script), *map(str, args)]
 
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: see the module docstring
-
-
 def run_script(script, *args):
     """A stage through its real command line; a failure stops the toy run with one line."""
     cmd = stage_command(script, args)
     print("  $ " + " ".join(cmd[1:]), flush=True)
-    r = subprocess.run(cmd, cwd=HERE, env=ONE_THREAD)
+    r = subprocess.run(cmd, cwd=HERE)
     if r.returncode != 0:
         raise common.UserError(f"{script} failed with exit code {r.returncode}: {' '.join(cmd[1:])}")
 
@@ -348,7 +345,7 @@ def run_parallel(jobs, log_dir, echo_every=30.0):
     thread each beats one after the other with two threads: tiny ops gain little from a second thread,
     and each run's data loading is single-threaded anyway. Returns {name: (wall s, CPU s)}; a failure
     kills the others and stops the toy run with one line."""
-    env = ONE_THREAD
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     os.makedirs(log_dir, exist_ok=True)
     procs, out, t0, last = {}, {}, time.time(), time.time()
     try:
@@ -402,7 +399,7 @@ def check_args(args):
 def main():
     args = get_args_parser().parse_args()
     floors = check_args(args)
-    torch.set_num_threads(1)  # tiny models: see the module docstring
+    common.set_cpu_threads()  # the idle cores, for the tiny-CLIP pre-training and the report
     cfg = {**PRESETS["quick" if args.quick else "full"], **{k: v for k, v in vars(args).items() if v is not None}}
     print("toy.py config:")
     common.print_config(cfg)
