@@ -185,10 +185,14 @@ def cpu_threads():
     return max(1, min(cores, int(cores - _busy_cores() + 0.5)))
 
 
-def set_cpu_threads():
+def set_cpu_threads(quiet=False):
+    """Set torch's intra-op threads to cpu_threads() and say so (rank 0 only under torchrun)."""
     import torch
-    torch.set_num_threads(cpu_threads())
-    return torch.get_num_threads()
+    n = cpu_threads()
+    torch.set_num_threads(n)
+    if not quiet and int(os.environ.get("RANK", 0)) == 0:
+        print(f"CPU: {n} thread{'s' * (n > 1)} (the idle cores; OMP_NUM_THREADS sets the number)", flush=True)
+    return n
 
 
 def save_json(obj, path, indent=1):
