@@ -375,7 +375,6 @@ def bench_infer(device, argv):
 
 
 
-
 # ----------------------------------------------------------------------------- smoke: every accelerator path once
 
 @command("ddp", "train.py and evaluate.py under torchrun (one process per device): the multi-process code paths")
