@@ -436,7 +436,7 @@ def write_skipped(skipped, out_dir):
 
 
 def run_benchmark(model, bench, data_root, out_dir=None, split=None, max_images=None, dist=None, **kw):
-    """For train.py --eval_bench: evaluate `model` (a ZUTIS module or a segmenter) on `bench`.
+    """The Python entry point (a script, a notebook): evaluate `model` (a ZUTIS module or a segmenter) on `bench`.
     kw: classes (default: the model's own), norm, t, nms, nms_iou, class_prob, unseen, cub_text, max_size,
     save_vis. Returns the metrics dict (empty off rank 0)."""
     b = B.read_bench(bench, data_root, split, unseen=kw.get("unseen", False), cub_text=kw.get("cub_text", "bird"))
