@@ -49,7 +49,7 @@ from categories import TEMPLATES
 from pseudo_label import boundary_saliency
 from toy_report import archive_precision, eval_metrics, flat_results, picture_grid, proposal_recall, \
     pseudo_mask_iou, results_table
-from toy_world import CATEGORIES, SIZE, caption_batch, write_world
+from toy_world import CATEGORIES, SIZE, caption_batch, eval_scene_names, write_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # ----------------------------------------------------------------------------- tiny CLIP
@@ -136,7 +136,7 @@ def write_proposals(world_dir, out):
     (a realistic, weak proposer). -> {kind: path}."""
     voc = os.path.join(world_dir, "VOC2012")
     oracle, boundary = [], []
-    for name in open(os.path.join(voc, "ImageSets", "Segmentation", "trainval.txt")).read().split():
+    for name in eval_scene_names(world_dir):
         inst = np.asarray(Image.open(os.path.join(voc, "SegmentationObject", name + ".png")))
         for i in sorted(set(np.unique(inst).tolist()) - {0, 255}):
             oracle.append({"file_name": name, "segmentation": mask_to_rle(inst == i), "score": 1.0})

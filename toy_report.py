@@ -16,7 +16,7 @@ import clip_model
 import common
 import evaluate as E
 import model as M
-from toy_world import CATEGORIES
+from toy_world import CATEGORIES, eval_scene_names
 
 # ----------------------------------------------------------------------------- reporting (hidden labels)
 
@@ -65,7 +65,7 @@ def proposal_recall(ckpt, world_dir, grid=8, device="cpu"):
     voc = os.path.join(world_dir, "VOC2012")
     keys = ("instances", "recall", "classed", "oracle", "semantic")
     hits = {"unique": dict.fromkeys(keys, 0), "repeated": dict.fromkeys(keys, 0)}
-    for name in open(os.path.join(voc, "ImageSets", "Segmentation", "trainval.txt")).read().split():
+    for name in eval_scene_names(world_dir):
         pil = common.load_rgb(os.path.join(voc, "JPEGImages", name + ".jpg"))
         inst = np.asarray(Image.open(os.path.join(voc, "SegmentationObject", name + ".png")))
         sem = np.asarray(Image.open(os.path.join(voc, "SegmentationClass", name + ".png")))
@@ -102,7 +102,7 @@ def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
                              E.checkpoint_config(ckpt).get("norm", "imagenet"))
     maskclip = E.MaskCLIPSegmenter(clip_model.load(clip_path, device=device)[0], names)
     voc = os.path.join(world_dir, "VOC2012")
-    ids = open(os.path.join(voc, "ImageSets", "Segmentation", "trainval.txt")).read().split()[:n]
+    ids = eval_scene_names(world_dir)[:n]
     pal, f, rows = E.palette(256), 3, []
     for name in ids:
         pil = common.load_rgb(os.path.join(voc, "JPEGImages", name + ".jpg"))

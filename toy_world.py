@@ -244,6 +244,12 @@ def save_palette_png(arr, path):
     common.save_image(im, path)
 
 
+def eval_scene_names(world_dir):
+    """The evaluation scenes' names, in order (the VOC2012 layout's trainval list that write_world writes)."""
+    with open(os.path.join(world_dir, "VOC2012", "ImageSets", "Segmentation", "trainval.txt")) as f:
+        return f.read().split()
+
+
 def write_world(world_dir, seed, n_index, n_eval, chunk=500):
     """Write the index pool (anonymous JPEGs; labels and masks to hidden/) and the evaluation
     scenes in the VOC2012 layout; returns a summary dict."""
