@@ -16,6 +16,7 @@ References: paper section 4; official networks/zutis.py `predict`, trainer.py `e
 """
 import argparse
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -32,7 +33,6 @@ import common
 import model as M
 from common import UserError
 from visualize import render_instances, render_semantic, save_vis
-from visualize import overlay, palette, with_legend, zoom  # noqa: F401  (toy_report.py draws through this module)
 
 CHOICES = {"model": ("zutis", "maskclip"), "nms": ("hard", "none"), "class_prob": ("sigmoid", "softmax"),
            "proposal_score": ("product", "class", "proposal"), "cub_text": ("bird", "breed")}
@@ -241,8 +241,14 @@ def to_input(img_u8, norm, device, max_size=None):
         h, w = (int(H / W * max_size), max_size) if W > H else (max_size, int(W / H * max_size))
         pil = Image.fromarray(img_u8.permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
         img_u8 = image_tensor(pil)
-    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in common.NORMS[norm])
+    mean, std = _norm_tensors(norm, str(device))
     return ((img_u8.to(device, non_blocking=True).float().div_(255) - mean) / std)[None]
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_tensors(norm, device):
+    """Mean and std [3, 1, 1] on `device`, made once: the per-image path would copy them every time."""
+    return tuple(torch.tensor(v, device=device)[:, None, None] for v in common.NORMS[norm])
 
 
 def image_tensor(pil):

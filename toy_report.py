@@ -16,6 +16,7 @@ import clip_model
 import common
 import evaluate as E
 import model as M
+import visualize as V
 from toy_world import CATEGORIES, eval_scene_names
 
 # ----------------------------------------------------------------------------- reporting (hidden labels)
@@ -103,7 +104,7 @@ def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
     maskclip = E.MaskCLIPSegmenter(clip_model.load(clip_path, device=device)[0], names)
     voc = os.path.join(world_dir, "VOC2012")
     ids = eval_scene_names(world_dir)[:n]
-    pal, f, rows = E.palette(256), 3, []
+    pal, f, rows = V.palette(256), 3, []
     for name in ids:
         pil = common.load_rgb(os.path.join(voc, "JPEGImages", name + ".jpg"))
         img = np.asarray(pil)
@@ -114,13 +115,13 @@ def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
         for i in np.argsort(pz["scores"].numpy()):
             if pz["scores"][i] > 0.1:  # below that the instance view is noise
                 inst[pz["masks"][i].numpy()] = i + 1
-        cells = [img, E.overlay(img, gt, pal, ignore=255), E.overlay(img, pm["semantic"].numpy(), pal),
-                 E.overlay(img, pz["semantic"].numpy(), pal), E.overlay(img, inst, E.palette(64)[1:][::-1])]
-        rows.append(np.concatenate([np.pad(E.zoom(c, f), ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], 1))
+        cells = [img, V.overlay(img, gt, pal, ignore=255), V.overlay(img, pm["semantic"].numpy(), pal),
+                 V.overlay(img, pz["semantic"].numpy(), pal), V.overlay(img, inst, V.palette(64)[1:][::-1])]
+        rows.append(np.concatenate([np.pad(V.zoom(c, f), ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], 1))
     grid = np.concatenate(rows, 0)
     titles = ["image", "ground truth", "MaskCLIP", "ZUTIS semantic", "ZUTIS instances (score > 0.1)"]
-    header = E.with_legend(np.zeros((0, grid.shape[1], 3), np.uint8), [(None, t) for t in titles], cols=len(titles))
-    legend = E.with_legend(np.full((1, grid.shape[1], 3), 255, np.uint8),
+    header = V.with_legend(np.zeros((0, grid.shape[1], 3), np.uint8), [(None, t) for t in titles], cols=len(titles))
+    legend = V.with_legend(np.full((1, grid.shape[1], 3), 255, np.uint8),
                            [(pal[c], names[c]) for c in range(1, len(names))]
                            + [(None, "background: no overlay"), (None, "instances: a colour each")], cols=len(titles))
     common.save_image(np.concatenate([header, grid, legend], 0), path)
