@@ -63,6 +63,105 @@ def require_dir(path, what, layout_hint=""):
     return path
 
 
+# ----------------------------------------------------------------------------- flags
+
+def check_device(spec):
+    """A --device value -> torch.device, checked before any work: 'auto' is cuda:LOCAL_RANK when CUDA
+    exists, else cpu; an unknown string, or CUDA asked for where there is none, is a UserError."""
+    import torch
+    if spec == "auto":
+        return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {spec!r} is not supported here: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {spec} asks for a GPU, but PyTorch sees no CUDA device on this machine: "
+                            "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {spec} names GPU {device.index}, but this machine has "
+                            f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {spec} asks for Apple's GPU, which PyTorch cannot use here: use --device cpu")
+    return device
+
+
+def number(kind=float, lo=None, hi=None, lo_open=False, what="a number"):
+    """An argparse `type` that checks a range, so an impossible value stops before any work:
+    number(float, 0, lo_open=True) accepts x > 0; number(int, 1) accepts whole numbers >= 1."""
+    import argparse
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if (lo is not None and (x < lo or (lo_open and x == lo))) or (hi is not None and x > hi) or x != x:
+            rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what} must be {rng}")
+        return x
+    return parse
+
+
+def check_out_dir(path, flag="--out_dir"):
+    """An output folder must be a folder (or not exist yet); an existing file there is a UserError."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is an existing file, not a folder: choose a folder path")
+    return path
+
+
+# ----------------------------------------------------------------------------- numeric precision
+
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = ("arithmetic of the networks: float32 (the default, the official numerics), bfloat16 "
+              "(autocast; fast on GPUs and on CPUs with AMX or AVX512-BF16, slow on other CPUs) or float16 "
+              "(CUDA only)")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_flags():
+    """The CPU's bfloat16 instructions, from /proc/cpuinfo (Linux): a subset of {'amx_bf16',
+    'avx512_bf16'}; None where the flags cannot be read (other systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else {x for x in ("amx_bf16", "avx512_bf16") if x in flags}
+
+
+def resolve_dtype(name, device, quiet=False):
+    """A --dtype value -> torch dtype for autocast (None for float32: no autocast). float16 is
+    refused on a CPU; bfloat16 on a CPU without bf16 instructions runs (emulated) and says it is slow."""
+    import torch
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    device = torch.device(device)
+    if name == "float32":
+        return None
+    if name == "float16" and device.type != "cuda":
+        raise UserError("--dtype float16 runs on CUDA only (it has no fast path on a CPU): use bfloat16 or float32")
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bfloat16: use --dtype float16 or float32")
+    if name == "bfloat16" and device.type == "cpu" and not quiet and int(os.environ.get("RANK", 0)) == 0:
+        flags = cpu_bf16_flags()
+        if flags is not None and not flags:
+            print("warning: this CPU has no bfloat16 instructions (neither AMX nor AVX512-BF16): --dtype "
+                  "bfloat16 is emulated and slower than float32 here", file=sys.stderr, flush=True)
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast(device, dtype):
+    """Autocast for a torch dtype from resolve_dtype (None -> a no-op context)."""
+    import torch
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 @functools.lru_cache(maxsize=None)
@@ -333,11 +432,9 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.ddp = self.world > 1
-        if device == "auto":
-            device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and self.ddp:
+        if device == "cuda" and self.ddp:
             device = f"cuda:{self.local_rank}"
-        self.device = torch.device(device)
+        self.device = check_device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.ddp and not dist.is_initialized():
