@@ -207,3 +207,20 @@ def test_images_folder_as_people_have_it(tiny_ckpt, tmp_path, monkeypatch, capsy
     assert given["gray16.png"].float().mean() < 200 and g8.shape == (24, 40)  # not read as white
     run_main(monkeypatch, "--images", str(src), "--classes", "cat,dog", "--ckpt", tiny_ckpt, "--out_dir", str(src / "out"))
     assert "out/\tthe output folder, not searched" in open(src / "out" / "skipped.txt").read()  # a rerun skips its outputs
+
+
+def test_proposals_for_a_rotated_photo_are_in_its_displayed_orientation(tiny_ckpt, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Proposers read photos as displayed (detectron2's read_image, OpenCV's imread): so do --images' checks."""
+    import benchmarks as B
+    exif_rotated_jpeg(tmp_path / "rot.jpg", np.random.default_rng(2).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    for (h, w), ok in (((40, 24), True), ((24, 40), False)):
+        m = np.zeros((h, w), bool)
+        m[4:20, 4:20] = True
+        (tmp_path / "p.json").write_text(json.dumps([{"file_name": "rot.jpg", "segmentation": B.mask_to_rle(m), "score": 0.9}]))
+        args = ("--images", str(tmp_path / "rot.jpg"), "--classes", "cat", "--ckpt", tiny_ckpt, "--proposals",
+                str(tmp_path / "p.json"), "--out_dir", str(tmp_path / "o"))
+        if ok:
+            run_main(monkeypatch, *args)
+            assert "proposals: 1 matched" in capsys.readouterr().out
+        else:
+            assert "is 24x40, the image 40x24" in cli_error(monkeypatch, capsys, *args)
