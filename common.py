@@ -29,7 +29,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
 TMP_PREFIX = ".tmp_"  # atomic writes in progress; a killed run leaves these behind (see remove_stale_tmp)
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -330,13 +330,56 @@ def list_images(root):
     return sorted(out)
 
 
-def load_rgb(path):
-    """Open an image as RGB (grayscale, palette and RGBA are converted). Raises OSError or
-    ValueError on unreadable files; callers skip and log those."""
-    from PIL import Image
-    with Image.open(path) as im:
-        im.load()  # force decoding now so truncated files fail here, not later
-        return im.convert("RGB")
+def list_files(src, out_dir=None):
+    """--images: every file below `src` (a file: itself) -> (sorted relative paths, skipped lines "path\treason").
+    Hidden files and folders (a leading ".") and the output folder are not read, only listed."""
+    if os.path.isfile(src):
+        return [os.path.basename(src)], []
+    files, skipped, out = [], [], out_dir and os.path.realpath(out_dir)
+    for d, dirs, names in os.walk(src, followlinks=True):
+        for n in list(dirs):
+            hidden, rel = n.startswith("."), os.path.relpath(os.path.join(d, n), src)
+            if hidden or os.path.realpath(os.path.join(d, n)) == out:
+                dirs.remove(n)
+                skipped.append(f"{rel}{os.sep}\t{'a hidden folder' if hidden else 'the output folder'}, not searched")
+        for n in names:
+            rel = os.path.relpath(os.path.join(d, n), src)
+            (skipped.append(f"{rel}\ta hidden file") if n.startswith(".") else files.append(rel))
+    return sorted(files), sorted(skipped)
+
+
+def load_rgb(path, displayed=False):
+    """Open an image as 8-bit RGB (to_rgb; a GIF or a multi-page TIFF gives its first frame). Raises OSError
+    (UnidentifiedImageError for an empty file or one Pillow cannot read) or ValueError; callers skip and log."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()  # force decoding now so truncated files fail here, not later
+            return to_rgb(im, displayed)
+    except UnidentifiedImageError:  # Pillow's message names only the path
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        raise UnidentifiedImageError("an empty file (0 bytes)" if empty else "not an image Pillow can read") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it would end a run instead of skipping a file
+        raise ValueError(str(e)) from None
+
+
+def to_rgb(im, displayed=False):
+    """A PIL image of any mode -> 8-bit RGB: grayscale, palette, CMYK and LA / RGBA (alpha dropped) as Pillow
+    converts them; 16-bit grayscale (I;16*, and I taken as 16-bit) scaled to 8 bits by round(x / 257), which
+    Pillow's convert would clip to white. displayed=True applies the EXIF orientation and composites
+    transparency over white, as an image viewer shows the photo (--images, the Python entry); the other
+    stages keep the stored pixels, on which ground truth and archives were made."""
+    from PIL import Image, ImageOps
+    if displayed:
+        im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I"):
+        a = np.clip(np.asarray(im).astype(np.float64), 0, 65535)
+        im = Image.fromarray(np.round(a / 257).astype(np.uint8))
+    elif im.mode == "F":
+        raise ValueError("a 32-bit float image has no standard 8-bit scale: save it as an 8- or 16-bit image")
+    if displayed and (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    return im.convert("RGB")
 
 
 # ----------------------------------------------------------------------------- archive

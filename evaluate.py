@@ -12,6 +12,9 @@ results), vis/ (image | ground truth | semantic | instances) and skipped.txt; do
     python evaluate.py --bench coco20k --proposals cutler_coco20k.json --ckpt official:coco_vit_b_16
     torchrun --nproc_per_node 4 evaluate.py --bench coco2017 --ckpt CKPT  # images sharded by rank
 
+From Python: seg = evaluate.load("official:coco_vit_b_16", classes=["cat", "dog"]); out = seg.segment("photo.jpg");
+seg.draw("photo.jpg", out).save("overlay.png")  (load's docstring; "maskclip:ViT-B/16" for the baseline).
+
 References: paper section 4; official networks/zutis.py `predict`, trainer.py `evaluate`; MaskCLIP (Zhou et al. 2022).
 """
 import argparse
@@ -32,7 +35,7 @@ import clip_model
 import common
 import model as M
 from common import UserError
-from visualize import render_instances, render_semantic, save_vis
+from visualize import panels, render_instances, render_semantic, save_vis
 
 CHOICES = {"model": ("zutis", "maskclip"), "nms": ("hard", "none"), "class_prob": ("sigmoid", "softmax"),
            "proposal_score": ("product", "class", "proposal"), "cub_text": ("bird", "breed")}
@@ -55,6 +58,7 @@ def get_args_parser():
     p.add_argument("--max_images", type=int, default=None, help="Evaluate the first N images only.")
     p.add_argument("--save_vis", type=int, default=8, help="Draw the first N images into vis/ (0: none).")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+    p.add_argument("--dtype", default="float32", help=common.DTYPE_HELP + "; the inference rules run in float32.")
     g = p.add_argument_group("inference rules (defaults: the official code)")
     g.add_argument("--nms", default="hard", help="hard (class-wise mask NMS) or none.")
     g.add_argument("--nms_iou", type=float, default=0.3, help="Mask IoU above which NMS drops the lower-scored mask.")
@@ -74,7 +78,35 @@ def get_args_parser():
 # ----------------------------------------------------------------------------- segmenters
 # A segmenter maps one normalised image x [1, 3, h, w] and the original (H, W) to {"semantic": [H, W]} plus,
 # with instances, "masks" [N, H, W], "labels" [N], "scores" [N], all on the CPU. It has `kind`, `norm` (the
-# input normalisation), `device`, `categories` and `set_categories(names)`.
+# input normalisation), `device`, `categories` and `set_categories(names)`. Under --dtype bfloat16/float16
+# only the networks run in autocast: their outputs are cast to fp32 before the text cosines, upsampling,
+# thresholds and NMS, which decide labels and masks.
+
+class Segmenter:
+    """The Python entry both segmenters share (made by `load`): segment an image, draw the result."""
+    max_size = 1024  # a longer side above this is resized first, as --images does
+
+    def segment(self, image, instances=True):
+        """A path (read as a viewer shows it: EXIF orientation applied), a PIL image or a uint8 array
+        [H, W(, 3|4)] (both taken as given) -> {"semantic": long [H, W], "masks": bool [N, H, W], "labels":
+        long [N], "scores": float [N], "names": the class names (label id = index)}, on the CPU."""
+        return {**infer(self, image_tensor(as_rgb(image)), self.max_size, instances=instances), "names": list(self.categories)}
+
+    def draw(self, image, out):
+        """image | semantic map | instances, titled, with legends -> a PIL image (.save("overlay.png"))."""
+        return Image.fromarray(panels(np.asarray(as_rgb(image)), None, out, out["names"]))
+
+
+def as_rgb(image):
+    """A path, a PIL image or a uint8 array -> 8-bit RGB PIL image (common.to_rgb's conversions)."""
+    if isinstance(image, Image.Image):
+        return common.to_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or image.ndim == 3 and image.shape[2] in (3, 4)):
+            raise ValueError(f"an image array is uint8 [H, W], [H, W, 3] or [H, W, 4], not {image.dtype} {list(image.shape)}")
+        return common.to_rgb(Image.fromarray(image))
+    return common.load_rgb(image, displayed=True)
+
 
 def name_proposals(seg, proposals, tokens, text, class_prob, own=None):
     """The official instance class rule for external masks -> the instance dict. proposals = (bool masks
@@ -96,14 +128,15 @@ def name_proposals(seg, proposals, tokens, text, class_prob, own=None):
     return {"masks": masks[keep].cpu(), "labels": labels[keep].cpu(), "scores": scores[keep].cpu()}
 
 
-class ZutisSegmenter:
+class ZutisSegmenter(Segmenter):
     """model.py's ZUTIS with the official inference rules; logits and mask probabilities are upsampled to
     the original size. With proposals, the masks are named from the model's tokens (name_proposals)."""
     kind = "zutis"
 
     def __init__(self, model, norm="imagenet", t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid",
-                 proposal_score="product", with_decoder=False):
+                 proposal_score="product", with_decoder=False, dtype="float32"):
         self.model, self.norm, self.device = model.eval(), norm, next(model.parameters()).device
+        self.dtype = common.resolve_dtype(dtype, self.device)  # None: float32, no autocast
         self.kw = dict(t=t, nms=nms, nms_iou=nms_iou, class_prob=class_prob)
         self.nms, self.nms_iou, self.proposal_score, self.with_decoder = nms, nms_iou, proposal_score, with_decoder
         self._cache = {}
@@ -127,19 +160,20 @@ class ZutisSegmenter:
     def __call__(self, x, out_size, instances=True, proposals=None):
         if min(x.shape[-2:]) < self.model.patch_size:
             raise ValueError(f"the image {tuple(x.shape[-2:])} is smaller than one {self.model.patch_size}-pixel patch")
-        out = self.model(x)
+        with common.autocast(self.device, self.dtype):
+            out = self.model(x)
+        out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
         res = {"semantic": M.semantic_from_outputs(out, out_size).cpu()}
         if not instances:
             return res
         own = M.instances_from_outputs(out, out_size, **self.kw) if proposals is None or self.with_decoder else None
         if proposals is None:
             return {**res, **{k: v.cpu() for k, v in own.items()}}
-        soft = self.kw["class_prob"] == "softmax"
-        prob = (lambda c: torch.softmax(out["logit_scale"] * c, -1)) if soft else (lambda c: torch.sigmoid(5 * c))
+        prob = functools.partial(M.class_probability, rule=self.kw["class_prob"], logit_scale=out["logit_scale"])
         return {**res, **name_proposals(self, proposals, out["patch_tokens"][0], out["text_emb"], prob, own)}
 
 
-class MaskCLIPSegmenter:
+class MaskCLIPSegmenter(Segmenter):
     """Training-free MaskCLIP (Zhou et al. 2022): value-path dense CLIP features, cosine with the 85-template
     text embeddings, "background" a text class like any other. Instances (the paper's Table 3 baseline) are
     the connected components of each predicted class, scored by the mean softmax probability (CLIP's own
@@ -147,9 +181,10 @@ class MaskCLIPSegmenter:
     kind = "maskclip"
 
     def __init__(self, clip, categories, norm="clip", max_instances=100, nms="hard", nms_iou=0.3,
-                 proposal_score="product", with_decoder=False):
+                 proposal_score="product", with_decoder=False, dtype="float32"):
         self.clip, self.norm, self.max_instances = clip.eval(), norm, max_instances
         self.scale, self.device = clip.logit_scale.detach().exp().item(), next(clip.parameters()).device
+        self.dtype = common.resolve_dtype(dtype, self.device)
         self.nms, self.nms_iou, self.proposal_score, self.with_decoder = nms, nms_iou, proposal_score, with_decoder
         self._cache, self.categories = {}, []
         self.set_categories(categories)
@@ -166,7 +201,9 @@ class MaskCLIPSegmenter:
         size = (max(1, round(H / p)) * p, max(1, round(W / p)) * p)
         if size != (H, W):  # forward_maskclip needs multiples of the patch size
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        f = F.normalize(self.clip.visual.forward_maskclip(x).float(), dim=-1)[0]  # [h, w, D]
+        with common.autocast(self.device, self.dtype):
+            f = self.clip.visual.forward_maskclip(x)
+        f = F.normalize(f.float(), dim=-1)[0]  # [h, w, D]
         logits = torch.einsum("hwd,kd->khw", f, self.text.to(f))[None]  # cosines [1, K, h, w]
         logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)[0]  # [K, H, W]
         sem = logits.argmax(0)
@@ -177,7 +214,8 @@ class MaskCLIPSegmenter:
         comps = component_instances(sem, lambda c: torch.exp(logits[c] * self.scale - lse).cpu().numpy(), self.max_instances)
         if proposals is None:
             return {**out, **comps}
-        return {**out, **name_proposals(self, proposals, f, self.text.to(f), lambda c: torch.softmax(self.scale * c, -1), comps)}
+        prob = functools.partial(M.class_probability, rule="softmax", logit_scale=self.scale)
+        return {**out, **name_proposals(self, proposals, f, self.text.to(f), prob, comps)}
 
 
 def component_instances(sem, prob_of, max_n=100):
@@ -216,7 +254,8 @@ def checkpoint_config(spec):
 
 def build_segmenter(args, categories, device):
     """--model zutis|maskclip -> a segmenter with `categories` (None: the checkpoint's own)."""
-    kw = dict(nms=args.nms, nms_iou=args.nms_iou, proposal_score=args.proposal_score, with_decoder=args.with_decoder)
+    kw = dict(nms=args.nms, nms_iou=args.nms_iou, proposal_score=args.proposal_score, with_decoder=args.with_decoder,
+              dtype=args.dtype)
     if args.model == "maskclip":
         clip, _ = clip_model.load(args.arch or "ViT-B/16", device=device)
         return MaskCLIPSegmenter(clip, categories or list(C.VOC), **kw)
@@ -230,6 +269,31 @@ def build_segmenter(args, categories, device):
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"loaded {spec} ({getattr(net, 'arch', '?')}, input norm {norm})")
     return ZutisSegmenter(net, norm, t=args.t, class_prob=args.class_prob, **kw)
+
+
+RULES = ("t", "nms", "nms_iou", "class_prob", "max_size", "proposal_score", "with_decoder", "arch")
+
+
+def load(spec, classes=None, device="auto", dtype="float32", **rules):
+    """The Python entry, as clip.load: a segmenter for `spec` = a train.py ckpt.pt, an official ZUTIS file,
+    "official:<name>", or "maskclip" / "maskclip:<CLIP name or file>" (default ViT-B/16) for the baseline.
+    classes: a list, "a,b,c", a built-in list name or a file, background added (None: the checkpoint's
+    own; VOC's for MaskCLIP). dtype as --dtype; rules: evaluate.py's flags of the same names and defaults.
+
+        seg = evaluate.load("official:coco_vit_b_16", classes=["cat", "dog", "red bicycle"])
+        out = seg.segment("photo.jpg")   # out["semantic"], out["masks"], out["labels"], out["scores"], out["names"]
+        seg.draw("photo.jpg", out).save("overlay.png")
+    """
+    if set(rules) - set(RULES):
+        raise TypeError(f"load() takes the rules {', '.join(RULES)}, not {', '.join(sorted(set(rules) - set(RULES)))}")
+    args, spec = get_args_parser().parse_args([]), str(spec)
+    maskclip = spec == "maskclip" or spec.startswith("maskclip:")
+    vars(args).update({"model": "maskclip" if maskclip else "zutis", "ckpt": None if maskclip else spec, "dtype": dtype,
+                       "arch": spec.partition(":")[2] or None if maskclip else None, **rules})
+    check_choices(args)
+    seg = build_segmenter(args, None if classes is None else C.get_categories(classes), common.check_device(device))
+    seg.max_size = args.max_size or Segmenter.max_size
+    return seg
 
 
 def to_input(img_u8, norm, device, max_size=None):
@@ -263,9 +327,11 @@ def infer(seg, img_u8, max_size=None, instances=True, proposals=None):
 
 # ----------------------------------------------------------------------------- external proposals
 
-def read_proposals(path, samples):
+def read_proposals(path, samples, displayed=False):
     """A COCO results list of RLE masks -> ({sample id: [entries]}, count of unmatched entries), matched by
-    file_name (path, base name or stem; an ambiguous base name needs the path), else by image_id."""
+    file_name (path, base name or stem; an ambiguous base name needs the path), else by image_id. Mask sizes
+    are checked against the stored image size, or with `displayed` (--images) the EXIF-oriented one, which
+    detectron2's read_image and OpenCV's imread (the proposers' readers) give."""
     data = common.load_json(path, "proposals file")
     if not isinstance(data, list) or not data or not all(isinstance(d, dict) and isinstance(d.get("segmentation"), dict)
                                                          and {"size", "counts"} <= set(d["segmentation"]) for d in data):
@@ -291,8 +357,9 @@ def read_proposals(path, samples):
                         f"(first: {data[0].get('file_name') or data[0].get('image_id')!r})")
     for s in (s for s in samples if s["id"] in out):  # mask sizes against the image headers, before any work
         with contextlib.suppress(OSError), Image.open(s["image"]) as im:  # an unreadable image is skipped later
-            for size in {tuple(d["segmentation"]["size"]) for d in out[s["id"]]} - {(im.height, im.width)}:
-                raise UserError(f"a proposal for {s['name']} in {path!r} is {size[0]}x{size[1]}, the image {im.height}x{im.width}")
+            h, w = (im.width, im.height) if displayed and im.getexif().get(0x0112) in (5, 6, 7, 8) else (im.height, im.width)
+            for size in {tuple(d["segmentation"]["size"]) for d in out[s["id"]]} - {(h, w)}:
+                raise UserError(f"a proposal for {s['name']} in {path!r} is {size[0]}x{size[1]}, the image {h}x{w}")
     return out, unmatched
 
 
@@ -458,18 +525,19 @@ def run_benchmark(model, bench, data_root, out_dir=None, split=None, max_images=
 def run_images(seg, src, out_dir, max_size=1024, proposals=None):
     """--images: per image <stem>_semantic.png, <stem>_instances.png (overlays with a legend) and
     <stem>_labels.png (label ids), plus predictions.json (COCO format: image ids = positions in the sorted
-    file list, category id = label id, names in "categories" and in each annotation's category_name)."""
-    base, rels = (os.path.dirname(src), [os.path.basename(src)]) if os.path.isfile(src) else (src, common.list_images(src))
+    file list, category id = label id, names in "categories" and in each annotation's category_name). Every
+    file is read as displayed (EXIF orientation); one that is not segmented is listed in skipped.txt."""
+    base = os.path.dirname(src) if os.path.isfile(src) else src
+    rels, skipped = common.list_files(src, out_dir)
     if not rels:
-        raise UserError(f"no images in {src!r}")
+        raise UserError(f"no files in {src!r}" + (f" besides {len(skipped)} hidden ones" if skipped else ""))
     samples = [{"id": i, "name": os.path.splitext(r)[0], "image": os.path.join(base, r)} for i, r in enumerate(rels)]
-    props, unmatched = read_proposals(proposals, samples) if proposals else ({}, 0)
+    props, unmatched = read_proposals(proposals, samples, displayed=True) if proposals else ({}, 0)
     names = list(seg.categories)
     coco = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for i, n in enumerate(names) if i > 0]}
-    skipped = []
     for s, rel in zip(samples, rels):
         try:
-            pil = common.load_rgb(s["image"])
+            pil = common.load_rgb(s["image"], displayed=True)
             hw = (pil.height, pil.width)
             pr = decode_proposals(props.get(s["id"], []), hw) if proposals else None
             p = infer(seg, image_tensor(pil), max_size, proposals=pr)
@@ -495,12 +563,16 @@ def run_images(seg, src, out_dir, max_size=1024, proposals=None):
 
 # ----------------------------------------------------------------------------- main
 
+def check_choices(args):
+    for flag, ok in {**CHOICES, "dtype": common.DTYPES}.items():
+        if getattr(args, flag) not in ok:
+            raise UserError(f"--{flag} must be one of {', '.join(ok)}, got {getattr(args, flag)!r}")
+
+
 @torch.no_grad()  # restores the caller's autograd state on return, unlike set_grad_enabled(False)
 def main():
     args = get_args_parser().parse_args()
-    for flag, ok in CHOICES.items():
-        if getattr(args, flag) not in ok:
-            raise UserError(f"--{flag} must be one of {', '.join(ok)}, got {getattr(args, flag)!r}")
+    check_choices(args)
     if args.images is None and args.bench not in B.BENCHES:
         raise UserError(f"unknown benchmark {args.bench!r}: use one of {', '.join(B.BENCHES)}")
     if args.images is not None and not os.path.exists(args.images):
@@ -508,6 +580,7 @@ def main():
     if args.proposals is not None and not os.path.isfile(args.proposals):
         raise UserError(f"--proposals file not found: {args.proposals!r}")
     dist = common.Dist(args.device)
+    common.resolve_dtype(args.dtype, dist.device, quiet=True)  # float16 on a CPU: refused before any work
     if dist.device.type == "cpu":
         common.set_cpu_threads()
     out_dir = args.out_dir or ("out/demo" if args.images else f"out/eval_{args.bench}_{args.model}")

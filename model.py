@@ -4,7 +4,7 @@ a stop-gradient, the Hungarian-matched loss, the official inference rules, and c
     model = ZUTIS("ViT-B/16", categories.get_categories("voc"))   # CLIP weights from ~/.cache/clip
     out = model(images)              # {"mask_logits": [B, L, Q, 2h, 2w], "patch_tokens": [B, 2h, 2w, C_t], ...}
     losses = criterion(out, batch)   # {"loss", "loss_ce", "loss_mask", ...}
-    pred = predict(model, image)     # semantic map + scored instance masks
+    inst = instances_from_outputs(out, (H, W))   # the official inference rules (evaluate.py runs them)
     model = load_checkpoint("official:coco_vit_b_16")   # or a train.py ckpt.pt
 
 Hyper-parameters: `ModelConfig`, saved by train.py and read by load_checkpoint. Behaviour follows the
@@ -386,6 +386,12 @@ def mask_nms(masks, scores, labels, iou=0.3, score_floor=0.001):
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
+def class_probability(cos, rule="sigmoid", logit_scale=1.0, temperature=5.0):
+    """A mask's class probabilities from its cosines [Q, K] with the text embeddings: the official
+    sigmoid(5 cos) per class, or "softmax" (the paper's Eq. 4) softmax(logit_scale cos) over classes."""
+    return torch.sigmoid(temperature * cos) if rule == "sigmoid" else torch.softmax(logit_scale * cos, dim=-1)
+
+
 def mean_token_cos(binary, tokens, text_emb):
     """The official instance class rule: binary masks [Q, N], unit tokens [N, C_t], text [K, C_t] -> cos [Q, K]
     between each mask's L2-normalised mean token and each text embedding."""
@@ -408,9 +414,7 @@ def instances_from_outputs(outputs, size, t=0.5, nms="hard", nms_iou=0.3, class_
     binary = (probs > t).flatten(1).float()  # [Q, 4hw]
     conf = (probs.flatten(1) * binary).sum(1) / (binary.sum(1) + 1e-7)
     cos = mean_token_cos(binary, tokens, outputs["text_emb"].float())  # [Q, K]
-    prob = (torch.sigmoid(temperature * cos) if class_prob == "sigmoid"
-            else torch.softmax(outputs.get("logit_scale", 1.0) * cos, dim=-1))
-    max_prob, labels = prob.max(-1)
+    max_prob, labels = class_probability(cos, class_prob, outputs.get("logit_scale", 1.0), temperature).max(-1)
     scores = conf * max_prob
     idx = (labels != 0).nonzero()[:, 0]  # background is just class 0: dropped
     masks = torch.zeros(0, *size, dtype=torch.bool, device=probs.device)
@@ -422,23 +426,6 @@ def instances_from_outputs(outputs, size, t=0.5, nms="hard", nms_iou=0.3, class_
             else torch.sort(scores, descending=True, stable=True).indices)
     keep = keep[masks[keep].flatten(1).any(1)]  # empty masks dropped (after NMS, as the official code)
     return {"masks": masks[keep], "labels": labels[keep], "scores": scores[keep]}
-
-
-@torch.no_grad()
-def predict(model, image, t=0.5, nms="hard", nms_iou=0.3, class_prob="sigmoid", size=None, instances=True):
-    """One normalised image [1, 3, H, W] at its original resolution -> {"semantic": long [H, W],
-    "masks": bool [N, H, W], "labels": long [N], "scores": float [N]}; one forward pass for both.
-    `size` (H, W) overrides the output size (e.g. the pre-resize size for ImageNet-S)."""
-    p = model.patch_size
-    if image.dim() != 4 or image.shape[0] != 1 or min(image.shape[-2:]) < p:
-        raise UserError(f"expected one image [1, 3, H, W] of at least one {p}x{p} patch, got {tuple(image.shape)}")
-    out, size = model(image), tuple(size or image.shape[-2:])
-    pred = {"semantic": semantic_from_outputs(out, size)}
-    return {**pred, **instances_from_outputs(out, size, t, nms, nms_iou, class_prob)} if instances else pred
-
-
-def predict_semantic(model, image, size=None):
-    return predict(model, image, size=size, instances=False)["semantic"]
 
 
 # ----------------------------------------------------------------------------- checkpoints

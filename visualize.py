@@ -1,6 +1,7 @@
 """Drawing of predictions for people to look at: VOC's colour palette, label-map overlays, integer zoom,
 legend strips, and the titled image | ground truth | semantic | instances panels evaluate.py writes to
-vis/ (and <stem>_semantic.png / <stem>_instances.png with --images). The toy report draws with these too.
+vis/ and returns from Segmenter.draw (and <stem>_semantic.png / <stem>_instances.png with --images). The
+toy report draws with these too.
 References: the PASCAL VOC devkit's colour map (labelcolormap: label bits spread over R, G, B).
 """
 import functools
@@ -81,8 +82,9 @@ def render_instances(img, p, names):
     return with_legend(overlay(zoom(img, f), zoom(lab, f), pal), entries[:20])
 
 
-def save_vis(path, img, gt, p, names, ignore):
-    """image | ground truth | semantic prediction | instances, each titled and with its legend."""
+def panels(img, gt, p, names, ignore=None):
+    """image | ground truth (None: no panel) | semantic prediction | instances, each titled and with its
+    legend -> uint8 [H', W', 3]."""
     f = max(1, -(-192 // img.shape[1]))
     panels = [("image", zoom(img, f))] + ([("ground truth", render_semantic(img, gt, names, ignore))] if gt is not None else [])
     panels.append(("semantic", render_semantic(img, p["semantic"].numpy(), names)))
@@ -91,4 +93,8 @@ def save_vis(path, img, gt, p, names, ignore):
     panels = [np.concatenate([with_legend(np.zeros((0, q.shape[1], 3), np.uint8), [(None, t)]), q]) for t, q in panels]
     h = max(q.shape[0] for q in panels)
     panels = [np.pad(q, ((0, h - q.shape[0]), (0, 4), (0, 0)), constant_values=255) for q in panels]
-    common.save_image(np.concatenate(panels, axis=1), path)
+    return np.concatenate(panels, axis=1)
+
+
+def save_vis(path, img, gt, p, names, ignore):
+    common.save_image(panels(img, gt, p, names, ignore), path)

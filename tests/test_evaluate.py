@@ -309,7 +309,7 @@ def test_ap_on_unrounded_scores():
 
 
 def test_mask_nms_in_the_zutis_path():
-    """The zutis path (ZutisSegmenter -> model.predict) drops duplicates with model.mask_nms."""
+    """The zutis path (ZutisSegmenter -> model.instances_from_outputs) drops duplicates with model.mask_nms."""
     import model as M
     a = torch.zeros(4, 10, 10, dtype=torch.bool)
     a[0, :5] = a[1, :5] = a[2, :5] = True  # 0 and 1 duplicates of class 3; 2 the same mask but class 4

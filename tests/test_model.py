@@ -11,6 +11,7 @@ from scipy.optimize import linear_sum_assignment
 
 import clip_model
 import common
+import evaluate
 import model as M
 from common import UserError
 
@@ -414,7 +415,7 @@ def test_predict_odd_size_official_layout(tiny_clip_path, tiny_model):
     # official-layout random weights (the module defaults; N(0, 1) everywhere would give no mask > 0.5)
     m = M.load_official(M.to_official(tiny_model), CATS, arch=tiny_clip_path).eval()
     image = torch.randn(1, 3, 333, 517)  # 41 x 64 patches of 8; the 5 right / 5 bottom pixels are dropped
-    res = M.predict(m, image)
+    res = evaluate.ZutisSegmenter(m)(image, (333, 517))  # the one inference path
     with torch.no_grad():
         out = m(image)
     logits = torch.einsum("kc,hwc->khw", m.text_emb, out["patch_tokens"][0])
