@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.sparse import csr_matrix
 
-import clip_model
 import common
+import downloads
 
 _SM = "https://www.robots.ox.ac.uk/~vgg/research/selfmask/shared_files"
 _GH = "https://github.com/NoelShin/selfmask/releases/download/v1.0.0"
@@ -179,7 +179,7 @@ def load_selfmask(name_or_path="selfmask_nq20", device="cpu", download_root=None
     elif name_or_path in SELFMASK_MODELS:
         url, fname = SELFMASK_MODELS[name_or_path]
         try:
-            path = clip_model.download(url, download_root or os.path.expanduser("~/.cache/selfmask"), filename=fname)
+            path = downloads.download(url, download_root or os.path.expanduser("~/.cache/selfmask"), filename=fname)
         except common.UserError as e:
             raise common.UserError(f"{e}; {selfmask_hint(name_or_path)}") from None
     else:
