@@ -143,9 +143,9 @@ def _fetch(url, path, sha256=None, size=None, label=None):
     n, got = os.path.getsize(part), sha256_of(part)
     if (size is not None and n != size) or (sha256 is not None and got != sha256):
         os.remove(part)
+        want = ", ".join(w for w in (sha256 and f"sha256 {sha256}", size is not None and f"{size} bytes") if w)
         raise (_Again if start else SourceError)(
-            f"checksum mismatch: got sha256 {got} ({n} bytes), expected {sha256 or 'any'}"
-            f"{f' ({size} bytes)' if size is not None else ''}; nothing was kept")
+            f"checksum mismatch: got sha256 {got}, {n} bytes, expected {want}; nothing was kept")
     os.replace(part, path)
     print(f"downloaded {os.path.basename(path)} from {url}: {n} bytes, sha256 {got}", flush=True)
     return path

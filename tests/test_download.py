@@ -251,6 +251,11 @@ def test_clip_from_the_hub_when_mirror_and_openai_fail(server, tmp_path, monkeyp
     n = len(server.log)
     clip_model.load("tiny", download_root=str(root))
     assert len(server.log) == n
+    # the hub's file given as a path loads too (offline use)
+    local = tmp_path / clip_model.HUB_FILE
+    local.write_bytes(body)
+    got = clip_model.load(str(local))[0].state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_hub_copies_are_refused_unless_verified_and_of_the_right_model(server, tmp_path, monkeypatch, tiny_name):
