@@ -33,9 +33,9 @@ MODELS = {
     "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
-# The Hugging Face hub's copies of the same weights, tried when OpenAI's host fails. They are in
-# open_clip's layout, which keeps OpenAI's parameter names and has no input_resolution / context_length /
-# vocab_size entries (open_clip's model.py `build_model_from_openai_state_dict`), in float32.
+# The Hugging Face hub's copies of the same weights (open_clip's `openai` tag), tried when OpenAI's host
+# fails. They are open_clip state dicts, which keep OpenAI's parameter names and have no
+# input_resolution / context_length / vocab_size entries (open_clip's `build_model_from_openai_state_dict`).
 HUB_REPOS = {"ViT-B/32": "timm/vit_base_patch32_clip_224.openai", "ViT-B/16": "timm/vit_base_patch16_clip_224.openai",
              "ViT-L/14": "timm/vit_large_patch14_clip_224.openai",
              "ViT-L/14@336px": "timm/vit_large_patch14_clip_336.openai"}
