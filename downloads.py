@@ -3,8 +3,8 @@ and the official ZUTIS checkpoints (model.py). For each file it tries, in order,
 by $ZUTIS_MIRROR (a base URL or a folder that holds the file under its cache name), then each source
 the caller lists. Bytes go to `<file>.part`, which an interruption leaves in place: the next try asks
 for the rest with an HTTP Range request and appends (a server that ignores the Range is read from the
-start). A file is renamed to its final name only after its sha256 and size checks, and a file that fails
-them is deleted. A Hugging Face hub source (`Source(hub_url(...), sha256=HUB)`) is checked against the
+start). A file gets its final name only after its checks (the sha256 and size the caller knows), and
+a file that fails them is deleted. A Hugging Face hub source (`Source(hub_url(...), sha256=HUB)`) is checked against the
 sha256 the hub publishes for it. Under torchrun only rank 0 downloads; the other ranks wait for the file.
 User reference: docs/weights.md. Importing this file does no work.
 
