@@ -4,18 +4,14 @@ and as the frozen text classifier. Written from the behaviour of OpenAI's CLIP (
 parameter names, tokenizer, URLs, fp16 rule); batch-first tensors and F.scaled_dot_product_attention
 change no number. Speed: `python bench.py clip`; user reference: docs/retrieval.md.
 
-    model, preprocess = load("ViT-B/16")             # downloads to ~/.cache/clip, sha256-checked; fp32
+    model, preprocess = load("ViT-B/16")             # downloads to ~/.cache/clip (docs/weights.md); fp32
     model, preprocess = load("path/to/ckpt.pt")       # TorchScript archive or plain state dict
     official_fp16(model)                              # what OpenAI's clip.load(device="cuda") computes
     emb = text_embeddings(model, ["cat", "dog"], categories.TEMPLATES)  # [2, D], template ensemble
 """
 import gzip
-import hashlib
 import html
 import os
-import time
-import urllib.parse
-import urllib.request
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -26,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
-from common import UserError, atomic_path
+import downloads
+from common import UserError
 
 # The sha256 of each file is the second-to-last component of its URL (OpenAI's convention).
 _BASE = "https://openaipublic.azureedge.net/clip/models"
@@ -36,6 +33,14 @@ MODELS = {
     "ViT-L/14": f"{_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": f"{_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
+# The Hugging Face hub's copies of the same weights (open_clip's `openai` tag), tried when OpenAI's host
+# fails. They are open_clip state dicts, which keep OpenAI's parameter names and have no
+# input_resolution / context_length / vocab_size entries (open_clip's `build_model_from_openai_state_dict`).
+HUB_REPOS = {"ViT-B/32": "timm/vit_base_patch32_clip_224.openai", "ViT-B/16": "timm/vit_base_patch16_clip_224.openai",
+             "ViT-L/14": "timm/vit_large_patch14_clip_224.openai",
+             "ViT-L/14@336px": "timm/vit_large_patch14_clip_336.openai"}
+HUB_FILE = "open_clip_pytorch_model.bin"
+_META_KEYS = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's archives, not weights
 _SHAPES = {  # name: (embed_dim, resolution, layers, width, patch, text width, text layers)
     "ViT-B/32": (512, 224, 12, 768, 32, 512, 12), "ViT-B/16": (512, 224, 12, 768, 16, 512, 12),
     "ViT-L/14": (768, 224, 24, 1024, 14, 768, 12), "ViT-L/14@336px": (768, 336, 24, 1024, 14, 768, 12)}
@@ -140,43 +145,23 @@ def tokenize(texts, context_length=77, truncate=False):
 
 # ----------------------------------------------------------------------------- download
 
-def sha256_of(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def sources(name):
+    """Where the weights of a MODELS name come from, in order (downloads.py tries $ZUTIS_MIRROR before
+    each): OpenAI's URL, checked against the sha256 in it, then the Hugging Face hub's copy."""
+    url = MODELS[name]
+    out = [downloads.Source(url, sha256=url.split("/")[-2])]
+    if name in HUB_REPOS:  # the mirror is not asked for it: it holds OpenAI's file, tried first
+        out.append(downloads.Source(downloads.hub_url(HUB_REPOS[name], HUB_FILE), f"{arch_tag(name)}-{HUB_FILE}",
+                                    sha256=downloads.HUB, mirror=False))
+    return out
 
 
-def download(url, root, sha256=None, size=None, filename=None, hint="or pass the local file's path instead"):
-    """Download `url` into `root` unless a verified copy is there: progress bar, atomic rename, sha256 and/or
-    byte size checked; a mismatching cached file is fetched again, a bad fresh download raises and leaves
-    nothing behind. Under torchrun only rank 0 downloads; the others wait for the file."""
-    from tqdm import tqdm
-    path = os.path.join(root, filename or os.path.basename(urllib.parse.urlparse(url).path))
-    def ok(p):
-        return (size is None or os.path.getsize(p) == size) and (sha256 is None or sha256_of(p) == sha256)
-    rank = int(os.environ.get("RANK", 0))
-    for _ in range(7200 if rank else 1):  # the other ranks wait: rank 0 renames only complete files
-        if os.path.isfile(path) and ok(path):
-            return path
-        time.sleep(1.0 if rank else 0.0)
-    if rank:
-        raise UserError(f"timed out waiting for rank 0 to download {url}")
-    if os.path.isfile(path):
-        warnings.warn(f"{path} exists but does not match its checksum; downloading it again")
-    try:
-        with atomic_path(path) as tmp:
-            with urllib.request.urlopen(url) as src, open(tmp, "wb") as dst, tqdm(
-                    total=int(src.headers.get("Content-Length") or 0) or None, unit="iB", unit_scale=True,
-                    unit_divisor=1024, desc=os.path.basename(path)) as bar:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    bar.update(dst.write(block))
-            got = sha256_of(tmp)
-            print(f"downloaded {os.path.basename(path)}: {os.path.getsize(tmp)} bytes, sha256 {got}")
-            if not ok(tmp):
-                raise UserError(f"checksum mismatch for {url}: expected sha256={sha256} size={size}, "
-                                f"got sha256={got} size={os.path.getsize(tmp)}; nothing was kept")
-    except OSError as e:  # offline, proxy, DNS: say how to go on without a network
-        raise UserError(f"could not download {url} ({e}); copy the file to {path}, {hint}") from None
-    return path
+def check_layout(sd, name, what):
+    """Exactly the keys and shapes of the released `name` (from _SHAPES), so that a file of another model
+    or layout is refused with the offending keys named, before any weight is used."""
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        ref = random_model(name)
+    common.load_strict(ref, {k: v for k, v in sd.items() if k not in _META_KEYS}, what, assign=True)
 
 
 # ----------------------------------------------------------------------------- model
@@ -350,7 +335,7 @@ class CLIP(nn.Module):
 def build_model(state_dict):
     """Rebuild a ViT CLIP from a released state dict (architecture read from tensor shapes) and
     load it strictly. Returns an fp32 model in eval mode."""
-    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    sd = {k: v for k, v in state_dict.items() if k not in _META_KEYS}
     if "visual.conv1.weight" not in sd or "visual.proj" not in sd:
         raise UserError("not a ViT CLIP state dict (no visual.conv1.weight / visual.proj; ResNet CLIPs are not supported)")
     try:
@@ -424,14 +409,21 @@ def preprocess_for(resolution):
 def load(name_or_path, device="cpu", download_root=None):
     """A model name (a key of MODELS) or a checkpoint path -> (fp32 eval model, preprocess)."""
     if name_or_path in MODELS:
-        url, root = MODELS[name_or_path], download_root or os.path.expanduser("~/.cache/clip")
-        path = download(url, root, sha256=url.split("/")[-2], hint="or pass a local file path with --arch")
+        root = download_root or os.path.expanduser("~/.cache/clip")
+        path = downloads.download(sources(name_or_path), root, hint="or pass a local file path with --arch")
+        sd = _read_state_dict(path)
+        if os.path.basename(path) != os.path.basename(MODELS[name_or_path]):  # the hub's copy
+            try:
+                check_layout(sd, name_or_path, f"the Hugging Face copy of {name_or_path} ({path}, deleted)")
+            except UserError:
+                os.remove(path)  # the hub's file, but not these weights: never kept
+                raise
     elif os.path.isfile(str(name_or_path)):
-        path = name_or_path
+        sd = _read_state_dict(name_or_path)
     else:
         raise UserError(f"CLIP model {name_or_path!r} not found: use one of {list(MODELS)} "
                         "or a path to a checkpoint file")
-    model = build_model(_read_state_dict(path)).to(device)
+    model = build_model(sd).to(device)
     return model, preprocess_for(model.visual.input_resolution)
 
 

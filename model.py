@@ -25,6 +25,7 @@ from torch import nn
 import categories as C
 import clip_model
 import common
+import downloads
 from common import UserError
 
 
@@ -473,16 +474,18 @@ def to_official(model):
 
 
 def download_official(name, root=None):
-    """Fetch a published checkpoint into ~/.cache/zutis (a cached copy is reused), print its size and sha256, and check the
-    size against the official README's (to its 0.1 MB precision)."""
+    """Fetch a published checkpoint into ~/.cache/zutis (a cached copy is reused; $ZUTIS_MIRROR first,
+    docs/weights.md), print its size and sha256, and check the size against the official README's (to its
+    0.1 MB precision); a file of another size is deleted."""
     if name not in OFFICIAL:
         raise UserError(f"unknown official checkpoint {name!r}: use one of {sorted(OFFICIAL)}")
     url, mb = OFFICIAL[name][:2]
-    path = clip_model.download(url, root or os.path.expanduser("~/.cache/zutis"))
+    path = downloads.download(url, root or os.path.expanduser("~/.cache/zutis"))
     size = os.path.getsize(path)
-    print(f"{name}: {path} ({size} bytes, sha256 {clip_model.sha256_of(path)})", flush=True)
+    print(f"{name}: {path} ({size} bytes, sha256 {downloads.sha256_of(path)})", flush=True)
     if round(size / 1e6, 1) != mb:
-        raise UserError(f"{path} has {size} bytes but the official README says ~{mb} MB: delete it and retry")
+        os.remove(path)
+        raise UserError(f"{path} had {size} bytes but the official README says ~{mb} MB, so it was deleted: retry")
     return path
 
 

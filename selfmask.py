@@ -6,9 +6,10 @@
   Parameter names and shapes equal the released `selfmask_nq20.pt`, so it loads strictly.
 - `load_selfmask(name_or_path)`: a released name (downloaded into ~/.cache/selfmask) or a local file.
 - `predict_saliency(model, image) -> bool [H, W]`: the protocol (shorter side 512, ImageNet norm,
-  zero-pad to x8, masks x4 bilinear then cropped, argmax objectness, > 0.5, bilateral solver, > 0.5,
-  nearest resize to the original size). `prepare` / `coarse_masks` / `finish_mask` are the same steps
-  split, so pseudo_label.py decodes in workers, batches same-sized images and solves in other processes.
+  zero-pad to x8, masks x4 bilinear then cropped, argmax objectness, > 0.5, bilateral solver guided by
+  the normalised input turned back into uint8 pixels, > 0.5, nearest resize to the original size).
+  `prepare` / `coarse_masks` / `finish_mask` are the same steps split, so pseudo_label.py decodes in
+  workers, batches same-sized images and solves in other processes.
 - `bilateral_solve`: Barron & Poole's fast bilateral solver (grid form, as in TokenCut and the official
   zutis utils/bilateral_solver.py), vectorised numpy + scipy.sparse.
 Importing this file does no work. Reference: docs/pseudo_label.md.
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.sparse import csr_matrix
 
-import clip_model
 import common
+import downloads
 
 _SM = "https://www.robots.ox.ac.uk/~vgg/research/selfmask/shared_files"
 _GH = "https://github.com/NoelShin/selfmask/releases/download/v1.0.0"
@@ -178,7 +179,7 @@ def load_selfmask(name_or_path="selfmask_nq20", device="cpu", download_root=None
     elif name_or_path in SELFMASK_MODELS:
         url, fname = SELFMASK_MODELS[name_or_path]
         try:
-            path = clip_model.download(url, download_root or os.path.expanduser("~/.cache/selfmask"), filename=fname)
+            path = downloads.download(url, download_root or os.path.expanduser("~/.cache/selfmask"), filename=fname)
         except common.UserError as e:
             raise common.UserError(f"{e}; {selfmask_hint(name_or_path)}") from None
     else:
@@ -232,13 +233,25 @@ def resize_shorter(rgb, short_side=SHORT_SIDE, max_side=MAX_SIDE):
 
 
 def prepare(image, short_side=SHORT_SIDE, max_side=MAX_SIDE):
-    """Image -> (normalised float tensor [3, h, w] at the working scale, the same image as uint8
-    [h, w, 3] for the bilateral solver, original (H, W))."""
+    """Image -> (normalised float tensor [3, h, w] at the working scale, the bilateral solver's guide
+    uint8 [h, w, 3] made from that tensor by `guide_image`, original (H, W))."""
     rgb = to_rgb(image)
-    ref = resize_shorter(rgb, short_side, max_side)
-    x = torch.tensor(ref).permute(2, 0, 1).float().div_(255)  # [h, w, 3] -> [3, h, w]
+    small = resize_shorter(rgb, short_side, max_side)
+    x = torch.tensor(small).permute(2, 0, 1).float().div_(255)  # [h, w, 3] -> [3, h, w]
     x = (x - torch.tensor(common.IMAGENET_MEAN)[:, None, None]) / torch.tensor(common.IMAGENET_STD)[:, None, None]
-    return x, ref, rgb.shape[:2]
+    return x, guide_image(x), rgb.shape[:2]
+
+
+def guide_image(x):
+    """Normalised image [3, h, w] -> the solver's guide, uint8 [h, w, 3], as the official SelfMask inference
+    makes it (networks/selfmask/selfmask.py with bilateral_solver=True, utils/utils.py
+    `convert_tensor_to_pil_image`): in float32, x * std + mean, times 255, clipped to [0, 255], then
+    truncated by astype(uint8). Truncation leaves many pixels one level below the resized image, and the
+    solver's grid cells follow these values, so the guide is this image and not the resized one."""
+    std = torch.tensor(common.IMAGENET_STD)[:, None, None]  # float32, as torch.tensor makes it upstream
+    mean = torch.tensor(common.IMAGENET_MEAN)[:, None, None]
+    g = torch.clip((x.float().cpu() * std + mean) * 255, 0, 255)  # separate ops, the official order
+    return np.ascontiguousarray(g.numpy().astype(np.uint8).transpose(1, 2, 0))  # [3, h, w] -> [h, w, 3]
 
 
 @torch.no_grad()
@@ -255,8 +268,8 @@ def coarse_masks(model, x):
 
 
 def finish_mask(mask, ref=None, orig_size=None, bilateral=True):
-    """Coarse bool mask [h, w] at the working scale -> (bilateral solver on `ref`, > 0.5) -> nearest
-    resize to orig_size (H, W) -> bool numpy [H, W]."""
+    """Coarse bool mask [h, w] at the working scale -> (bilateral solver guided by `ref`, the guide from
+    `prepare`, > 0.5) -> nearest resize to orig_size (H, W) -> bool numpy [H, W]."""
     mask = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
     if bilateral:
         mask = bilateral_solve(ref, mask.astype(np.float64)) > 0.5

@@ -440,7 +440,7 @@ def test_official_name_download_path(tiny_clip_path, tmp_path, monkeypatch, caps
     path = tmp_path / "tiny_official.pt"
     torch.save(tiny_official_sd(), path)
     calls = []
-    monkeypatch.setattr(clip_model, "download", lambda url, root, **kw: calls.append((url, root)) or str(path))
+    monkeypatch.setattr(M.downloads, "download", lambda url, root, **kw: calls.append((url, root)) or str(path))
     mb = round(path.stat().st_size / 1e6, 1)
     monkeypatch.setitem(M.OFFICIAL, "tiny", ("https://example.invalid/tiny.pt", mb, tiny_clip_path, "voc"))
     m = M.load_checkpoint("official:tiny")

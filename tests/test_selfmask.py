@@ -204,6 +204,52 @@ def test_protocol_returns_original_size_for_odd_gray_rgba_and_1xN():
         selfmask.to_rgb(np.zeros((4, 4, 2), np.uint8))
 
 
+def official_guide(x):
+    """The official conversion (zutis utils/utils.py `convert_tensor_to_pil_image`) from its definition,
+    in numpy float32: x * std + mean, times 255, clipped, truncated to uint8, channels last."""
+    t = x.numpy().astype(np.float32) * np.array(common.IMAGENET_STD, np.float32)[:, None, None]
+    t = t + np.array(common.IMAGENET_MEAN, np.float32)[:, None, None]
+    t = np.clip(t * np.float32(255), 0, 255)
+    return t.astype(np.uint8).transpose(1, 2, 0)
+
+
+def test_solver_guide_is_the_official_tensor_to_image_conversion():
+    rng = np.random.default_rng(3)
+    images = [textured_scene(rng, 61, 83)[0], textured_scene(rng, 90, 40)[0],
+              rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), np.full((20, 30, 3), 255, np.uint8),
+              np.zeros((25, 25, 3), np.uint8), Image.fromarray(textured_scene(rng, 50, 70)[0]).convert("L")]
+    below = 0
+    for im in images:
+        x, guide, _ = selfmask.prepare(im, short_side=48)
+        small = selfmask.resize_shorter(selfmask.to_rgb(im), 48)
+        assert guide.dtype == np.uint8 and guide.shape == small.shape == (*x.shape[1:], 3)
+        assert np.array_equal(guide, official_guide(x))
+        diff = small.astype(int) - guide  # truncation: the resized value or one level below it
+        assert diff.min() >= 0 and diff.max() <= 1
+        below += int(diff.sum())
+    assert below > 0  # the guide is not the resized image
+
+
+def test_mask_is_unchanged_by_padding_and_batching():
+    """Working sizes 42x63 and 58x42 (no side a multiple of 8, so the encoder pads): each image's
+    end-to-end mask alone equals its mask from a same-size batch, and the coarse masks equal those of
+    the input zero-padded by hand to a multiple of 8 and cropped back."""
+    model = tiny_selfmask(1)
+    rng = np.random.default_rng(4)
+    for H, W in [(50, 75), (70, 50)]:
+        imgs = [textured_scene(rng, H, W)[0] for _ in range(3)]
+        prepped = [selfmask.prepare(im, short_side=42) for im in imgs]
+        h, w = prepped[0][0].shape[1:]
+        assert h % 8 and w % 8  # padding happens
+        single = [selfmask.predict_saliency(model, im, short_side=42) for im in imgs]
+        coarse = selfmask.coarse_masks(model, torch.stack([p[0] for p in prepped]))
+        padded = torch.nn.functional.pad(torch.stack([p[0] for p in prepped]), (0, -w % 8, 0, -h % 8))
+        assert torch.equal(selfmask.coarse_masks(model, padded)[:, :h, :w], coarse)
+        for (x, guide, size), c, m in zip(prepped, coarse, single):
+            assert np.array_equal(selfmask.finish_mask(c, guide, size), m) and m.shape == (H, W)
+        assert 0 < np.mean(single) < 1
+
+
 # ----------------------------------------------------------------------------- bilateral solver
 
 RGB_TO_YUV = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
