@@ -165,11 +165,11 @@ def test_imagenet_s_reader(tmp_path):
     Image.fromarray(rgb).save(f"{root}/validation-segmentation/n01440764/ILSVRC2012_val_00000293.png")
     b = B.read_bench("imagenet_s919", str(tmp_path))
     assert len(b.samples) == 1 and b.ignore_index == 1000 and b.max_size == 1024 and len(b.categories) == 920
-    assert b.official_eval
+    assert b.metrics == ("imagenet_s",)
     sem = b.load_semantic(b.samples[0])
     assert (sem[:4] == 600).all() and (sem[4:8] == 0).all() and (sem[8:] == 1000).all()
     t = B.read_bench("imagenet_s919", str(root), split="test")
-    assert len(t.samples) == 1 and t.load_semantic is None
+    assert len(t.samples) == 1 and t.load_semantic is None and t.metrics == ("server_pngs",)
 
 
 def test_cub_reader(tmp_path):
@@ -186,7 +186,7 @@ def test_cub_reader(tmp_path):
     with open(f"{root}/train_test_split.txt", "w") as f:
         f.write("1 0\n2 1\n3 0\n")
     b = B.read_bench("cub", str(tmp_path), cub_text="breed")
-    assert [s["id"] for s in b.samples] == [1, 3] and b.per_image_text
+    assert [s["id"] for s in b.samples] == [1, 3] and b.sample_categories is not None
     assert b.samples[1]["text"] == "Laysan Albatross" and b.categories == ["background", "bird"]
     sem = b.load_semantic(b.samples[0])
     assert sem.sum() == 36 and sem[0, 0] == 0
