@@ -85,7 +85,7 @@ def read_bench(name, data_root=None, split=None, **options):
     bench.categories = bench.categories or list(categories.BUILTIN[spec.classes])
     has = {"semantic": bench.load_semantic is not None, "none": bench.load_semantic is None,
            "instances": bench.load_instances is not None or bench.coco_gt is not None}
-    bench.metrics = tuple(m for m in spec.metrics if has[SCORERS[m].needs])
+    bench.metrics = tuple(m for m in spec.metrics if has[SCORERS[m].ground_truth])
     return bench
 
 
@@ -214,14 +214,14 @@ def coco_segm_ap(gt_dict, dets, img_ids, use_cats=True, cat_ids=None):
 # per-rank state (tensors, lists and numbers only: evaluate.py saves it for resume and gathers it over
 # ranks), add() scores one image, summary() turns the states of all ranks into metrics.json entries.
 # `item` is {"sample", "size": (H, W), "gt": int64 [H, W] or None, "objs": [(mask, label)] or None}.
-# `needs` is the ground truth it scores against: semantic, instances, or none (a split without any).
+# `ground_truth` is what it scores against: semantic, instances, or none (a split without any).
 
 def _joined(states, key):
     return sum((s[key] for s in states), [])
 
 
 class Scorer:
-    headline, needs, needs_instances = (), "semantic", False  # headline: the keys evaluate.py prints
+    headline, ground_truth, needs_instances = (), "semantic", False  # headline: the keys evaluate.py prints
 
     def __init__(self, bench, names, out_dir=None):
         self.bench, self.names, self.K, self.out_dir = bench, list(names), len(names), out_dir
@@ -250,7 +250,7 @@ class ImageNetS(MeanIoU):
     all classes, S/MS/ML/L, Acc and FMeasure; and, as mIoU_official_trainer, the rule the official ZUTIS
     `main.py --p_state_dict` scores its val split with (trainer.py `evaluate`: utils/running_score.py, ground
     truth >= K dropped with its predictions, mean over the classes present)."""
-    headline = ("mIoU", "S", "MS", "ML", "L", "Acc", "FMeasure", "mIoU_official_trainer")
+    headline = ("mIoU", "pixel_acc", "S", "MS", "ML", "L", "Acc", "FMeasure", "mIoU_official_trainer")
 
     def start(self):
         return {**super().start(), "buckets": torch.zeros(4, self.K + 1, self.K, dtype=torch.long), "per_image": []}
@@ -295,7 +295,7 @@ class InstanceAP(Scorer):
     """Mask AP/AP50/AP75 with COCOeval, class-aware and class-agnostic (useCats=0, key suffix `_agn`), against
     the benchmark's COCO ground truth or the VOC-style instances read per image; writes OUT/instances.json."""
     headline = ("AP", "AP50", "AP75", "AP_agn", "AP50_agn", "AP75_agn")
-    needs, needs_instances = "instances", True
+    ground_truth, needs_instances = "instances", True
 
     def start(self):
         return {"dets": [], "gt_imgs": [], "gt_anns": [], "img_ids": []}
@@ -334,7 +334,7 @@ class InstanceAP(Scorer):
 class ServerPNGs(Scorer):
     """A split without ground truth (ImageNet-S test): OUT/test/<name>.png in the test server's format,
     class I stored as RGB (I % 256, I // 256, 0)."""
-    needs = "none"
+    ground_truth = "none"
 
     def start(self):
         if self.out_dir is None:
