@@ -1,14 +1,15 @@
-"""The evaluation benchmarks of the paper (section 4): readers of their on-disk trees (like DETR's
-datasets/) and their scoring rules. evaluate.py runs the model. docs/evaluate.md lists the layouts and
-the official evaluator each metric equals.
+"""The evaluation benchmarks of the paper (section 4): one `Benchmark` entry each (reader, default root,
+layout, category list, metrics, background, input size rule) in BENCHES, the readers of their on-disk trees
+(like DETR's datasets/), and their scoring rules as scorers. evaluate.py runs the model and loops over a
+benchmark's scorers; docs/evaluate.md lists the layouts, the evaluator each metric equals, and how to add one.
 
     bench = read_bench("voc", "data/VOCdevkit/VOC2012", split="val")   # samples, categories, ignore value
     sem = bench.load_semantic(bench.samples[0])                        # int64 [H, W]
     semantic_metrics(confusion(sem, pred, K, bench.ignore_index), bench.categories)
 
-References: official datasets/{coco2017,coca,imagenet_s,coco20k}.py and utils/running_score.py; LUSSeg/ImageNet-S
-evaluation/evaluator.py and metric.py; COCO-Stuff stuffthingmaps (value = COCO id - 1, 255 unlabeled);
-LOST's coco_20k_filenames.txt; pycocotools COCOeval.
+References: official datasets/{coco2017,coca,imagenet_s,coco20k}.py, trainer.py `evaluate` and
+utils/running_score.py; LUSSeg/ImageNet-S evaluation/evaluator.py and metric.py; COCO-Stuff stuffthingmaps
+(value = COCO id - 1, 255 unlabeled); LOST's coco_20k_filenames.txt; pycocotools COCOeval.
 """
 import contextlib
 import io
@@ -19,38 +20,73 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
-import categories as C
-from common import UserError, list_images, load_json, save_json
+import categories
+from common import UserError, list_images, load_json, save_image, save_json
 
-BENCHES = ("voc", "coco2017", "coco20k", "coca", "imagenet_s919", "cub")
-DEFAULT_ROOTS = {"voc": "data/VOCdevkit/VOC2012", "coco2017": "data/coco2017", "coco20k": "data/coco",
-                 "coca": "data/coca", "imagenet_s919": "data/ImageNet-S/ImageNetS919", "cub": "data/CUB_200_2011"}
-LAYOUTS = {
-    "voc": "<root>/{JPEGImages,SegmentationClass,SegmentationObject,ImageSets/Segmentation/{train,val}.txt}",
-    "coco2017": "<root>/{val2017, stuffthingmaps_trainval2017/val2017, annotations/instances_val2017.json}",
-    "coco20k": "<root>/{train2014, annotations/instances_train2014.json, coco_20k_filenames.txt (from LOST)}",
-    "coca": "<root>/image/<category>/*.jpg and <root>/binary/<category>/*.png",
-    "imagenet_s919": "<root>/{validation,validation-segmentation,test}/<wnid>/*",
-    "cub": "<root>/{images/,images.txt,train_test_split.txt} and segmentations/<class>/*.png in <root> or beside it",
-}
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark: everything evaluate.py needs to know about it. A new benchmark is a reader, an entry
+    here (register) and its category list in categories.BUILTIN."""
+    name: str
+    read: Callable            # (data_root, split=None, **options) -> Bench
+    root: str                 # the default data root
+    layout: str               # the expected tree, named in errors
+    classes: str              # its categories.BUILTIN list: label id -> name, "background" first
+    metrics: tuple            # SCORERS names, in metrics.json order; read_bench keeps those the data can feed
+    background: bool = True   # label 0 is a class of the ground truth; else ground-truth 0 is void and a
+    #                           predicted 0 (the model's background text) is a miss, never averaged in
+    max_size: Optional[int] = None  # a longer input side above this is resized; outputs stay at full size
+    any_classes: bool = False  # ground-truth values index any --classes list (the VOC layout), else the
+    #                            list renames the benchmark's classes and must have their count
 
 
 @dataclass
 class Bench:
-    name: str
-    categories: list                      # label id -> name, "background" first
-    samples: list                         # dicts: id, name, image, (gt, obj, label, text, h, w)
-    ignore_index: int = 255               # the ground truth's void value
+    """What a reader found; read_bench adds the Benchmark's name, metrics and rules."""
+    samples: list                         # dicts: id, name, image, (gt, obj, label, text)
     load_semantic: Optional[Callable] = None    # sample -> int64 [H, W]
     load_instances: Optional[Callable] = None   # (sample, semantic) -> [(bool mask, label)]
+    ignore_index: int = 255               # the ground truth's void value
+    categories: Optional[list] = None     # default: the Benchmark's list
     coco_gt: Optional[dict] = None        # COCO-format instance ground truth (coco2017, coco20k)
     cat_ids: Optional[list] = None        # label id -> COCO category_id of predictions and ground truth
-    max_size: Optional[int] = None        # longer side above which the input is resized (ImageNet-S)
-    per_image_text: bool = False          # CUB breed mode: categories = [background, sample["text"]]
-    official_eval: bool = False           # ImageNet-S: the benchmark's own evaluator (size buckets, Acc)
     eval_cat_ids: Optional[list] = None   # restrict AP to these category ids (COCO-20K --unseen)
+    sample_categories: Optional[Callable] = None  # sample -> the classes of that image alone (CUB breed mode)
     notes: list = field(default_factory=list)
+    name: str = ""
+    metrics: tuple = ()
+    background: bool = True
+    max_size: Optional[int] = None
+    any_classes: bool = False
+
+
+BENCHES = {}  # name -> Benchmark, filled by register() at the end of this file
+
+
+def register(spec):
+    BENCHES[spec.name] = spec
+    return spec
+
+
+def read_bench(name, data_root=None, split=None, **options):
+    """A benchmark name and its data root (default: the entry's root) -> Bench. options: the readers'
+    own (unseen, cub_text); a reader ignores those it does not know."""
+    if name not in BENCHES:
+        raise UserError(f"unknown benchmark {name!r}: use one of {', '.join(BENCHES)}")
+    spec = BENCHES[name]
+    data_root = data_root or spec.root
+    if not os.path.isdir(data_root):
+        raise UserError(f"data root not found: {data_root!r}. Expected layout for {name}: {spec.layout}")
+    bench = spec.read(data_root, split=split, **options)
+    bench.name, bench.background, bench.max_size, bench.any_classes = name, spec.background, spec.max_size, spec.any_classes
+    bench.categories = bench.categories or list(categories.BUILTIN[spec.classes])
+    has = {"semantic": bench.load_semantic is not None, "none": bench.load_semantic is None,
+           "instances": bench.load_instances is not None or bench.coco_gt is not None}
+    bench.metrics = tuple(m for m in spec.metrics if has[SCORERS[m].ground_truth])
+    return bench
 
 
 # ----------------------------------------------------------------------------- semantic metrics
@@ -63,21 +99,21 @@ def confusion(gt, pred, K, ignore=255):
     return np.bincount(K * np.where((gt >= 0) & (gt < K) & (gt != ignore), gt, K) + pred, minlength=(K + 1) * K).reshape(K + 1, K)
 
 
-def semantic_metrics(conf, names, official_imagenet_s=False):
+def semantic_metrics(conf, names, official_imagenet_s=False, background=True):
     """Dataset-level mIoU and pixel accuracy (percent) from summed `confusion` counts.
     Default (official utils/running_score.py): ignored pixels dropped on both sides, mean over the classes
     present in ground truth or prediction. official_imagenet_s (LUSSeg/ImageNet-S evaluator.py): predictions
-    on ignored pixels count in the predicted area, IoU = TP / (T + P - TP + 1e-10), mean over all classes."""
+    on ignored pixels count in the predicted area, IoU = TP / (T + P - TP + 1e-10), mean over all classes.
+    background=False: class 0 (which the ground truth of such a benchmark never holds) is left out of the
+    mean; its predictions still count as misses of the true class."""
     K = conf.shape[1]
     valid = conf[:K].astype(np.float64)
     tp, gt_area = np.diag(valid), valid.sum(1)
-    if official_imagenet_s:
-        iou = tp / (conf.sum(0) + gt_area - tp + 1e-10)
-        miou = iou.mean()
-    else:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou = tp / (valid.sum(0) + gt_area - tp)
-        miou = np.nanmean(iou) if np.isfinite(iou).any() else None
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0 / 0: a class absent on both sides
+        iou = tp / (conf.sum(0) + gt_area - tp + 1e-10) if official_imagenet_s else tp / (valid.sum(0) + gt_area - tp)
+    if not background:
+        iou[0] = np.nan
+    miou = np.nanmean(iou) if np.isfinite(iou).any() else None
     return {"mIoU": None if miou is None else float(miou * 100),
             "pixel_acc": float(tp.sum() / max(valid.sum(), 1) * 100),
             "per_class_iou": {n: (None if np.isnan(v) else float(v) * 100) for n, v in zip(names, iou)}}
@@ -173,25 +209,154 @@ def coco_segm_ap(gt_dict, dets, img_ids, use_cats=True, cat_ids=None):
     return [None if s < 0 else float(s) * 100 for s in ev.stats[:3]]
 
 
-def instance_metrics(bench, names, cat_ids, dets, gt_imgs, gt_anns, img_ids):
-    """Class-aware and class-agnostic (useCats=0, key suffix `_agn`) mask AP/AP50/AP75 with COCOeval."""
-    if bench.coco_gt is not None:
-        keep = set(img_ids)
-        gt = {**bench.coco_gt, "images": [im for im in bench.coco_gt["images"] if im["id"] in keep],
-              "annotations": [a for a in bench.coco_gt["annotations"] if a["image_id"] in keep]}
-    else:
-        gt = {"images": gt_imgs, "annotations": [{**a, "id": k + 1} for k, a in enumerate(gt_anns)],
-              "categories": [{"id": cat_ids[c], "name": names[c]} for c in range(1, len(names))]}
-    if bench.eval_cat_ids is not None:  # --unseen: only these classes' ground truth and predictions count
-        ok = set(bench.eval_cat_ids)
-        gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in ok]
-        dets = [d for d in dets if d["category_id"] in ok]
-    out = {}
-    for agn in (False, True):
-        stats = coco_segm_ap(gt, dets, img_ids, use_cats=not agn, cat_ids=bench.eval_cat_ids)
-        out.update({k + ("_agn" if agn else ""): v for k, v in zip(("AP", "AP50", "AP75"), stats)})
-    out["n_detections"], out["n_gt_instances"] = len(dets), len(gt["annotations"])
-    return out
+# ----------------------------------------------------------------------------- scorers
+# A scorer is one family of metrics, made per run for a benchmark and its class names. start() gives its
+# per-rank state (tensors, lists and numbers only: evaluate.py saves it for resume and gathers it over
+# ranks), add() scores one image, summary() turns the states of all ranks into metrics.json entries.
+# `item` is {"sample", "size": (H, W), "gt": int64 [H, W] or None, "objs": [(mask, label)] or None}.
+# `ground_truth` is what it scores against: semantic, instances, or none (a split without any).
+
+def _joined(states, key):
+    return sum((s[key] for s in states), [])
+
+
+class Scorer:
+    headline, ground_truth, needs_instances = (), "semantic", False  # headline: the keys evaluate.py prints
+
+    def __init__(self, bench, names, out_dir=None):
+        self.bench, self.names, self.K, self.out_dir = bench, list(names), len(names), out_dir
+
+    def gt(self, item):  # without a background class, ground-truth 0 is void
+        gt = item["gt"]
+        return gt if self.bench.background else np.where(gt == 0, self.bench.ignore_index, gt)
+
+
+class MeanIoU(Scorer):
+    """mIoU, pixel accuracy and per-class IoU by the official utils/running_score.py rule (semantic_metrics)."""
+    headline = ("mIoU", "pixel_acc")
+
+    def start(self):
+        return {"conf": torch.zeros(self.K + 1, self.K, dtype=torch.long)}
+
+    def add(self, st, item, pred):
+        st["conf"] += torch.from_numpy(confusion(self.gt(item), pred["semantic"].numpy(), self.K, self.bench.ignore_index))
+
+    def summary(self, states):
+        return semantic_metrics(sum(s["conf"] for s in states).numpy(), self.names, background=self.bench.background)
+
+
+class ImageNetS(MeanIoU):
+    """The benchmark's own evaluator (LUSSeg/ImageNet-S evaluation/evaluator.py, the test server's): mIoU over
+    all classes, S/MS/ML/L, Acc and FMeasure; and, as mIoU_official_trainer, the rule the official ZUTIS
+    `main.py --p_state_dict` scores its val split with (trainer.py `evaluate`: utils/running_score.py, ground
+    truth >= K dropped with its predictions, mean over the classes present)."""
+    headline = ("mIoU", "pixel_acc", "S", "MS", "ML", "L", "Acc", "FMeasure", "mIoU_official_trainer")
+
+    def start(self):
+        return {**super().start(), "buckets": torch.zeros(4, self.K + 1, self.K, dtype=torch.long), "per_image": []}
+
+    def add(self, st, item, pred):
+        super().add(st, item, pred)
+        gt, pred = self.gt(item), pred["semantic"].numpy()
+        st["buckets"] += torch.from_numpy(size_buckets(gt, pred, self.K, self.bench.ignore_index))
+        st["per_image"].append(image_scores(gt, pred, self.K))
+
+    def summary(self, states):
+        conf, buckets = (sum(s[k] for s in states).numpy() for k in ("conf", "buckets"))
+        m = semantic_metrics(conf, self.names, official_imagenet_s=True, background=self.bench.background)
+        m["mIoU_official_trainer"] = super().summary(states)["mIoU"]
+        m.update({k: bucket_miou(buckets[b]) for b, k in enumerate(("S", "MS", "ML", "L"))})
+        if _joined(states, "per_image"):
+            m["Acc"], m["FMeasure"] = (float(v) for v in np.mean(_joined(states, "per_image"), 0) * 100)
+        return m
+
+
+class ForegroundIoU(Scorer):
+    """CUB: IoU of the foreground (ground truth 1, any class predicted) over the dataset (the headline,
+    fg_iou) and its mean over images (fg_iou_per_image; an image empty on both sides counts 1)."""
+    headline = ("fg_iou", "fg_iou_per_image")
+
+    def start(self):
+        return {"inter": [], "union": []}
+
+    def add(self, st, item, pred):
+        t, p = item["gt"] == 1, pred["semantic"].numpy() > 0
+        st["inter"].append(int((t & p).sum()))
+        st["union"].append(int((t | p).sum()))
+
+    def summary(self, states):
+        inter, union = _joined(states, "inter"), _joined(states, "union")
+        per_image = [i / u if u else 1.0 for i, u in zip(inter, union)]
+        return {"fg_iou": sum(inter) / sum(union) * 100 if sum(union) else None,
+                "fg_iou_per_image": float(np.mean(per_image) * 100) if per_image else None}
+
+
+class InstanceAP(Scorer):
+    """Mask AP/AP50/AP75 with COCOeval, class-aware and class-agnostic (useCats=0, key suffix `_agn`), against
+    the benchmark's COCO ground truth or the VOC-style instances read per image; writes OUT/instances.json."""
+    headline = ("AP", "AP50", "AP75", "AP_agn", "AP50_agn", "AP75_agn")
+    ground_truth, needs_instances = "instances", True
+
+    def start(self):
+        return {"dets": [], "gt_imgs": [], "gt_anns": [], "img_ids": []}
+
+    def add(self, st, item, pred):
+        s, (h, w), cat_ids = item["sample"], item["size"], self.bench.cat_ids or range(self.K)
+        st["img_ids"].append(s["id"])
+        if "masks" in pred:
+            st["dets"] += detections(pred, s["id"], cat_ids)
+        if item["objs"] is not None:
+            st["gt_imgs"].append({"id": s["id"], "height": h, "width": w, "file_name": s["name"]})
+            st["gt_anns"] += [gt_annotation(m, cat_ids[lab], s["id"], 0) for m, lab in item["objs"] if lab < self.K]
+
+    def summary(self, states):
+        dets, img_ids, b = _joined(states, "dets"), _joined(states, "img_ids"), self.bench
+        if self.out_dir:
+            save_json(dets, os.path.join(self.out_dir, "instances.json"), indent=None)
+        if b.coco_gt is not None:
+            gt = {**b.coco_gt, "images": [im for im in b.coco_gt["images"] if im["id"] in set(img_ids)],
+                  "annotations": [a for a in b.coco_gt["annotations"] if a["image_id"] in set(img_ids)]}
+        else:
+            cat_ids = b.cat_ids or range(self.K)
+            gt = {"images": _joined(states, "gt_imgs"), "categories": [{"id": cat_ids[c], "name": self.names[c]}
+                                                                      for c in range(1, self.K)],
+                  "annotations": [{**a, "id": k + 1} for k, a in enumerate(_joined(states, "gt_anns"))]}
+        if b.eval_cat_ids is not None:  # --unseen: only these classes' ground truth and predictions count
+            gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] in b.eval_cat_ids]
+            dets = [d for d in dets if d["category_id"] in b.eval_cat_ids]
+        out = {"n_detections": len(dets), "n_gt_instances": len(gt["annotations"])}
+        for agn in (False, True):
+            stats = coco_segm_ap(gt, dets, img_ids, use_cats=not agn, cat_ids=b.eval_cat_ids)
+            out.update({k + ("_agn" if agn else ""): v for k, v in zip(("AP", "AP50", "AP75"), stats)})
+        return out
+
+
+class ServerPNGs(Scorer):
+    """A split without ground truth (ImageNet-S test): OUT/test/<name>.png in the test server's format,
+    class I stored as RGB (I % 256, I // 256, 0)."""
+    ground_truth = "none"
+
+    def start(self):
+        if self.out_dir is None:
+            raise UserError(f"{self.bench.name} without ground truth writes PNGs for its test server: give an output folder")
+        return {}
+
+    def add(self, st, item, pred):
+        p = pred["semantic"].numpy()
+        save_image(np.stack([p % 256, p // 256, np.zeros_like(p)], -1).astype(np.uint8),
+                   os.path.join(self.out_dir, "test", item["sample"]["name"] + ".png"))
+
+    def summary(self, states):
+        return {"server_pngs": os.path.join(self.out_dir, "test")}
+
+
+SCORERS = {"miou": MeanIoU, "imagenet_s": ImageNetS, "fg_iou": ForegroundIoU, "instances": InstanceAP,
+           "server_pngs": ServerPNGs}
+
+
+def scorers(bench, names, out_dir=None):
+    """The scorers of a benchmark read by read_bench, for the class list `names`."""
+    return [SCORERS[m](bench, names, out_dir) for m in bench.metrics]
 
 
 # ----------------------------------------------------------------------------- readers: helpers
@@ -202,7 +367,7 @@ def find_root(data_root, bench, subdirs, must):
         cand = os.path.join(data_root, sub) if sub else data_root
         if all(os.path.exists(os.path.join(cand, m)) for m in must):
             return cand
-    raise UserError(f"{bench} data not found under {data_root!r}. Expected layout: {LAYOUTS[bench]}")
+    raise UserError(f"{bench} data not found under {data_root!r}. Expected layout: {BENCHES[bench].layout}")
 
 
 def read_png(path):
@@ -230,15 +395,14 @@ def read_voc(data_root, split=None, **_):
     for s in sets[split]:
         p = os.path.join(root, "ImageSets/Segmentation", f"{s}.txt")
         if not os.path.isfile(p):
-            raise UserError(f"missing {p}. Expected layout: {LAYOUTS['voc']}")
+            raise UserError(f"missing {p}. Expected layout: {BENCHES['voc'].layout}")
         names.update(_split_lines(p))
     has_obj = os.path.isdir(os.path.join(root, "SegmentationObject"))
     samples = [{"id": i, "name": n, "image": os.path.join(root, "JPEGImages", n + ".jpg"),
                 "gt": os.path.join(root, "SegmentationClass", n + ".png"),
                 "obj": os.path.join(root, "SegmentationObject", n + ".png") if has_obj else None}
                for i, n in enumerate(sorted(names))]
-    return Bench("voc", list(C.VOC), samples, 255, load_semantic=lambda s: read_png(s["gt"]),
-                 load_instances=voc_instances if has_obj else None, cat_ids=list(range(len(C.VOC))))
+    return Bench(samples, load_semantic=lambda s: read_png(s["gt"]), load_instances=voc_instances if has_obj else None)
 
 
 def voc_instances(sample, semantic):
@@ -259,7 +423,7 @@ def coco_stuff_lut():
     """COCO-Stuff stuffthingmaps value (COCO id - 1; 255 unlabeled) -> our label: the 80 things ->
     contiguous 1..80 (categories.COCO_IDS), stuff -> 0, unlabeled -> 255."""
     lut = np.zeros(256, np.int64)
-    for label, coco_id in enumerate(C.COCO_IDS[1:], start=1):
+    for label, coco_id in enumerate(categories.COCO_IDS[1:], start=1):
         lut[coco_id - 1] = label
     lut[255] = 255
     return lut
@@ -280,8 +444,7 @@ def read_coco2017(data_root, split=None, **_):
     inst = os.path.join(root, "annotations", "instances_val2017.json")
     gt = load_json(inst, "COCO annotations") if os.path.isfile(inst) else None
     lut = coco_stuff_lut()
-    bench = Bench("coco2017", list(C.COCO), [], 255, coco_gt=gt, cat_ids=list(C.COCO_IDS),
-                  load_semantic=lambda s: lut[np.clip(read_png(s["gt"]), 0, 255)])
+    bench = Bench([], coco_gt=gt, cat_ids=list(categories.COCO_IDS), load_semantic=lambda s: lut[np.clip(read_png(s["gt"]), 0, 255)])
     if gt is not None:
         files = [(im["id"], im["file_name"]) for im in sorted(gt["images"], key=lambda im: im["file_name"])]
     else:  # semantic only: ids from the zero-padded file names
@@ -323,11 +486,11 @@ def read_coco20k(data_root, split=None, unseen=False, **_):
                             f"in {root!r} or {ann_dir!r}")
         print(f"building {sel_path} from {all_json}")
         gt = build_sel20k(all_json, coco20k_ids(lst), sel_path)
-    cats, ids = list(C.COCO), list(C.COCO_IDS)
+    cats, ids = list(categories.COCO), list(categories.COCO_IDS)
     images = sorted(gt["images"], key=lambda im: im["file_name"])
-    bench = Bench("coco20k", cats, [], 255, coco_gt=gt, cat_ids=ids)
+    bench = Bench([], coco_gt=gt, cat_ids=ids)
     if unseen:  # zero-shot setting: only the 15 unseen classes are named and scored (paper Table 7)
-        keep = [i for i, n in enumerate(cats) if n in C.COCO_UNSEEN]
+        keep = [i for i, n in enumerate(cats) if n in categories.COCO_UNSEEN]
         bench.categories = ["background"] + [cats[i] for i in keep]
         bench.cat_ids = [0] + [ids[i] for i in keep]
         bench.eval_cat_ids = bench.cat_ids[1:]
@@ -353,7 +516,7 @@ def coca_semantic(path, label):
 
 def read_coca(data_root, split=None, **_):
     root = find_root(data_root, "coca", ["", "coca", "CoCA"], ["image", "binary"])
-    label_of = {n: i for i, n in enumerate(C.COCA)}
+    label_of = {n: i for i, n in enumerate(categories.COCA)}
     samples = []
     for cat in sorted(os.listdir(os.path.join(root, "image"))):
         if not os.path.isdir(os.path.join(root, "image", cat)):
@@ -374,19 +537,19 @@ def read_coca(data_root, split=None, **_):
                             "image": os.path.join(root, "image", cat, i), "gt": os.path.join(root, "binary", cat, b)})
     if not samples:
         raise UserError(f"no CoCA images under {root}/image/<category>/")
-    return Bench("coca", list(C.COCA), samples, 255, load_semantic=lambda s: coca_semantic(s["gt"], s["label"]))
+    return Bench(samples, load_semantic=lambda s: coca_semantic(s["gt"], s["label"]))
 
 
 # ----------------------------------------------------------------------------- ImageNet-S919
 
-def read_imagenet_s(data_root, split=None, max_size=1024, **_):
+def read_imagenet_s(data_root, split=None, **_):
     split = {None: "validation", "val": "validation", "validation": "validation", "test": "test"}.get(split)
     if split is None:
         raise UserError("imagenet_s919 split must be 'val' or 'test'")
     root = find_root(data_root, "imagenet_s919", ["", "ImageNetS919", "ImageNet-S/ImageNetS919"], [split])
     gt_dir = os.path.join(root, split + "-segmentation")
     if split == "validation" and not os.path.isdir(gt_dir):
-        raise UserError(f"missing {gt_dir}. Expected layout: {LAYOUTS['imagenet_s919']}")
+        raise UserError(f"missing {gt_dir}. Expected layout: {BENCHES['imagenet_s919'].layout}")
     samples = [{"id": i, "name": os.path.splitext(r)[0], "image": os.path.join(root, split, r),
                 "gt": os.path.join(gt_dir, os.path.splitext(r)[0] + ".png") if split == "validation" else None}
                for i, r in enumerate(list_images(os.path.join(root, split)))]
@@ -394,8 +557,7 @@ def read_imagenet_s(data_root, split=None, max_size=1024, **_):
     def load(s):  # RGB PNG: class id = R + 256 * G; 1000 = ignore (ImageNet-S README)
         rgb = read_png(s["gt"])
         return rgb[..., 0] + 256 * rgb[..., 1]
-    return Bench("imagenet_s919", list(C.IMAGENET_S919), samples, 1000, max_size=max_size,
-                 load_semantic=load if split == "validation" else None, official_eval=True)
+    return Bench(samples, load_semantic=load if split == "validation" else None, ignore_index=1000)
 
 
 # ----------------------------------------------------------------------------- CUB-200-2011
@@ -422,18 +584,22 @@ def read_cub(data_root, split=None, cub_text="bird", **_):
     def load(s):  # soft masks averaged over annotators (0..255): foreground where more than half agree
         m = read_png(s["gt"])
         return ((m.max(-1) if m.ndim == 3 else m) > 127).astype(np.int64)
-    return Bench("cub", ["background", "bird"], samples, 255, load_semantic=load, per_image_text=cub_text == "breed")
+    breed = (lambda s: ["background", s["text"]]) if cub_text == "breed" else None  # each image's breed its only class
+    return Bench(samples, load_semantic=load, sample_categories=breed)
 
 
-READERS = {"voc": read_voc, "coco2017": read_coco2017, "coco20k": read_coco20k, "coca": read_coca,
-           "imagenet_s919": read_imagenet_s, "cub": read_cub}
+# ----------------------------------------------------------------------------- the benchmarks
 
-
-def read_bench(name, data_root=None, split=None, **kw):
-    """A benchmark name and its data root (default: data/<standard folder>) -> Bench."""
-    if name not in READERS:
-        raise UserError(f"unknown benchmark {name!r}: use one of {', '.join(BENCHES)}")
-    data_root = data_root or DEFAULT_ROOTS[name]
-    if not os.path.isdir(data_root):
-        raise UserError(f"data root not found: {data_root!r}. Expected layout for {name}: {LAYOUTS[name]}")
-    return READERS[name](data_root, split=split, **kw)
+register(Benchmark("voc", read_voc, "data/VOCdevkit/VOC2012", "<root>/{JPEGImages,SegmentationClass,SegmentationObject,"
+                   "ImageSets/Segmentation/{train,val}.txt}", "voc", ("miou", "instances"), any_classes=True))
+register(Benchmark("coco2017", read_coco2017, "data/coco2017", "<root>/{val2017, stuffthingmaps_trainval2017/val2017, "
+                   "annotations/instances_val2017.json}", "coco2017", ("miou", "instances")))
+register(Benchmark("coco20k", read_coco20k, "data/coco", "<root>/{train2014, annotations/instances_train2014.json, "
+                   "coco_20k_filenames.txt (from LOST)}", "coco20k", ("instances",)))
+register(Benchmark("coca", read_coca, "data/coca", "<root>/image/<category>/*.jpg and <root>/binary/<category>/*.png",
+                   "coca", ("miou",)))
+register(Benchmark("imagenet_s919", read_imagenet_s, "data/ImageNet-S/ImageNetS919",
+                   "<root>/{validation,validation-segmentation,test}/<wnid>/*", "imagenet_s919",
+                   ("imagenet_s", "server_pngs"), max_size=1024))
+register(Benchmark("cub", read_cub, "data/CUB_200_2011", "<root>/{images/,images.txt,train_test_split.txt} and "
+                   "segmentations/<class>/*.png in <root> or beside it", "cub", ("miou", "fg_iou")))

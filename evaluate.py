@@ -378,9 +378,9 @@ def decode_proposals(entries, hw):
 
 def bench_categories(classes, bench):
     """--classes replacing the benchmark's names. Label ids stay positional, so the count must match, except
-    on VOC-layout data whose ids are indices into the list; no id may equal the ground truth's ignore value."""
+    where the ground truth's values index any list (bench.any_classes); no id may equal its ignore value."""
     names = list(bench.categories) if classes is None else C.get_categories(classes)
-    if len(names) != len(bench.categories) and bench.name != "voc":
+    if len(names) != len(bench.categories) and not bench.any_classes:
         raise UserError(f"--classes has {len(names)} names with background; {bench.name} needs {len(bench.categories)} "
                         "(label ids are positional: --classes renames the benchmark's classes)")
     if len(names) > bench.ignore_index:
@@ -388,115 +388,100 @@ def bench_categories(classes, bench):
     return names
 
 
-def _resume_state(path, key, K, official):
+def _resume_state(path, key, scorers):
     """Per-rank partial results of an interrupted run with the same settings, else a fresh state."""
-    fresh = {"key": key, "next": 0, "conf": torch.zeros(K + 1, K, dtype=torch.long),
-             "buckets": torch.zeros(4, K + 1, K, dtype=torch.long) if official else None,
-             "dets": [], "gt_imgs": [], "gt_anns": [], "done": [], "skipped": [], "per_image": []}
+    fresh = {"key": key, "next": 0, "done": [], "skipped": [], "scores": [sc.start() for sc in scorers]}
     if path and os.path.isfile(path):
         try:
-            st = common.torch_load(path, "partial results")
-            if st.get("key") == key:
-                print(f"resuming from {path}: {st['next']} images of this rank already done")
-                return st
+            state = common.torch_load(path, "partial results")
+            if state.get("key") == key:
+                print(f"resuming from {path}: {state['next']} images of this rank already done")
+                return state
         except UserError as e:  # a partial file we cannot read is recomputed
             print(f"ignoring {e}")
     return fresh
 
 
-def _accumulate(st, bench, s, size, gt, objs, p, K, cat_ids):
-    """Add one image's prediction `p`: confusion (and size buckets, per-image scores) against `gt`,
-    COCO-format detections, and VOC-style ground-truth instances `objs`."""
-    pred = p["semantic"].numpy()
-    st["done"].append(s["id"])
-    if gt is not None:
-        st["conf"] += torch.from_numpy(B.confusion(gt, pred, K, bench.ignore_index))
-        if bench.official_eval:
-            st["buckets"] += torch.from_numpy(B.size_buckets(gt, pred, K, bench.ignore_index))
-            st["per_image"].append(B.image_scores(gt, pred, K))
-        if bench.name == "cub":
-            u = ((gt == 1) | (pred > 0)).sum()
-            st["per_image"].append(float(((gt == 1) & (pred > 0)).sum() / u) if u else 1.0)
-    if "masks" in p:
-        st["dets"] += B.detections(p, s["id"], cat_ids)
-    if objs is not None:
-        st["gt_imgs"].append({"id": s["id"], "height": size[0], "width": size[1], "file_name": s["name"]})
-        st["gt_anns"] += [B.gt_annotation(m, cat_ids[lab], s["id"], 0) for m, lab in objs if lab < K]
+def _load(bench, sample):
+    """One benchmark image -> (PIL image, the scorers' item: sample, size, semantic and instance ground truth)."""
+    image = common.load_rgb(sample["image"])
+    size = (image.height, image.width)
+    gt = bench.load_semantic(sample) if bench.load_semantic else None
+    if gt is not None and gt.shape != size:
+        raise ValueError(f"ground truth {gt.shape} does not match the image {size}")
+    objs = bench.load_instances(sample, gt) if bench.load_instances is not None else None
+    return image, {"sample": sample, "size": size, "gt": gt, "objs": objs}
+
+
+def _accumulate(state, scorers, item, pred):
+    """Add one image's prediction to the state of every scorer."""
+    state["done"].append(item["sample"]["id"])
+    for scorer, scores in zip(scorers, state["scores"]):
+        scorer.add(scores, item, pred)
 
 
 def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8, max_size=None, config=None,
                    save_every=500, proposals=None):
-    """Run `seg` over the benchmark's images (sharded by rank), gather, and on rank 0 compute and write the
-    metrics; returns them ({} off rank 0). Every `save_every` images each rank saves its partial results
-    under out_dir, so an interrupted run with the same settings resumes where it stopped."""
+    """Run `seg` over the benchmark's images (sharded by rank), score them with the benchmark's scorers, gather,
+    and on rank 0 compute and write the metrics; returns them ({} off rank 0). Every `save_every` images each
+    rank saves its partial results under out_dir, so an interrupted run with the same settings resumes."""
     from tqdm import tqdm
     dist = dist or common.Dist(seg.device.type)
     samples = bench.samples[:max_images] if max_images else bench.samples
-    names, cat_ids = list(seg.categories), bench.cat_ids or list(range(len(seg.categories)))
-    K, max_size = len(names), max_size or bench.max_size
-    props, unmatched = read_proposals(proposals, samples) if proposals else ({}, 0)
-    need_inst = bench.load_instances is not None or bench.coco_gt is not None
+    names = list(bench.categories if bench.sample_categories else seg.categories)
+    max_size = max_size or bench.max_size
+    scorers = B.scorers(bench, names, out_dir)
+    with_instances = proposals is not None or any(scorer.needs_instances for scorer in scorers)
+    found, unmatched = read_proposals(proposals, samples) if proposals else ({}, 0)
     mine = samples[dist.rank::dist.world]
-    part = os.path.join(out_dir, f".partial_rank{dist.rank}of{dist.world}.pt") if out_dir else None
+    state_file = os.path.join(out_dir, f".partial_rank{dist.rank}of{dist.world}.pt") if out_dir else None
     # partial results are reused only for the same data, classes, model, checkpoint (and its time) and rules
-    ck, rules = (config or {}).get("ckpt") or "", {k: v for k, v in (config or {}).items() if k not in ("max_images", "save_vis")}
-    key = json.dumps([bench.name, len(samples), names, seg.kind, max_size, os.path.isfile(ck) and os.path.getmtime(ck), rules],
-                     sort_keys=True, default=str)
-    st = _resume_state(part, key, K, bench.official_eval)
-    for i in tqdm(range(st["next"], len(mine)), disable=not dist.is_main, desc=bench.name, initial=st["next"], total=len(mine)):
-        s = mine[i]
+    ckpt = (config or {}).get("ckpt") or ""
+    rules = {k: v for k, v in (config or {}).items() if k not in ("max_images", "save_vis")}
+    key = json.dumps([bench.name, bench.metrics, len(samples), names, seg.kind, max_size,
+                      os.path.isfile(ckpt) and os.path.getmtime(ckpt), rules], sort_keys=True, default=str)
+    state = _resume_state(state_file, key, scorers)
+    for i in tqdm(range(state["next"], len(mine)), disable=not dist.is_main, desc=bench.name, initial=state["next"],
+                  total=len(mine)):
+        sample = mine[i]
         try:
-            pil = common.load_rgb(s["image"])
-            gt = bench.load_semantic(s) if bench.load_semantic else None
-            if gt is not None and gt.shape != (pil.height, pil.width):
-                raise ValueError(f"ground truth {gt.shape} does not match the image {(pil.height, pil.width)}")
-            objs = bench.load_instances(s, gt) if bench.load_instances is not None else None
+            image, item = _load(bench, sample)
         except (OSError, ValueError) as e:
-            st["skipped"].append(f"{s['image']}\t{type(e).__name__}: {e}")
+            state["skipped"].append(f"{sample['image']}\t{type(e).__name__}: {e}")
             continue
-        if bench.per_image_text:  # CUB breed mode: this image's own breed name is the only class
-            seg.set_categories(["background", s["text"]])
-        pr = decode_proposals(props.get(s["id"], []), (pil.height, pil.width)) if proposals else None
-        p = infer(seg, image_tensor(pil), max_size, instances=need_inst or proposals is not None, proposals=pr)
-        _accumulate(st, bench, s, (pil.height, pil.width), gt, objs, p, K, cat_ids)
-        if bench.load_semantic is None and bench.name == "imagenet_s919":  # server format: I as RGB (I % 256, I // 256, 0)
-            pred = p["semantic"].numpy()
-            common.save_image(np.stack([pred % 256, pred // 256, np.zeros_like(pred)], -1).astype(np.uint8),
-                              os.path.join(out_dir, "test", s["name"] + ".png"))
+        if bench.sample_categories:  # e.g. CUB breed mode: the image's own class list
+            seg.set_categories(bench.sample_categories(sample))
+        masks = decode_proposals(found.get(sample["id"], []), item["size"]) if proposals else None
+        pred = infer(seg, image_tensor(image), max_size, instances=with_instances, proposals=masks)
+        _accumulate(state, scorers, item, pred)
         if dist.is_main and out_dir and i < n_vis:
-            save_vis(os.path.join(out_dir, "vis", s["name"].replace("/", "__") + ".png"), np.asarray(pil), gt, p,
-                     list(seg.categories), bench.ignore_index)
-        if part and (i + 1) % save_every == 0 and i + 1 < len(mine):
-            common.save_torch({**st, "next": i + 1}, part)
-    parts = dist.gather(st)
+            save_vis(os.path.join(out_dir, "vis", sample["name"].replace("/", "__") + ".png"), np.asarray(image),
+                     item["gt"], pred, list(seg.categories), bench.ignore_index)
+        if state_file and (i + 1) % save_every == 0 and i + 1 < len(mine):
+            common.save_torch({**state, "next": i + 1}, state_file)
+    states = dist.gather(state)
     if not dist.is_main:
         return {}
-    lists = {k: sum((q[k] for q in parts), []) for k in ("dets", "gt_imgs", "gt_anns", "done", "skipped", "per_image")}
-    m = {"bench": bench.name, "n_images": len(lists["done"]), "n_skipped": len(lists["skipped"])}
-    if bench.load_semantic is not None:
-        conf = sum(q["conf"] for q in parts).numpy()
-        m.update(B.semantic_metrics(conf, names if not bench.per_image_text else ["background", "bird"], bench.official_eval))
-    if bench.official_eval and bench.load_semantic is not None:  # LUSSeg/ImageNet-S evaluator.py
-        buckets = sum(q["buckets"] for q in parts).numpy()
-        m.update({k: B.bucket_miou(buckets[b]) for b, k in enumerate(("S", "MS", "ML", "L"))})
-        if lists["per_image"]:
-            m["Acc"], m["FMeasure"] = (float(v) for v in np.mean(lists["per_image"], 0) * 100)
-    if bench.name == "cub":  # foreground IoU: dataset-level (headline) and the mean over images
-        m["fg_iou"] = m["per_class_iou"]["bird"]
-        m["fg_iou_per_image"] = float(np.mean(lists["per_image"]) * 100) if lists["per_image"] else None
-    if need_inst:
-        m.update(B.instance_metrics(bench, names, cat_ids, lists["dets"], lists["gt_imgs"], lists["gt_anns"], lists["done"]))
+    used = {"file": proposals, "matched": sum(map(len, found.values())), "unmatched": unmatched} if proposals else None
+    return _summary(states, bench, scorers, out_dir, config, dist.world, used)
+
+
+def _summary(states, bench, scorers, out_dir, config, world, proposals):
+    """Rank 0: the metrics of every scorer over the states of all ranks; writes metrics.json and skipped.txt
+    and removes the partial results, which the written metrics supersede."""
+    done, skipped = (sum((state[k] for state in states), []) for k in ("done", "skipped"))
+    metrics = {"bench": bench.name, "n_images": len(done), "n_skipped": len(skipped)}
+    for n, scorer in enumerate(scorers):
+        metrics.update(scorer.summary([state["scores"][n] for state in states]))
     if proposals:
-        m["proposals"] = {"file": proposals, "matched": sum(map(len, props.values())), "unmatched": unmatched}
-    m["notes"] = bench.notes
+        metrics["proposals"] = proposals
+    metrics["notes"] = bench.notes
     if out_dir:
-        common.save_json({**m, "config": config or {}, **common.git_info()}, os.path.join(out_dir, "metrics.json"))
-        if need_inst:
-            common.save_json(lists["dets"], os.path.join(out_dir, "instances.json"), indent=None)
-        write_skipped(lists["skipped"], out_dir)
-        for f in glob.glob(os.path.join(out_dir, f".partial_rank*of{dist.world}.pt")):  # the results are safe
+        common.save_json({**metrics, "config": config or {}, **common.git_info()}, os.path.join(out_dir, "metrics.json"))
+        write_skipped(skipped, out_dir)
+        for f in glob.glob(os.path.join(out_dir, f".partial_rank*of{world}.pt")):
             os.remove(f)
-    return m
+    return metrics
 
 
 def write_skipped(skipped, out_dir):
@@ -515,7 +500,7 @@ def run_benchmark(model, bench, data_root, out_dir=None, split=None, max_images=
     b = B.read_bench(bench, data_root, split, unseen=kw.get("unseen", False), cub_text=kw.get("cub_text", "bird"))
     rules = {k: kw[k] for k in ("t", "nms", "nms_iou", "class_prob") if k in kw}
     seg = model if hasattr(model, "kind") else ZutisSegmenter(model, kw.get("norm", "imagenet"), **rules)
-    seg.set_categories(["background", "bird"] if b.per_image_text else bench_categories(kw.get("classes") or seg.categories, b))
+    seg.set_categories(b.categories if b.sample_categories else bench_categories(kw.get("classes") or seg.categories, b))
     with torch.no_grad():
         return evaluate_bench(seg, b, out_dir, dist, max_images, kw.get("save_vis", 4), kw.get("max_size"), kw)
 
@@ -595,11 +580,11 @@ def main():
     bench = B.read_bench(args.bench, args.data_root, args.split, unseen=args.unseen, cub_text=args.cub_text)
     names = bench_categories(args.classes, bench)
     seg = build_segmenter(args, names, dist.device)
-    seg.set_categories(["background", "bird"] if bench.per_image_text else names)
+    seg.set_categories(bench.categories if bench.sample_categories else names)
     dist.print0(f"{bench.name}: {len(bench.samples)} images, {len(names)} classes" + "".join(f"; {n}" for n in bench.notes))
     m = evaluate_bench(seg, bench, out_dir, dist, args.max_images, args.save_vis, args.max_size,
                        {**vars(args), **common.git_info()}, proposals=args.proposals)
-    keys = "mIoU pixel_acc S MS ML L Acc FMeasure fg_iou fg_iou_per_image AP AP50 AP75 AP_agn AP50_agn AP75_agn".split()
+    keys = [k for name in bench.metrics for k in B.SCORERS[name].headline]
     dist.print0(" ".join(f"{k} {m[k]:.2f}" for k in keys if m.get(k) is not None) + f" ({m.get('n_images')} images"
                 + "".join(f", {n} proposals {k}" for k, n in m.get("proposals", {}).items() if k != "file") + f") -> {out_dir}")
     dist.close()

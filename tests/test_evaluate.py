@@ -165,11 +165,11 @@ def test_imagenet_s_reader(tmp_path):
     Image.fromarray(rgb).save(f"{root}/validation-segmentation/n01440764/ILSVRC2012_val_00000293.png")
     b = B.read_bench("imagenet_s919", str(tmp_path))
     assert len(b.samples) == 1 and b.ignore_index == 1000 and b.max_size == 1024 and len(b.categories) == 920
-    assert b.official_eval
+    assert b.metrics == ("imagenet_s",)
     sem = b.load_semantic(b.samples[0])
     assert (sem[:4] == 600).all() and (sem[4:8] == 0).all() and (sem[8:] == 1000).all()
     t = B.read_bench("imagenet_s919", str(root), split="test")
-    assert len(t.samples) == 1 and t.load_semantic is None
+    assert len(t.samples) == 1 and t.load_semantic is None and t.metrics == ("server_pngs",)
 
 
 def test_cub_reader(tmp_path):
@@ -186,7 +186,7 @@ def test_cub_reader(tmp_path):
     with open(f"{root}/train_test_split.txt", "w") as f:
         f.write("1 0\n2 1\n3 0\n")
     b = B.read_bench("cub", str(tmp_path), cub_text="breed")
-    assert [s["id"] for s in b.samples] == [1, 3] and b.per_image_text
+    assert [s["id"] for s in b.samples] == [1, 3] and b.sample_categories is not None
     assert b.samples[1]["text"] == "Laysan Albatross" and b.categories == ["background", "bird"]
     sem = b.load_semantic(b.samples[0])
     assert sem.sum() == 36 and sem[0, 0] == 0
@@ -410,6 +410,107 @@ def test_imagenet_s_test_split_writes_server_pngs(tmp_path):
     m = E.run_benchmark(Constant(C.IMAGENET_S919, 600), "imagenet_s919", str(root), out_dir=str(tmp_path / "o"), split="test")
     png = np.array(Image.open(tmp_path / "o" / "test" / "n01440764" / "ILSVRC2012_test_00000001.png"))
     assert png.shape == (1100, 20, 3) and (png[..., 0] == 600 % 256).all() and (png[..., 1] == 2).all() and m["n_images"] == 1
+
+
+class Fixed:
+    """A segmenter returning a fixed semantic map per output size (each test image has its own size)."""
+    kind, norm, device = "fixed", "imagenet", torch.device("cpu")
+
+    def __init__(self, categories, preds):
+        self.categories, self.preds = list(categories), preds
+
+    def set_categories(self, names):
+        self.categories = list(names)
+
+    def __call__(self, x, out_size, instances=True):
+        return {"semantic": torch.from_numpy(self.preds[tuple(out_size)])}
+
+
+def test_imagenet_s_val_scored_both_ways(tmp_path):
+    """metrics.json of imagenet_s919 val: the benchmark's evaluator as the headline, the official trainer's
+    running_score rule as mIoU_official_trainer, on imagenet_s_case (predictions on ignored pixels, a
+    class-2 miss) where they differ; 916 of the 920 classes absent from both sides."""
+    root = tmp_path / "ImageNetS919"
+    gt, pred = imagenet_s_case()
+    save_jpg(f"{root}/validation/n01440764/ILSVRC2012_val_00000293.JPEG", 10, 20)
+    os.makedirs(f"{root}/validation-segmentation/n01440764")
+    Image.fromarray(np.stack([gt % 256, gt // 256, 0 * gt], -1).astype(np.uint8)).save(
+        f"{root}/validation-segmentation/n01440764/ILSVRC2012_val_00000293.png")
+    m = E.run_benchmark(Fixed(C.IMAGENET_S919, {(10, 20): pred}), "imagenet_s919", str(root), out_dir=str(tmp_path / "o"))
+    # evaluator: class 1 has T = 10 + 50 (the ignored pixels predicted as 1), the mean is over all 920 classes
+    assert m["mIoU"] == pytest.approx(100 * (76 / 78 + 10 / 60 + 10 / 12 + 1) / 920)
+    # official trainer (trainer.py evaluate, RunningScore): ground truth 1000 >= K dropped with its
+    # predictions, nanmean over the 4 classes present
+    assert m["mIoU_official_trainer"] == pytest.approx(100 * (76 / 78 + 1 + 10 / 12 + 1) / 4)
+    assert [m[k] for k in ("S", "MS", "ML", "L")] == [pytest.approx(100), pytest.approx(100 * (76 / 78 + 10 / 12) / 2),
+                                                      pytest.approx(100), None]
+    recall = 122 / 124  # foreground = non-zero, the ignore value included: 124 true, 122 predicted, all hits
+    assert m["Acc"] == pytest.approx(100) and m["FMeasure"] == pytest.approx(100 * 1.3 * recall / (0.3 + recall))
+    assert json.load(open(tmp_path / "o" / "metrics.json"))["mIoU_official_trainer"] == pytest.approx(m["mIoU_official_trainer"])
+
+
+def read_shapes(data_root, split=None, **_):
+    """A benchmark without a background class: <root>/images/*.png with <root>/labels/*.png, 1..3 the
+    classes, 0 unlabeled and 255 void."""
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(data_root, "images")))
+    samples = [{"id": i, "name": n, "image": os.path.join(data_root, "images", n + ".png"),
+                "gt": os.path.join(data_root, "labels", n + ".png")} for i, n in enumerate(names)]
+    return B.Bench(samples, load_semantic=lambda s: B.read_png(s["gt"]))
+
+
+def test_a_new_benchmark_without_background(tmp_path, monkeypatch, tiny_clip_path, capsys):
+    """A benchmark registered here, in the test, evaluated end to end through run_benchmark and main with no
+    change to evaluate.py. Hand-computed: ground-truth 0 and 255 are void; a predicted 0 (the model's
+    background text) is a miss of the true class; background and the class absent from both sides (star,
+    predicted only on void pixels) are not averaged in."""
+    monkeypatch.setitem(C.BUILTIN, "shapes", ["background", "circle", "square", "star"])
+    monkeypatch.setitem(B.BENCHES, "shapes", B.Benchmark("shapes", read_shapes, "data/shapes", "<root>/{images,labels}/*.png",
+                                                         "shapes", ("miou",), background=False))
+    gts = {"a": np.array([[1, 1, 2, 2], [0, 1, 2, 255]]), "b": np.array([[2, 2, 2, 2], [2, 2, 1, 1], [0, 0, 0, 0]])}
+    preds = {(2, 4): np.array([[1, 0, 2, 2], [3, 1, 1, 2]]), (3, 4): np.array([[2, 2, 2, 0], [2, 2, 1, 1], [1, 0, 0, 0]])}
+    for k, (name, gt) in enumerate(gts.items()):
+        save_jpg(f"{tmp_path}/shapes/images/{name}.png", *gt.shape, k)
+        os.makedirs(f"{tmp_path}/shapes/labels", exist_ok=True)
+        Image.fromarray(gt.astype(np.uint8)).save(f"{tmp_path}/shapes/labels/{name}.png")
+    m = E.run_benchmark(Fixed(C.BUILTIN["shapes"], preds), "shapes", str(tmp_path / "shapes"), out_dir=str(tmp_path / "o"))
+    # circle: TP 2 + 2, ground truth 3 + 2, predicted 3 + 2 -> 4/6; square: TP 2 + 5, ground truth 3 + 6, predicted 2 + 5 -> 7/9
+    assert m["mIoU"] == pytest.approx(100 * (4 / 6 + 7 / 9) / 2) and m["pixel_acc"] == pytest.approx(100 * 11 / 14)
+    assert m["per_class_iou"] == {"background": None, "circle": pytest.approx(100 * 4 / 6),
+                                  "square": pytest.approx(100 * 7 / 9), "star": None}
+    assert m["n_images"] == 2 and not any(k.startswith("AP") for k in m)
+    run_main(monkeypatch, "--bench", "shapes", "--data_root", str(tmp_path / "shapes"), "--model", "maskclip",
+             "--arch", tiny_clip_path, "--out_dir", str(tmp_path / "cli"), "--save_vis", "1")
+    cli = json.load(open(tmp_path / "cli" / "metrics.json"))
+    assert cli["bench"] == "shapes" and cli["n_images"] == 2 and cli["per_class_iou"]["background"] is None
+    assert f"mIoU {cli['mIoU']:.2f} pixel_acc {cli['pixel_acc']:.2f} (2 images)" in capsys.readouterr().out
+
+
+class TwoRanks:
+    """Rank `rank` of a two-process run without torchrun: rank 1 runs first and leaves its results in `box`,
+    which rank 0's gather returns after its own."""
+    world = 2
+
+    def __init__(self, rank, box):
+        self.rank, self.box, self.is_main = rank, box, rank == 0
+
+    def gather(self, obj):
+        return [obj] + self.box if self.is_main else self.box.append(obj)
+
+
+def test_sharded_evaluation_equals_one_process(voc_root, tmp_path, monkeypatch):
+    b, orig, calls = B.read_bench("voc", voc_root), E.infer, []
+
+    def keyed(seg, img, *a, **k):
+        calls.append(1)
+        seg.key = img.float().sum().item()
+        return orig(seg, img, *a, **k)
+    monkeypatch.setattr(E, "infer", keyed)
+    perm, box = {0: 0, 12: 15, 15: 12}, []
+    assert E.evaluate_bench(Oracle(b, perm), b, str(tmp_path / "o"), dist=TwoRanks(1, box)) == {} and len(calls) == 2
+    m = E.evaluate_bench(Oracle(b, perm), b, str(tmp_path / "o"), dist=TwoRanks(0, box))
+    ref = E.evaluate_bench(Oracle(b, perm), b, None)
+    assert len(calls) == 8 and m["n_images"] == 4
+    assert all(m[k] == ref[k] for k in ("mIoU", "pixel_acc", "per_class_iou", "AP", "AP_agn", "n_gt_instances", "n_detections"))
 
 
 # ----------------------------------------------------------------------------- end to end with tiny models
