@@ -39,7 +39,7 @@ def test_python_entry_as_documented(tiny_clip_path, tmp_path, monkeypatch):
     assert blocks and all(b == blocks[0] for b in blocks)  # README and docs show the same lines
     path = tmp_path / "tiny_official.pt"
     torch.save(tiny_official_sd(), path)
-    monkeypatch.setattr(clip_model, "download", lambda url, root, **kw: str(path))
+    monkeypatch.setattr(M.downloads, "download", lambda url, root, **kw: str(path))
     monkeypatch.setitem(M.OFFICIAL, "coco_vit_b_16", ("https://example.invalid/x.pt", round(path.stat().st_size / 1e6, 1),
                                                       tiny_clip_path, "coco"))
     Image.fromarray(skdata.chelsea()).save(tmp_path / "photo.jpg", quality=95)  # a real cat, 300 x 451
