@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import clip_model
 import common
 import evaluate as E
 import model as M
