@@ -17,11 +17,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageStat
 
-import categories as C
+import categories
 import common
 
-# The copy-paste settings (train.py --aug KEY=VALUE): the official recipe.
+# The copy-paste settings (train.py --aug KEY=VALUE): the official recipe, and what each key accepts.
 AUG = {"max_n": 10, "scale_range": (0.1, 1.0), "p_same": 0.5, "jitter": (0.8, 0.8, 0.8, 0.2), "p_gray": 0.2}
+AUG_FORMS = {
+    "max_n": ("a whole number >= 1: images per scene, the canvas included (max_n=1 pastes nothing)",
+              lambda v: v == int(v) and v >= 1),
+    "scale_range": ("two numbers 0 < lo <= hi, e.g. 0.1,1.0", lambda v: len(v) == 2 and 0 < v[0] <= v[1]),
+    "p_same": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "jitter": ("four numbers >= 0 (brightness, contrast, saturation, hue), hue at most 0.5, e.g. 0.8,0.8,0.8,0.2",
+               lambda v: len(v) == 4 and min(v) >= 0 and v[3] <= 0.5),
+    "p_gray": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+}
 
 # Probability of padding (left+top, left+bottom, right+top, right+bottom) when the scaled image is smaller
 # than the crop. The official random_crop draws random() anew in each elif, which skews the sides to
@@ -32,7 +41,28 @@ MAX_REDRAWS = 100  # unreadable images in a row before we give up on the archive
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+def check_aug(aug):
+    """Copy-paste settings (a dict with keys of AUG) -> the same dict, or a UserError naming the first
+    unknown key or bad value and the form that key accepts."""
+    for k, v in aug.items():
+        if k not in AUG_FORMS:
+            raise common.UserError(f"unknown augmentation setting {k!r}: use one of {sorted(AUG)}")
+        form, ok = AUG_FORMS[k]
+        try:
+            good = ok(v)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            shown = ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v
+            raise common.UserError(f"augmentation setting {k}={shown} is not allowed: {k} must be {form}")
+    return aug
+
+
 # ----------------------------------------------------------------------------- photometric ops
+
+# The ops that map each pixel on its own: photometric() runs them on a window plus one padding pixel.
+# contrast, the one op with a whole-image statistic (the mean grey), is handled apart there.
+PIXEL_OPS = ("brightness", "saturation", "hue", "gray")
 
 def jitter_params(rng, strength=AUG["jitter"]):
     """torchvision ColorJitter(b, c, s, h)'s random parameters, drawn from `rng`: factors in
@@ -82,6 +112,7 @@ def photometric(img, params, window=None, fill=(0, 0, 0), box=None):
     n_pad = w * h - (y1 - y0) * (x1 - x0)
     r = blur_radius(sigma, ksize) if sigma is not None else 0
     sub, pad = img.crop((x0, y0, x1, y1)), Image.new("RGB", (1, 1), tuple(fill))
+    assert all(op in PIXEL_OPS or op == "contrast" for op, _ in ops), f"not a per-pixel op or contrast: {ops}"
     cut_at = 1 + max([k for k, (op, _) in enumerate(ops) if op == "contrast"], default=-1)
     for k in range(len(ops) + 1):
         if k == cut_at and box is not None:  # whole-image statistics are done: keep box + radius only
@@ -139,15 +170,13 @@ class ArchiveDataset(torch.utils.data.Dataset):
 
     def __init__(self, archive_json, masks_dir, categories=None, crop=384, ignore_index=255, norm="imagenet",
                  seed=0, length=None, index_dirs=None, rank=0, **aug):
-        if norm not in common.NORMS or set(aug) - set(AUG):
-            raise common.UserError(f"norm must be one of {sorted(common.NORMS)} (got {norm!r}) and the "
-                                   f"augmentation keys in {sorted(AUG)} (got {sorted(aug)})")
-        aug = {**AUG, **aug}
-        (lo, hi), jitter, p_gray, p_same = (float(v) for v in aug["scale_range"]), aug["jitter"], aug["p_gray"], aug["p_same"]
-        jitter = tuple(float(v) for v in jitter)
-        if (not (0 < lo <= hi) or crop < 1 or aug["max_n"] < 1 or not 0 <= p_same <= 1 or len(jitter) != 4
-                or min(jitter) < 0 or jitter[3] > 0.5 or not 0 <= p_gray <= 1):
-            raise common.UserError(f"bad dataset settings: crop={crop} {aug}")
+        if norm not in common.NORMS:
+            raise common.UserError(f"norm must be one of {sorted(common.NORMS)}, got {norm!r}")
+        if int(crop) != crop or crop < 1:
+            raise common.UserError(f"crop must be a whole number of pixels >= 1, got {crop}")
+        aug = check_aug({**AUG, **aug})
+        (lo, hi), p_gray, p_same = (float(v) for v in aug["scale_range"]), aug["p_gray"], aug["p_same"]
+        jitter = tuple(float(v) for v in aug["jitter"])
         self.archive = common.load_archive(archive_json, index_dirs)
         self.masks_dir = common.require_dir(masks_dir, "masks dir", "<masks_dir>/<dir>_<basename>/<path>.png")
         self.categories = self._resolve_categories(categories)
@@ -163,8 +192,8 @@ class ArchiveDataset(torch.utils.data.Dataset):
         self.stats = collections.Counter()
         self.unreadable = set()  # image paths that failed to decode (per process)
 
-    def _resolve_categories(self, categories):
-        names = C.get_categories(self.archive["categories"] if categories is None else categories)
+    def _resolve_categories(self, spec):
+        names = categories.get_categories(self.archive["categories"] if spec is None else spec)
         missing = [c for c in names[1:] if c not in self.archive["archive"]]
         if missing:
             raise common.UserError(f"{len(missing)} categories have no archive entry (e.g. {missing[:3]}); "
