@@ -293,12 +293,13 @@ class ArchiveDataset(torch.utils.data.Dataset):
         "orig" (h0, w0) original size, "size" (th, tw) scaled size, "src" (sy, sx) crop origin in the scaled
         image, "dst" (dy, dx, lh, lw) where that window lands in the crop, "fill" the padding colour."""
         c = self.crop
+        # Decoded at full size and converted to RGB before the resize, as the official loader does (a JPEG
+        # decoded at reduced scale with Image.draft is faster but gives other pixels).
         with Image.open(path) as im:
-            w0, h0 = im.size
-            tw, th = max(1, int(w0 * s)), max(1, int(h0 * s))
-            im.draft("RGB", (tw, th))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= the target size
             im.load()
             im = im if im.mode == "RGB" else im.convert("RGB")
+        w0, h0 = im.size
+        tw, th = max(1, int(w0 * s)), max(1, int(h0 * s))
         (sy, dy, lh), (sx, dx, lw) = (crop_window(th, c, pad_side in (0, 2), rng),
                                       crop_window(tw, c, pad_side in (0, 1), rng))
         geom = {"orig": (h0, w0), "size": (th, tw), "src": (sy, sx), "dst": (dy, dx, lh, lw), "fill": (0, 0, 0)}
@@ -332,9 +333,7 @@ class ArchiveDataset(torch.utils.data.Dataset):
         if m.shape != geom.get("orig", m.shape):  # still usable: it is resampled to the scaled size
             self.stats["mask_size_mismatch"] += 1
         (th, tw), (sy, sx), (dy, dx, lh, lw) = geom["size"], geom["src"], geom["dst"]
-        # nearest resize, pixel centres aligned (as PIL's bilinear resize of the image): only the window
-        rows = np.minimum(((np.arange(sy, sy + lh) + 0.5) * (m.shape[0] / th)).astype(np.int64), m.shape[0] - 1)
-        cols = np.minimum(((np.arange(sx, sx + lw) + 0.5) * (m.shape[1] / tw)).astype(np.int64), m.shape[1] - 1)
+        rows, cols = nearest_index(sy, lh, m.shape[0], th), nearest_index(sx, lw, m.shape[1], tw)
         obj[dy:dy + lh, dx:dx + lw] = m[rows[:, None], cols[None, :]]
         return obj
 
@@ -363,6 +362,19 @@ class ArchiveDataset(torch.utils.data.Dataset):
         masks = torch.from_numpy(inst)[None] == torch.arange(1, len(layers) + 1)[:, None, None]  # [n, c, c]
         return {"image": image.sub_(mean).div_(std), "semantic": torch.from_numpy(sem), "instance_masks": masks,
                 "category_ids": torch.tensor([layer["label"] for layer in layers], dtype=torch.long)}
+
+
+def nearest_index(start, n, size_in, size_out):
+    """Source indices of output pixels start .. start+n-1 of a nearest resize from size_in to size_out, by
+    the official rule (TF.resize(..., NEAREST) on a tensor = torch's "nearest" interpolation): floor(dst *
+    (in / out)) in float32, at most in - 1; only the rows or columns of the crop window are computed."""
+    dst = np.arange(start, start + n)
+    if size_in == size_out:
+        return dst
+    if size_out == 2 * size_in:  # torch's exact shortcut for a factor of 2
+        return dst >> 1
+    scale = np.float32(size_in) / np.float32(size_out)
+    return np.minimum(np.floor(dst.astype(np.float32) * scale).astype(np.int64), size_in - 1)
 
 
 def crop_window(t, c, pad_before, rng):

@@ -3,6 +3,7 @@
 Every archive here is generated in a tmp dir: small JPEGs whose object (an ellipse) is white on black, so
 image/mask alignment can be checked, plus masks that are missing, empty or belong to unreadable images.
 """
+import itertools
 import json
 import os
 
@@ -165,7 +166,7 @@ def test_pad_side_skew_default(arc):
 
 def test_image_and_mask_stay_aligned(arc, monkeypatch):
     """The images are white exactly on their mask: with photometric ops off, the scene's object pixels
-    are bright and its background dark (decoding with draft, box resize, flips and pastes included)."""
+    are bright and its background dark (decoding, box resize, flips and pastes included)."""
     monkeypatch.setattr(dataset, "photometric", lambda img, *a, **k: np.array(img))
     ds = make(arc, max_n=6, norm="imagenet")
     mean, std = torch.tensor(ds.mean).view(3, 1, 1), torch.tensor(ds.std).view(3, 1, 1)
@@ -255,6 +256,58 @@ def test_fast_photometric_equals_whole_image_path():
         assert np.array_equal(cut[10:28, 30:40], ref[10:28, 30:40]), seed
         assert np.array_equal(dataset.photometric(img, params), ref), seed  # no window given
     assert n_contrast_not_first >= 5
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK"])
+def test_decoding_and_scaling_follow_the_official_loader(tmp_path, mode):
+    """The scaled image is the official one: full decode, convert("RGB"), then PIL's bilinear resize
+    (TF.resize on a PIL image); palette and CMYK files included. Exact when the crop is padded; the
+    window-only resize of an unpadded crop is within 1 grey level (test_window_resize_equals_resize_then_crop)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((157, 118), Image.BICUBIC)
+    img = rgb.quantize(64) if mode == "P" else rgb.convert(mode)
+    path = str(tmp_path / ("im.png" if mode == "P" else "im.jpg"))
+    img.save(path, quality=90)
+    ds = ArchiveDataset.__new__(ArchiveDataset)
+    ds.crop = 96
+    for s in (0.15, 0.3, 0.55, 0.61):  # 1/8, 1/4 and 1/2 of the size, where a reduced-scale decode would apply
+        out, geom = ds._load_scaled_crop(path, s, 3, np.random.default_rng(1))
+        th, tw = geom["size"]
+        ref = Image.open(path).convert("RGB").resize((tw, th), Image.BILINEAR)
+        (sy, sx), (dy, dx, lh, lw) = geom["src"], geom["dst"]
+        assert np.array_equal(np.asarray(out)[dy:dy + lh, dx:dx + lw], np.asarray(ref)[sy:sy + lh, sx:sx + lw]), s
+
+
+def test_mask_rescale_is_the_official_nearest_rule(arc):
+    """The pseudo-mask is resized as the official TF.resize(mask, NEAREST) on a tensor: source index
+    floor(dst * in / out), computed only inside the crop window."""
+    import torchvision.transforms.functional as TF
+    ds = make(arc)
+    entry = ds.entries[0]
+    m = np.asarray(Image.open(ds._mask_path(entry))) > 127  # [90, 120]
+    for th, tw, sy, sx in [(69, 92, 3, 11), (45, 60, 0, 0), (180, 240, 17, 40), (61, 83, 5, 7), (90, 120, 20, 30)]:
+        ref = TF.resize(torch.from_numpy(m)[None].float(), [th, tw], TF.InterpolationMode.NEAREST)[0].bool().numpy()
+        lh, lw = min(CROP, th - sy), min(CROP, tw - sx)
+        obj = ds._load_mask_crop(entry, {"size": (th, tw), "src": (sy, sx), "dst": (0, 0, lh, lw)})
+        assert np.array_equal(obj[:lh, :lw], ref[sy:sy + lh, sx:sx + lw]), (th, tw)
+    for n_in, n_out in itertools.product(range(1, 60, 4), range(1, 200, 3)):
+        ref = torch.nn.functional.interpolate(torch.arange(n_in, dtype=torch.float32)[None, None], size=n_out)
+        assert np.array_equal(dataset.nearest_index(0, n_out, n_in, n_out), ref[0, 0].long().numpy()), (n_in, n_out)
+
+
+def test_per_pixel_ops_are_per_pixel():
+    """photometric()'s window trick holds because every op in PIXEL_OPS maps each pixel on its own (checked
+    against torchvision's own kernels: each pixel of the op's output equals the op on that pixel alone),
+    and contrast, the one op that is not, is handled apart. An op outside both is refused."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8))
+    for op, f in [("brightness", 1.6), ("saturation", 0.3), ("hue", 0.17), ("gray", None), ("contrast", 1.5)]:
+        whole = np.asarray(dataset.apply_op(img, op, f))
+        alone = np.stack([np.stack([np.asarray(dataset.apply_op(img.crop((x, y, x + 1, y + 1)), op, f))[0, 0]
+                                    for x in range(7)]) for y in range(6)])
+        assert np.array_equal(whole, alone) == (op in dataset.PIXEL_OPS), op
+    with pytest.raises(AssertionError, match="not a per-pixel op"):
+        dataset.photometric(img, ([("sharpness", 2.0)], None, 3))
 
 
 def test_mask_nearest_identity_at_scale_one(arc):
