@@ -1,10 +1,10 @@
 """Tests for dataset.py (copy-paste scenes): python -m pytest -q tests/test_dataset.py
 
-Every archive here is generated in a tmp dir: small JPEGs whose object (an ellipse) is white on black, so
-image/mask alignment can be checked, plus masks that are missing, empty or belong to unreadable images.
+Every archive here is generated in a tmp dir by conftest.write_archive: small JPEGs whose object (an ellipse)
+is white on black, so image/mask alignment can be checked, plus masks that are missing, empty or belong to
+unreadable images.
 """
 import itertools
-import json
 import os
 
 import numpy as np
@@ -14,51 +14,10 @@ from PIL import Image
 
 import common
 import dataset
+from conftest import write_archive
 from dataset import ArchiveDataset, collate_fn
 
 CROP = 48
-
-
-def write_archive(root, spec, size=(120, 90)):
-    """spec: {category: [(name, kind)]}, kind in "ok", "missing", "empty", "corrupt" (unreadable image),
-    "dup:<cat>/<name>" (the same image as another category's entry). Returns (archive_json, masks_dir)."""
-    img_dir, masks_dir = os.path.join(root, "images"), os.path.join(root, "masks")
-    os.makedirs(img_dir, exist_ok=True)
-    arc = {"arch": "test", "k": 0, "index_dirs": ["images"], "categories": ["background"] + list(spec),
-           "archive": {}}
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    rng = np.random.default_rng(0)
-    for cat, items in spec.items():
-        arc["archive"][cat] = []
-        for name, kind in items:
-            rel = kind[4:] + ".jpg" if kind.startswith("dup:") else f"{cat}/{name}.jpg"
-            entry = {"path": rel, "dir": 0, "score": 0.5}
-            arc["archive"][cat].append(entry)
-            if kind.startswith("dup:"):
-                continue
-            os.makedirs(os.path.join(img_dir, cat), exist_ok=True)
-            cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
-            mask = (((yy - cy) / (h / 4)) ** 2 + ((xx - cx) / (w / 4)) ** 2 < 1).astype(np.uint8) * 255
-            if kind == "corrupt":
-                with open(os.path.join(img_dir, rel), "wb") as f:
-                    f.write(b"\xff\xd8 not a jpeg")
-            elif kind == "gray":  # a single-channel JPEG, as some ImageNet images are
-                Image.fromarray(mask).save(os.path.join(img_dir, rel), quality=95)
-            elif kind == "small_mask":  # pseudo-mask at half the image size
-                Image.fromarray(np.repeat(mask[..., None], 3, 2)).save(os.path.join(img_dir, rel), quality=95)
-                mask = mask[::2, ::2]
-            else:
-                Image.fromarray(np.repeat(mask[..., None], 3, 2)).save(os.path.join(img_dir, rel), quality=95)
-            mpath = os.path.join(masks_dir, common.mask_relpath({"index_dirs": [img_dir]}, entry))
-            if kind in ("ok", "corrupt", "gray", "small_mask"):
-                common.save_image(mask, mpath)
-            elif kind == "empty":
-                common.save_image(np.zeros_like(mask), mpath)
-    path = os.path.join(root, "archive.json")
-    with open(path, "w") as f:
-        json.dump(arc, f)
-    return path, masks_dir
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import categories
 import common
 import model
 import train
-from test_dataset import write_archive
+from conftest import write_archive
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
