@@ -303,10 +303,11 @@ class ArchiveDataset(torch.utils.data.Dataset):
         (sy, dy, lh), (sx, dx, lw) = (crop_window(th, c, pad_side in (0, 2), rng),
                                       crop_window(tw, c, pad_side in (0, 1), rng))
         geom = {"orig": (h0, w0), "size": (th, tw), "src": (sy, sx), "dst": (dy, dx, lh, lw), "fill": (0, 0, 0)}
-        if tw >= c and th >= c:  # no padding: resize only the window (same pixels as resize-then-crop)
-            fx, fy = im.width / tw, im.height / th
-            return im.resize((c, c), Image.BILINEAR, box=(sx * fx, sy * fy, (sx + c) * fx, (sy + c) * fy)), geom
+        # the whole image is resized, then cropped: resizing only the crop window (PIL's box=) is faster for
+        # large images but rounds some pixels differently
         im = im.resize((tw, th), Image.BILINEAR)
+        if tw >= c and th >= c:
+            return im.crop((sx, sy, sx + c, sy + c)), geom
         geom["fill"] = tuple(int(v) for v in ImageStat.Stat(im).mean)  # mean colour (histograms), truncated
         out = Image.new("RGB", (c, c), geom["fill"])
         out.paste(im.crop((sx, sy, sx + lw, sy + lh)), (dx, dy))
