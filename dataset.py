@@ -4,10 +4,10 @@ official datasets/index_dataset.py and datasets/augmentations/). Reference: docs
     ds = ArchiveDataset("out/archive.json", "out/masks", crop=384)   # item i -> one scene, a pure function of i
     python dataset.py --archive out/archive.json --masks_dir out/masks --preview out/scenes.jpg   # look at some
 
-One scene: n ~ randint(1, max_n) images (with probability p_same all of one category). Each is scaled by
-U(scale_range), padded with its mean colour (label: ignore_index), randomly cropped, flipped, jittered,
-greyed and blurred; image 1 is the canvas and the objects of images 2..n are pasted on it at random
-offsets, later ones on top. Every random number of item i comes from one numpy Generator seeded with
+One scene: n ~ randint(1, max_n) images, the canvas included (with probability p_same all of one
+category). Each is scaled by U(scale_range), padded with its mean colour (label: ignore_index), randomly
+cropped, flipped, jittered, greyed and blurred; image 1 is the canvas and the objects of images 2..n are
+pasted on it at random offsets, later ones on top. Every random number of item i comes from one numpy Generator seeded with
 (seed, rank, epoch, i), so a scene never depends on the worker count and train.py resumes exactly.
 """
 import collections
