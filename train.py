@@ -308,7 +308,7 @@ def flag_of(key):
         return f"--model {key}="
     if key in dataset.AUG:
         return f"--aug {key}="
-    return {"stop_grad": "--no_stop_grad ", "text_fp32": "--text_fp32 "}.get(key, f"--{key} ")
+    return f"--{key} "
 
 
 def describe_change(key, new, old):
@@ -317,6 +317,9 @@ def describe_change(key, new, old):
         i = next((i for i, (a, b) in enumerate(zip(new, old)) if a != b), min(len(new), len(old)))
         at = lambda v: repr(v[i]) if i < len(v) else "none"  # noqa: E731
         return f"--categories: {len(new)} names (checkpoint: {len(old)}), id {i} {at(new)} (checkpoint: {at(old)})"
+    if key in ("stop_grad", "text_fp32", "compile"):  # switches: on / off, as typed
+        on = lambda v: "on" if bool(v) != (key == "stop_grad") else "off"  # noqa: E731
+        return f"--{'no_stop_grad' if key == 'stop_grad' else key} {on(new)} (checkpoint: {on(old)})"
     show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
     return f"{flag_of(key)}{show(new)} (checkpoint: {show(old)})"
 

@@ -110,10 +110,10 @@ def test_resume_is_exact(tiny_clip_path, data, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "to_device", real)
     assert common.torch_load(str(resumed / "ckpt.pt"))["step"] == 2
     # a changed command never overwrites or silently continues the run: it is refused, naming each change
-    changed = tiny_argv(tiny_clip_path, data, resumed, 5, "--lr", "2e-3")
+    changed = tiny_argv(tiny_clip_path, data, resumed, 5, "--lr", "2e-3", "--no_stop_grad")
     changed[changed.index("max_n=3")] = "max_n=2"
-    with pytest.raises(common.UserError, match=r"--iters 5 \(checkpoint: 4\); --lr 0.002 \(checkpoint: 0.001\); "
-                                               r"--aug max_n=2 \(checkpoint: 3\)"):
+    with pytest.raises(common.UserError, match=r"settings: --no_stop_grad on \(checkpoint: off\); --iters 5 \(checkpoint: "
+                                               r"4\); --lr 0.002 \(checkpoint: 0.001\); --aug max_n=2 \(checkpoint: 3\)\."):
         train.main(changed)
     with pytest.raises(common.UserError, match=r"--categories: 3 names \(checkpoint: 3\), id 1 'thing1' "
                                                r"\(checkpoint: 'thing0'\)"):
