@@ -128,6 +128,9 @@ def check_args(args):
     if args.out_dir is not None:
         common.check_out_dir(args.out_dir)
     common.load_json(args.archive, "archive (--archive)")  # a missing or non-JSON file fails here, in one line
+    common.require_dir(args.masks_dir, "pseudo-mask folder (--masks_dir)")
+    for d in args.index_dirs or []:
+        common.require_dir(d, "image folder (--index_dirs)")
 
 
 # ----------------------------------------------------------------------------- schedule, optimiser
@@ -386,6 +389,8 @@ def train(args, dist):
     ck, cfg = None, make_config(args)
     if os.path.exists(ckpt_path):  # an earlier run of this command: continue it
         ck = load_resume(ckpt_path, cfg, dist)
+    elif not args.init:
+        model.resolve_arch(args.arch)  # an unknown CLIP name or a missing file stops here, before any work
     cfg.update(out_dir=out_dir, world_size=dist.world, device=str(dist.device), torch=str(torch.__version__),
                **common.git_info())
     if cfg["batch_size"] % dist.world:

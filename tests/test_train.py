@@ -232,7 +232,9 @@ def test_bad_flags_are_user_errors(tiny_clip_path, data, tmp_path, extra, msg):
                                          ("--min_lr", "-1"), ("--iters", "0"), ("--batch_size", "0"), ("--crop", "0"),
                                          ("--save_every", "0"), ("--log_every", "0"), ("--num_workers", "-1"),
                                          ("--lambda_mask", "-1"), ("--seed", "-1"), ("--iters", "1.5"),
-                                         ("--lr", "nan"), ("--out_dir", "README.md"), ("--categories", "")])
+                                         ("--lr", "nan"), ("--out_dir", "README.md"), ("--categories", ""),
+                                         ("--masks_dir", "no/such/dir"), ("--index_dirs", "no/such/dir"),
+                                         ("--arch", "ViT-X/99")])
 def test_every_flag_is_checked_before_work(tiny_clip_path, data, tmp_path, monkeypatch, capsys, flag, value):
     """A value out of range is one `error:` line naming the flag and exit 2 (as the script's entry point
     gives it), before any file is written."""
