@@ -237,8 +237,7 @@ class _BCELogs(torch.autograd.Function):
 
 
 def dice_cost(p, gT):
-    """Dice cost with smoothing 1: p [..., Q, P] probabilities, gT [P, N] in {0, 1} -> [..., Q, N]:
-    1 - (2 p.g + 1) / (sum p + sum g + 1)."""
+    """p [..., Q, P] probabilities, gT [P, N] in {0, 1} -> [..., Q, N]: 1 - (2 p.g + 1) / (sum p + sum g + 1)."""
     return 1 - (2 * (p @ gT) + 1) / (p.sum(-1, keepdim=True) + gT.sum(0) + 1)
 
 
@@ -249,10 +248,9 @@ def bce_cost(p, gT):
     return -(log_p @ gT + log_1mp @ (1 - gT)) / p.shape[-1]
 
 
-# The mask loss, which is also the matching cost (official: dice + BCE, weight 1 each): name -> (cost
-# function (p [..., Q, P], gT [P, N]) -> [..., Q, N], weight). The matcher minimises the weighted sum, the
-# criterion sums it over matched pairs and logs each term as loss_<name>. To change the mask loss, write a
-# cost function and edit this line (docs/train.md, "Changing the mask loss").
+# The mask loss, which is also the matching cost (official: dice + BCE, weight 1 each): name -> (pairwise
+# cost function, weight). The matcher minimises the weighted sum, the criterion sums it over matched pairs
+# and logs each term as loss_<name>. To change it: docs/train.md, "Changing the mask loss".
 MASK_TERMS = {"dice": (dice_cost, 1.0), "bce": (bce_cost, 1.0)}
 
 
@@ -278,8 +276,7 @@ class HungarianMatcher:
         self.terms = MASK_TERMS if terms is None else terms
 
     def cost(self, probs, gt):
-        """probs [..., Q, P], gt [N, P] -> (total, {name: weighted term}), each [..., Q, N] fp32,
-        differentiable; total = the sum of the weighted terms."""
+        """probs [..., Q, P], gt [N, P] -> (sum of the weighted terms, {name: weighted term}), [..., Q, N] fp32."""
         parts = {k: self.terms[k][1] * c for k, c in pairwise_costs(probs, gt, self.terms).items()}
         return sum(parts.values()), parts
 
