@@ -350,7 +350,7 @@ def load_resume(path, cfg, dist):
 
 def save_checkpoint(path, raw_model, optimizer, scaler, step, cfg, dist):
     """One file, written atomically by rank 0 from the unwrapped, uncompiled model (no prefixes). Every
-    rank's RNG state goes in (a list indexed by rank) so --resume restores each rank exactly; the text
+    rank's RNG state goes in (a list indexed by rank) so a rerun restores each rank exactly; the text
     embeddings go in so the checkpoint loads without the CLIP file."""
     rngs = dist.gather(rng_state())
     if dist.is_main:
