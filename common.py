@@ -15,7 +15,6 @@ import contextlib
 import functools
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -422,44 +421,6 @@ def unique_entries(archive):
                 seen.add((e["dir"], e["path"]))
                 out.append(e)
     return out
-
-
-# ----------------------------------------------------------------------------- run logs and RNG state
-
-def log_jsonl(path, rec):
-    """Append one JSON object as a line (metrics.jsonl)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def fmt_time(s):
-    """Seconds -> '4m05s' or '2h13m'."""
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def rng_state():
-    """The python, numpy, torch (and CUDA) RNG states as tensors and plain types, so that a checkpoint
-    holding them loads with weights_only=True."""
-    import torch
-    version, py_state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    st = {"python": torch.tensor(py_state, dtype=torch.int64), "python_gauss": gauss,
-          "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_rest": [int(pos), int(has_gauss), float(cached)],
-          "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st):
-    import torch
-    random.setstate((3, tuple(st["python"].tolist()), st["python_gauss"]))
-    pos, has_gauss, cached = st["numpy_rest"]
-    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -4,10 +4,10 @@ official datasets/index_dataset.py and datasets/augmentations/). Reference: docs
     ds = ArchiveDataset("out/archive.json", "out/masks", crop=384)   # item i -> one scene, a pure function of i
     python dataset.py --archive out/archive.json --masks_dir out/masks --preview out/scenes.jpg   # look at some
 
-One scene: n ~ randint(1, max_n) images (with probability p_same all of one category). Each is scaled by
-U(scale_range), padded with its mean colour (label: ignore_index), randomly cropped, flipped, jittered,
-greyed and blurred; image 1 is the canvas and the objects of images 2..n are pasted on it at random
-offsets, later ones on top. Every random number of item i comes from one numpy Generator seeded with
+One scene: n ~ randint(1, max_n) images, the canvas included (with probability p_same all of one
+category). Each is scaled by U(scale_range), padded with its mean colour (label: ignore_index), randomly
+cropped, flipped, jittered, greyed and blurred; image 1 is the canvas and the objects of images 2..n are
+pasted on it at random offsets, later ones on top. Every random number of item i comes from one numpy Generator seeded with
 (seed, rank, epoch, i), so a scene never depends on the worker count and train.py resumes exactly.
 """
 import collections
@@ -17,11 +17,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageStat
 
-import categories as C
+import categories
 import common
 
-# The copy-paste settings (train.py --aug KEY=VALUE): the official recipe.
+# The copy-paste settings (train.py --aug KEY=VALUE): the official recipe, and what each key accepts.
 AUG = {"max_n": 10, "scale_range": (0.1, 1.0), "p_same": 0.5, "jitter": (0.8, 0.8, 0.8, 0.2), "p_gray": 0.2}
+AUG_FORMS = {
+    "max_n": ("a whole number >= 1: images per scene, the canvas included (max_n=1 pastes nothing)",
+              lambda v: v == int(v) and v >= 1),
+    "scale_range": ("two numbers 0 < lo <= hi, e.g. 0.1,1.0", lambda v: len(v) == 2 and 0 < v[0] <= v[1]),
+    "p_same": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+    "jitter": ("four numbers >= 0 (brightness, contrast, saturation, hue), hue at most 0.5, e.g. 0.8,0.8,0.8,0.2",
+               lambda v: len(v) == 4 and min(v) >= 0 and v[3] <= 0.5),
+    "p_gray": ("a probability in [0, 1]", lambda v: 0 <= v <= 1),
+}
 
 # Probability of padding (left+top, left+bottom, right+top, right+bottom) when the scaled image is smaller
 # than the crop. The official random_crop draws random() anew in each elif, which skews the sides to
@@ -32,7 +41,28 @@ MAX_REDRAWS = 100  # unreadable images in a row before we give up on the archive
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+def check_aug(aug):
+    """Copy-paste settings (a dict with keys of AUG) -> the same dict, or a UserError naming the first
+    unknown key or bad value and the form that key accepts."""
+    for k, v in aug.items():
+        if k not in AUG_FORMS:
+            raise common.UserError(f"unknown augmentation setting {k!r}: use one of {sorted(AUG)}")
+        form, ok = AUG_FORMS[k]
+        try:
+            good = ok(v)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            shown = ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v
+            raise common.UserError(f"augmentation setting {k}={shown} is not allowed: {k} must be {form}")
+    return aug
+
+
 # ----------------------------------------------------------------------------- photometric ops
+
+# The ops that map each pixel on its own: photometric() runs them on a window plus one padding pixel.
+# contrast, the one op with a whole-image statistic (the mean grey), is handled apart there.
+PIXEL_OPS = ("brightness", "saturation", "hue", "gray")
 
 def jitter_params(rng, strength=AUG["jitter"]):
     """torchvision ColorJitter(b, c, s, h)'s random parameters, drawn from `rng`: factors in
@@ -82,6 +112,7 @@ def photometric(img, params, window=None, fill=(0, 0, 0), box=None):
     n_pad = w * h - (y1 - y0) * (x1 - x0)
     r = blur_radius(sigma, ksize) if sigma is not None else 0
     sub, pad = img.crop((x0, y0, x1, y1)), Image.new("RGB", (1, 1), tuple(fill))
+    assert all(op in PIXEL_OPS or op == "contrast" for op, _ in ops), f"not a per-pixel op or contrast: {ops}"
     cut_at = 1 + max([k for k, (op, _) in enumerate(ops) if op == "contrast"], default=-1)
     for k in range(len(ops) + 1):
         if k == cut_at and box is not None:  # whole-image statistics are done: keep box + radius only
@@ -139,15 +170,13 @@ class ArchiveDataset(torch.utils.data.Dataset):
 
     def __init__(self, archive_json, masks_dir, categories=None, crop=384, ignore_index=255, norm="imagenet",
                  seed=0, length=None, index_dirs=None, rank=0, **aug):
-        if norm not in common.NORMS or set(aug) - set(AUG):
-            raise common.UserError(f"norm must be one of {sorted(common.NORMS)} (got {norm!r}) and the "
-                                   f"augmentation keys in {sorted(AUG)} (got {sorted(aug)})")
-        aug = {**AUG, **aug}
-        (lo, hi), jitter, p_gray, p_same = (float(v) for v in aug["scale_range"]), aug["jitter"], aug["p_gray"], aug["p_same"]
-        jitter = tuple(float(v) for v in jitter)
-        if (not (0 < lo <= hi) or crop < 1 or aug["max_n"] < 1 or not 0 <= p_same <= 1 or len(jitter) != 4
-                or min(jitter) < 0 or jitter[3] > 0.5 or not 0 <= p_gray <= 1):
-            raise common.UserError(f"bad dataset settings: crop={crop} {aug}")
+        if norm not in common.NORMS:
+            raise common.UserError(f"norm must be one of {sorted(common.NORMS)}, got {norm!r}")
+        if int(crop) != crop or crop < 1:
+            raise common.UserError(f"crop must be a whole number of pixels >= 1, got {crop}")
+        aug = check_aug({**AUG, **aug})
+        (lo, hi), p_gray, p_same = (float(v) for v in aug["scale_range"]), aug["p_gray"], aug["p_same"]
+        jitter = tuple(float(v) for v in aug["jitter"])
         self.archive = common.load_archive(archive_json, index_dirs)
         self.masks_dir = common.require_dir(masks_dir, "masks dir", "<masks_dir>/<dir>_<basename>/<path>.png")
         self.categories = self._resolve_categories(categories)
@@ -163,8 +192,8 @@ class ArchiveDataset(torch.utils.data.Dataset):
         self.stats = collections.Counter()
         self.unreadable = set()  # image paths that failed to decode (per process)
 
-    def _resolve_categories(self, categories):
-        names = C.get_categories(self.archive["categories"] if categories is None else categories)
+    def _resolve_categories(self, spec):
+        names = categories.get_categories(self.archive["categories"] if spec is None else spec)
         missing = [c for c in names[1:] if c not in self.archive["archive"]]
         if missing:
             raise common.UserError(f"{len(missing)} categories have no archive entry (e.g. {missing[:3]}); "
@@ -264,19 +293,21 @@ class ArchiveDataset(torch.utils.data.Dataset):
         "orig" (h0, w0) original size, "size" (th, tw) scaled size, "src" (sy, sx) crop origin in the scaled
         image, "dst" (dy, dx, lh, lw) where that window lands in the crop, "fill" the padding colour."""
         c = self.crop
+        # Decoded at full size and converted to RGB before the resize, as the official loader does (a JPEG
+        # decoded at reduced scale with Image.draft is faster but gives other pixels).
         with Image.open(path) as im:
-            w0, h0 = im.size
-            tw, th = max(1, int(w0 * s)), max(1, int(h0 * s))
-            im.draft("RGB", (tw, th))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= the target size
             im.load()
             im = im if im.mode == "RGB" else im.convert("RGB")
+        w0, h0 = im.size
+        tw, th = max(1, int(w0 * s)), max(1, int(h0 * s))
         (sy, dy, lh), (sx, dx, lw) = (crop_window(th, c, pad_side in (0, 2), rng),
                                       crop_window(tw, c, pad_side in (0, 1), rng))
         geom = {"orig": (h0, w0), "size": (th, tw), "src": (sy, sx), "dst": (dy, dx, lh, lw), "fill": (0, 0, 0)}
-        if tw >= c and th >= c:  # no padding: resize only the window (same pixels as resize-then-crop)
-            fx, fy = im.width / tw, im.height / th
-            return im.resize((c, c), Image.BILINEAR, box=(sx * fx, sy * fy, (sx + c) * fx, (sy + c) * fy)), geom
+        # the whole image is resized, then cropped: resizing only the crop window (PIL's box=) is faster for
+        # large images but rounds some pixels differently
         im = im.resize((tw, th), Image.BILINEAR)
+        if tw >= c and th >= c:
+            return im.crop((sx, sy, sx + c, sy + c)), geom
         geom["fill"] = tuple(int(v) for v in ImageStat.Stat(im).mean)  # mean colour (histograms), truncated
         out = Image.new("RGB", (c, c), geom["fill"])
         out.paste(im.crop((sx, sy, sx + lw, sy + lh)), (dx, dy))
@@ -303,9 +334,7 @@ class ArchiveDataset(torch.utils.data.Dataset):
         if m.shape != geom.get("orig", m.shape):  # still usable: it is resampled to the scaled size
             self.stats["mask_size_mismatch"] += 1
         (th, tw), (sy, sx), (dy, dx, lh, lw) = geom["size"], geom["src"], geom["dst"]
-        # nearest resize, pixel centres aligned (as PIL's bilinear resize of the image): only the window
-        rows = np.minimum(((np.arange(sy, sy + lh) + 0.5) * (m.shape[0] / th)).astype(np.int64), m.shape[0] - 1)
-        cols = np.minimum(((np.arange(sx, sx + lw) + 0.5) * (m.shape[1] / tw)).astype(np.int64), m.shape[1] - 1)
+        rows, cols = nearest_index(sy, lh, m.shape[0], th), nearest_index(sx, lw, m.shape[1], tw)
         obj[dy:dy + lh, dx:dx + lw] = m[rows[:, None], cols[None, :]]
         return obj
 
@@ -334,6 +363,19 @@ class ArchiveDataset(torch.utils.data.Dataset):
         masks = torch.from_numpy(inst)[None] == torch.arange(1, len(layers) + 1)[:, None, None]  # [n, c, c]
         return {"image": image.sub_(mean).div_(std), "semantic": torch.from_numpy(sem), "instance_masks": masks,
                 "category_ids": torch.tensor([layer["label"] for layer in layers], dtype=torch.long)}
+
+
+def nearest_index(start, n, size_in, size_out):
+    """Source indices of output pixels start .. start+n-1 of a nearest resize from size_in to size_out, by
+    the official rule (TF.resize(..., NEAREST) on a tensor = torch's "nearest" interpolation): floor(dst *
+    (in / out)) in float32, at most in - 1; only the rows or columns of the crop window are computed."""
+    dst = np.arange(start, start + n)
+    if size_in == size_out:
+        return dst
+    if size_out == 2 * size_in:  # torch's exact shortcut for a factor of 2
+        return dst >> 1
+    scale = np.float32(size_in) / np.float32(size_out)
+    return np.minimum(np.floor(dst.astype(np.float32) * scale).astype(np.int64), size_in - 1)
 
 
 def crop_window(t, c, pad_before, rng):

@@ -237,22 +237,35 @@ class _BCELogs(torch.autograd.Function):
         return g_log_p / p.clamp(min=1e-12) - g_log_1mp / (1 - p).clamp(min=1e-12)
 
 
-def pairwise_dice_bce(probs, gt):
-    """The official costs between every predicted and every target mask, by matrix products (never a
-    Q x N x P tensor). probs [..., Q, P] in [0, 1]; gt [N, P] in {0, 1} -> dice, bce [..., Q, N] fp32:
-      dice = 1 - (2 p.g + 1) / (sum p + sum g + 1)      (smoothing 1)
-      bce  = -(log p . g + log(1 - p) . (1 - g)) / P    (= F.binary_cross_entropy, mean over pixels)"""
+def dice_cost(p, gT):
+    """p [..., Q, P] probabilities, gT [P, N] in {0, 1} -> [..., Q, N]: 1 - (2 p.g + 1) / (sum p + sum g + 1)."""
+    return 1 - (2 * (p @ gT) + 1) / (p.sum(-1, keepdim=True) + gT.sum(0) + 1)
+
+
+def bce_cost(p, gT):
+    """Binary cross-entropy, mean over the P pixels (= F.binary_cross_entropy per pair): -(log p . g +
+    log(1 - p) . (1 - g)) / P, by two matrix products instead of a Q x N x P tensor."""
+    log_p, log_1mp = _BCELogs.apply(p)
+    return -(log_p @ gT + log_1mp @ (1 - gT)) / p.shape[-1]
+
+
+# The mask loss, which is also the matching cost (official: dice + BCE, weight 1 each): name -> (pairwise
+# cost function, weight). The matcher minimises the weighted sum, the criterion sums it over matched pairs
+# and logs each term as loss_<name>. To change it: docs/train.md, "Changing the mask loss".
+MASK_TERMS = {"dice": (dice_cost, 1.0), "bce": (bce_cost, 1.0)}
+
+
+def pairwise_costs(probs, gt, terms=None):
+    """Every term of `terms` (default MASK_TERMS) between every predicted and every target mask, unweighted.
+    probs [..., Q, P] in [0, 1]; gt [N, P] in {0, 1} -> {name: [..., Q, N] fp32}, differentiable."""
     with torch.autocast(probs.device.type, enabled=False):
         p, gT = probs.float(), gt.float().t()  # gT: [P, N]
-        dice = 1 - (2 * (p @ gT) + 1) / (p.sum(-1, keepdim=True) + gT.sum(0) + 1)
-        log_p, log_1mp = _BCELogs.apply(p)
-        bce = -(log_p @ gT + log_1mp @ (1 - gT)) / p.shape[-1]
-    return dice, bce
+        return {name: fn(p, gT) for name, (fn, _) in (MASK_TERMS if terms is None else terms).items()}
 
 
 class HungarianMatcher:
     """One-to-one assignment of class-agnostic queries to target masks (DETR's matcher with the official
-    costs: dice + BCE, no class term), solved by scipy's linear_sum_assignment.
+    costs: the weighted MASK_TERMS, no class term), solved by scipy's linear_sum_assignment.
 
     __call__(probs, gt):
         probs: float [Q, P] or [L, Q, P], mask probabilities of Q queries over P pixels (per layer L)
@@ -260,11 +273,13 @@ class HungarianMatcher:
     returns: a list with one (query_idx, target_idx) pair per layer (one pair for 2-D probs); each an
         int64 tensor of length min(Q, N), so that query_idx[i] is matched to target target_idx[i]."""
 
-    @staticmethod
-    def cost(probs, gt):
-        """probs [..., Q, P], gt [N, P] -> (cost, dice, bce), each [..., Q, N] fp32, differentiable."""
-        dice, bce = pairwise_dice_bce(probs, gt)
-        return dice + bce, dice, bce
+    def __init__(self, terms=None):
+        self.terms = MASK_TERMS if terms is None else terms
+
+    def cost(self, probs, gt):
+        """probs [..., Q, P], gt [N, P] -> (sum of the weighted terms, {name: weighted term}), [..., Q, N] fp32."""
+        parts = {k: self.terms[k][1] * c for k, c in pairwise_costs(probs, gt, self.terms).items()}
+        return sum(parts.values()), parts
 
     @staticmethod
     def assign(cost):
@@ -305,46 +320,46 @@ def semantic_ce(tokens, semantic, text_emb, logit_scale=1.0, ignore_index=255):
     return F.cross_entropy(logits, target, ignore_index=ignore_index)
 
 
-def mask_losses(mask_logits, instance_masks):
+def mask_losses(mask_logits, instance_masks, terms=None):
     """Official mask loss: per image with any target pixel, per decoder layer, sigmoid proposals are
     upsampled (bilinear, as probabilities) to the target size, matched, and the matched costs summed.
-    Returns (per-layer sums [L], dice sum, bce sum)."""
-    matcher = HungarianMatcher()
+    Returns (per-layer sums [L], {term name: detached sum of that weighted term})."""
+    matcher = HungarianMatcher(terms)
     zero = mask_logits.float().sum() * 0  # keeps the decoder in the graph when nothing is matched (DDP)
-    layers, dice_sum, bce_sum = [zero] * mask_logits.shape[1], 0.0, 0.0
+    layers, sums = [zero] * mask_logits.shape[1], {k: zero.detach() for k in matcher.terms}
     for b, gt in enumerate(instance_masks):
         if gt.numel() == 0 or not gt.any():
             continue  # the official code skips images whose instance masks are all empty
         g = gt.to(mask_logits.device, torch.float32).flatten(1)  # [N, H*W]
         p = F.interpolate(mask_logits[b].float().sigmoid(), size=gt.shape[-2:], mode="bilinear",
                           align_corners=False).flatten(2)  # [L, Q, 2h, 2w] -> [L, Q, H*W]
-        cost, dice, bce = matcher.cost(p, g)  # [L, Q, N]
+        cost, parts = matcher.cost(p, g)  # [L, Q, N]
         for l, (qi, ti) in enumerate(matcher.assign(cost)):
             qi, ti = qi.to(cost.device), ti.to(cost.device)
             layers[l] = layers[l] + cost[l, qi, ti].sum()  # the matched cost itself is the loss (official)
-            dice_sum = dice_sum + dice[l, qi, ti].detach().sum()
-            bce_sum = bce_sum + bce[l, qi, ti].detach().sum()
-    return layers, dice_sum, bce_sum
+            sums = {k: s + parts[k][l, qi, ti].detach().sum() for k, s in sums.items()}
+    return layers, sums
 
 
-def criterion(outputs, batch, ignore_index=255, lambda_mask=1.0):
-    """ZUTIS loss = CE(semantic) + lambda_mask * sum over decoder layers of the matched dice + BCE.
+def criterion(outputs, batch, ignore_index=255, lambda_mask=1.0, terms=None):
+    """ZUTIS loss = CE(semantic) + lambda_mask * sum over decoder layers of the matched mask terms
+    (`terms`, default MASK_TERMS: dice + BCE).
 
     outputs: ZUTIS.forward's dict. batch: {"semantic": long [B, H, W] (label ids or ignore_index),
     "instance_masks": list of bool [n_b, H, W]}. As the official criterion, the mask loss is summed
     over matched pairs and layers and divided by the batch size. Computed in fp32 whatever the autocast.
-    Returns fp32 scalars: loss, loss_ce, loss_mask (with grad), detached loss_dice, loss_bce, loss_mask_{l}."""
+    Returns fp32 scalars: loss, loss_ce, loss_mask (with grad), and detached loss_<term> for each mask
+    term (weighted; they add up to loss_mask) and loss_mask_<l> for each decoder layer."""
     mask_logits = outputs["mask_logits"]
     with torch.autocast(mask_logits.device.type, enabled=False):
         loss_ce = semantic_ce(outputs["patch_tokens"], batch["semantic"], outputs["text_emb"],
                               outputs.get("logit_scale", 1.0), ignore_index)
-        layers, dice_sum, bce_sum = mask_losses(mask_logits, batch["instance_masks"])
+        layers, sums = mask_losses(mask_logits, batch["instance_masks"], terms)
         denom = float(mask_logits.shape[0])  # the batch size
         layers = [x / denom for x in layers]
         loss_mask = torch.stack(layers).sum()
-        out = {"loss": loss_ce + lambda_mask * loss_mask, "loss_ce": loss_ce, "loss_mask": loss_mask,
-               "loss_dice": torch.as_tensor(dice_sum / denom).detach().float(),
-               "loss_bce": torch.as_tensor(bce_sum / denom).detach().float()}
+        out = {"loss": loss_ce + lambda_mask * loss_mask, "loss_ce": loss_ce, "loss_mask": loss_mask}
+        out.update({f"loss_{k}": (s / denom).float() for k, s in sums.items()})
         out.update({f"loss_mask_{l}": x.detach() for l, x in enumerate(layers)})
     return out
 

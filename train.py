@@ -11,7 +11,8 @@ Reads --archive (build_archive.py), --masks_dir (pseudo_label.py) and the CLIP n
   tiny CPU: python train.py --device cpu --arch toy_out/tiny_clip.pt --archive toy_out/archive/archive.json
                 --masks_dir toy_out/masks --crop 64 --iters 200 --num_workers 0 --lr 1e-3 --lr_encoder 3e-4
                 --model n_queries=20 n_layers=2 dim_ffn=256 logit_scale=10
-  resume:   the same command plus --resume (the same weights and RNG states as an uninterrupted run)
+  resume:   rerun the same command (the same weights and RNG states as an uninterrupted run); a command
+            whose settings differ from <out_dir>/ckpt.pt's is refused, naming them
 Then: python evaluate.py --bench voc --ckpt <out_dir>/ckpt.pt. Speed: python bench.py train. Docs: docs/train.md.
 """
 import argparse
@@ -31,11 +32,11 @@ import categories as C
 import clip_model
 import common
 import dataset
-import model as M
+import model
 from common import UserError
 
 POLY_POWER = 0.9  # official PolyLR power
-MODEL_DEFAULTS = {k: v for k, v in dataclasses.asdict(M.ModelConfig()).items()  # the --model keys
+MODEL_DEFAULTS = {k: v for k, v in dataclasses.asdict(model.ModelConfig()).items()  # the --model keys
                   if k not in ("arch", "stop_grad", "text_fp32")}
 
 # ----------------------------------------------------------------------------- CLI
@@ -52,31 +53,36 @@ def parse_args(argv=None):
     a("--categories", default=None, help="Built-in name, text file or comma list; default: the archive's list.")
     a("--ignore_index", type=int, default=None, help="Label id of padding, ignored by the loss; default 255, or "
       "1000 above 255 categories (ImageNet-S919), as categories.recipe gives.")
-    a("--crop", type=int, default=384, help="Training crop in pixels (default %(default)s).")
+    a("--crop", type=common.number(int, 1, what="--crop"), default=384, help="Training crop in pixels (default %(default)s).")
     a("--norm", default="imagenet", choices=sorted(common.NORMS), help="Input normalisation (default %(default)s).")
     a("--aug", nargs="+", default=[], metavar="KEY=VALUE", help="Copy-paste settings, e.g. max_n=3 "
-      f"jitter=0.4,0.4,0.4,0 p_gray=0; defaults: {fmt_kv(dataset.AUG)}.")
+      f"jitter=0.4,0.4,0.4,0 p_gray=0 (max_n counts the canvas image: max_n=3 pastes up to 2 images on it); "
+      f"defaults: {fmt_kv(dataset.AUG)}.")
     a("--model", nargs="+", default=[], metavar="KEY=VALUE", help="Model settings (model.ModelConfig), e.g. "
       f"n_queries=20 n_layers=2; defaults: {fmt_kv(MODEL_DEFAULTS)}.")
     a("--no_stop_grad", action="store_true", help="Ablation: let the mask loss reach the encoder.")
     a("--text_fp32", action="store_true", help="Class-name embeddings in fp32 on CUDA (official: fp16 there).")
-    a("--lambda_mask", type=float, default=1.0, help="Weight of the mask loss; CE has weight 1 (default %(default)s).")
-    a("--iters", type=int, default=None, help="Training iterations; default 80000 for imagenet_s919, else 20000.")
-    a("--batch_size", type=int, default=8, help="Global batch, split over torchrun ranks (default %(default)s).")
-    a("--lr", type=float, default=5e-5, help="Learning rate of queries, ffn1, ffn2, decoder (default %(default)s).")
-    a("--lr_encoder", type=float, default=5e-6, help="Learning rate of the CLIP visual encoder (default %(default)s).")
-    a("--weight_decay", type=float, default=0.05, help="AdamW weight decay on every parameter (default %(default)s).")
-    a("--min_lr", type=float, default=1e-6, help="Floor of the poly schedule, both groups (default %(default)s).")
+    a("--lambda_mask", type=common.number(float, 0, what="--lambda_mask"), default=1.0, help="Weight of the mask loss; CE has weight 1 (default %(default)s).")
+    a("--iters", type=common.number(int, 1, what="--iters"), default=None, help="Training iterations; default 80000 for imagenet_s919, else 20000.")
+    a("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8, help="Global batch, split over torchrun ranks (default %(default)s).")
+    lr = common.number(float, 0, what="a learning rate")  # 0 freezes a group (with --min_lr 0)
+    a("--lr", type=lr, default=5e-5, help="Learning rate of queries, ffn1, ffn2, decoder (default %(default)s).")
+    a("--lr_encoder", type=lr, default=5e-6, help="Learning rate of the CLIP visual encoder (default %(default)s).")
+    a("--weight_decay", type=common.number(float, 0, what="--weight_decay"), default=0.05,
+      help="AdamW weight decay on every parameter (default %(default)s).")
+    a("--min_lr", type=common.number(float, 0, what="--min_lr"), default=1e-6,
+      help="Floor of the poly schedule, both groups; at most --lr and --lr_encoder (default %(default)s).")
     a("--dtype", default="float32", choices=["float32", "tf32", "bfloat16", "float16"],
       help="Autocast dtype (losses stay fp32); tf32 = float32 with TF32 matmuls (default %(default)s).")
     a("--compile", action="store_true", help="torch.compile the model.")
     a("--device", default="auto", help="auto, cpu or cuda (default %(default)s).")
-    a("--num_workers", type=int, default=8, help="DataLoader workers per rank; 0: none (default %(default)s).")
-    a("--seed", type=int, default=0, help="Seed of the model init and of the data stream (default %(default)s).")
+    a("--num_workers", type=common.number(int, 0, what="--num_workers"), default=8, help="DataLoader workers per rank; 0: none (default %(default)s).")
+    a("--seed", type=common.number(int, 0, what="--seed"), default=0, help="Seed of the model init and of the data stream (default %(default)s).")
     a("--out_dir", default=None, help="Output folder; default out/train_<CLIP name>, e.g. out/train_ViT-B-16.")
-    a("--save_every", type=int, default=1000, help="Save ckpt.pt every N iterations and at the end (default %(default)s).")
-    a("--log_every", type=int, default=50, help="Print and log the losses every N iterations (default %(default)s).")
-    a("--resume", action="store_true", help="Continue from <out_dir>/ckpt.pt if it exists, exactly.")
+    a("--save_every", type=common.number(int, 1, what="--save_every"), default=1000, help="Save ckpt.pt every N iterations and at the end (default %(default)s).")
+    a("--log_every", type=common.number(int, 1, what="--log_every"), default=50, help="Print and log the losses every N iterations (default %(default)s).")
+    # Rerunning a command resumes it; --resume is still accepted (and changes nothing) for older commands.
+    a("--resume", action="store_true", help=argparse.SUPPRESS)
     a("--init", default=None, help="Start from these weights: a ckpt.pt, an official file, or official:<name>.")
     return p.parse_args(argv)
 
@@ -86,27 +92,45 @@ def fmt_kv(d):
 
 
 def parse_kv(pairs, defaults, flag):
-    """["k=v", ...] -> {k: v} typed like `defaults[k]` (tuples as comma lists); unknown keys are errors."""
+    """["k=v", ...] -> {k: v} typed like `defaults[k]` (tuples as comma lists of as many numbers, booleans
+    as true/false); an unknown key or a bad value is an error naming it and the accepted form."""
     out = {}
     for pair in pairs:
         k, sep, v = pair.partition("=")
         if not sep or k not in defaults:
-            raise UserError(f"{flag}: expected KEY=VALUE with KEY in {sorted(defaults)}, got {pair!r}")
+            what = f"unknown key {k!r}" if sep else f"{pair!r} has no '='"
+            raise UserError(f"{flag}: expected KEY=VALUE with KEY in {sorted(defaults)}; {what}")
         d = defaults[k]
+        form = (f"{len(d)} comma-separated numbers" if isinstance(d, tuple) else "true or false" if isinstance(d, bool)
+                else "a whole number" if isinstance(d, int) else "a number" if isinstance(d, float) else "text")
         try:
-            out[k] = (v.lower() in ("1", "true", "yes") if isinstance(d, bool) else
-                      tuple(float(x) for x in v.split(",")) if isinstance(d, tuple) else type(d)(v))
-        except ValueError:
-            raise UserError(f"{flag}: {k}={v!r} is not a {type(d).__name__}") from None
+            if isinstance(d, bool):
+                out[k] = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[v.lower()]
+            elif isinstance(d, tuple):
+                out[k] = tuple(float(x) for x in v.split(","))
+                if len(out[k]) != len(d):
+                    raise ValueError
+            else:
+                out[k] = type(d)(v)
+        except (ValueError, KeyError):
+            raise UserError(f"{flag} {k}={v!r} is not {form} (e.g. {fmt_kv({k: d})}, the default)") from None
     return out
 
 
 def check_args(args):
-    for k in ("batch_size", "crop", "save_every", "log_every", "iters", "num_workers"):
-        v, least = getattr(args, k), 0 if k == "num_workers" else 1
-        if v is not None and v < least:
-            raise UserError(f"--{k} must be {'positive' if least else '>= 0'}, got {v}")
+    """Checks that need more than one flag, or the file system, before any work."""
+    if args.min_lr > min(args.lr, args.lr_encoder):
+        raise UserError(f"--min_lr {args.min_lr} is above --lr {args.lr} or --lr_encoder {args.lr_encoder}: the "
+                        "schedule's floor must not exceed a base learning rate (lower --min_lr)")
+    if args.categories is not None and not args.categories.strip():
+        raise UserError("--categories is empty: give a built-in name, a file or a comma list, or leave the flag "
+                        "out to train on the archive's categories")
+    if args.out_dir is not None:
+        common.check_out_dir(args.out_dir)
     common.load_json(args.archive, "archive (--archive)")  # a missing or non-JSON file fails here, in one line
+    common.require_dir(args.masks_dir, "pseudo-mask folder (--masks_dir)")
+    for d in args.index_dirs or []:
+        common.require_dir(d, "image folder (--index_dirs)")
 
 
 # ----------------------------------------------------------------------------- schedule, optimiser
@@ -184,29 +208,32 @@ def check_masks(data, out_dir, is_main):
 def make_config(args):
     """The one run config: model fields, data, recipe and optimisation settings (plain types). It goes
     into config.json and ckpt.pt; evaluation reads categories, ignore_index and norm from it."""
-    cats = C.get_categories(args.categories) if args.categories else \
+    cats = C.get_categories(args.categories) if args.categories is not None else \
         common.load_archive(args.archive, args.index_dirs)["categories"]
     spec = next((n for n, names in C.BUILTIN.items() if names == cats), None)  # e.g. imagenet_s919 from a file
     recipe = C.recipe(spec, len(cats))
     ignore = recipe["ignore_index"] if args.ignore_index is None else args.ignore_index
-    M.check_ignore_index(ignore, len(cats))
-    mcfg = M.ModelConfig.from_dict({}, arch=args.arch, stop_grad=not args.no_stop_grad, text_fp32=args.text_fp32,
+    model.check_ignore_index(ignore, len(cats))
+    mcfg = model.ModelConfig.from_dict({}, arch=args.arch, stop_grad=not args.no_stop_grad, text_fp32=args.text_fp32,
                                    **parse_kv(args.model, MODEL_DEFAULTS, "--model"))
-    aug = {**dataset.AUG, **parse_kv(args.aug, dataset.AUG, "--aug")}
+    aug = dataset.check_aug({**dataset.AUG, **parse_kv(args.aug, dataset.AUG, "--aug")})
     arch_path = os.path.abspath(args.arch) if os.path.isfile(args.arch) else args.arch
     flags = {k: v for k, v in vars(args).items() if k not in ("aug", "model", "no_stop_grad", "text_fp32", "arch")}
     return {**dataclasses.asdict(mcfg), "arch_path": arch_path, **flags, "categories": cats, "ignore_index": ignore,
             "iters": args.iters or recipe["iters"], **{k: list(v) if isinstance(v, tuple) else v for k, v in aug.items()}}
 
 
-def build_model(cfg, init, device, print0):
+def build_model(cfg, init, device, print0, ck=None):
     """ZUTIS from the config; with --init the file's weights go into a model of our config, so a shape
-    mismatch is a clear error, never a partial load."""
-    mcfg = M.ModelConfig.from_dict(cfg)
+    mismatch is a clear error, never a partial load. A resumed run's model is ckpt.pt's (`ck`): its
+    weights and text embeddings, no CLIP file needed."""
+    if ck is not None:
+        return model.from_train_checkpoint(ck).to(device)
+    mcfg = model.ModelConfig.from_dict(cfg)
     if not init:
-        return M.ZUTIS(mcfg, cfg["categories"], arch_path=cfg["arch_path"]).to(device)
+        return model.ZUTIS(mcfg, cfg["categories"], arch_path=cfg["arch_path"]).to(device)
     fields = {k: v for k, v in dataclasses.asdict(mcfg).items() if k != "arch"}
-    net = M.load_checkpoint(init, categories=cfg["categories"], **fields)
+    net = model.load_checkpoint(init, categories=cfg["categories"], **fields)
     if net.arch != cfg["arch"]:
         print0(f"note: --init {init} is a {net.arch} model; using that instead of --arch {cfg['arch']}")
         cfg["arch"] = net.arch
@@ -228,7 +255,7 @@ def compute_losses(net, batch, ctx, cfg):
     with ctx:
         out = net(batch["image"])
     out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
-    return M.criterion(out, batch, ignore_index=cfg["ignore_index"], lambda_mask=cfg["lambda_mask"])
+    return model.criterion(out, batch, ignore_index=cfg["ignore_index"], lambda_mask=cfg["lambda_mask"])
 
 
 def reduce_losses(losses, dist):
@@ -241,6 +268,28 @@ def reduce_losses(losses, dist):
     return dict(zip(names, vec.tolist()))
 
 
+def rng_state():
+    """The python, numpy, torch (and CUDA) RNG states as tensors and plain types, so that a checkpoint
+    holding them loads with weights_only=True."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": torch.tensor(py_state, dtype=torch.int64), "python_gauss": gauss,
+          "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_rest": [int(pos), int(has_gauss), float(cached)],
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    random.setstate((3, tuple(st["python"].tolist()), st["python_gauss"]))
+    pos, has_gauss, cached = st["numpy_rest"]
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -249,30 +298,77 @@ def seed_all(seed):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def load_resume(path, cfg, print0):
-    """Read <out_dir>/ckpt.pt for --resume. The model (its config, categories, ignore id) is the
-    checkpoint's; the other settings are this command's, with a note where they change the maths."""
+# Settings that leave a resumed run's numbers unchanged: where the data and the CLIP file lie (the categories
+# are compared; weights and text embeddings come from ckpt.pt), how often to log and save, the worker count,
+# the device (a note is printed when its kind changes) and provenance.
+RESUME_FREE = {"archive", "masks_dir", "index_dirs", "arch", "arch_path", "init", "resume", "out_dir", "num_workers",
+               "log_every", "save_every", "device", "world_size", "torch", "git_sha", "git_dirty"}
+
+
+def flag_of(key):
+    """The command-line spelling of a config key, for messages."""
+    if key in MODEL_DEFAULTS:
+        return f"--model {key}="
+    if key in dataset.AUG:
+        return f"--aug {key}="
+    return f"--{key} "
+
+
+def describe_change(key, new, old):
+    """'--lr 0.001 (checkpoint: 5e-05)'; a category list by its first difference."""
+    if key == "categories" and isinstance(old, list):
+        i = next((i for i, (a, b) in enumerate(zip(new, old)) if a != b), min(len(new), len(old)))
+        at = lambda v: repr(v[i]) if i < len(v) else "none"  # noqa: E731
+        return f"--categories: {len(new)} names (checkpoint: {len(old)}), id {i} {at(new)} (checkpoint: {at(old)})"
+    if key in ("stop_grad", "text_fp32", "compile"):  # switches: on / off, as typed
+        on = lambda v: "on" if bool(v) != (key == "stop_grad") else "off"  # noqa: E731
+        return f"--{'no_stop_grad' if key == 'stop_grad' else key} {on(new)} (checkpoint: {on(old)})"
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+    return f"{flag_of(key)}{show(new)} (checkpoint: {show(old)})"
+
+
+def load_resume(path, cfg, dist):
+    """<out_dir>/ckpt.pt of an earlier run of this command, to resume exactly. A command whose settings
+    differ from the checkpoint's in anything that changes the numbers is refused, naming every one."""
     ck = common.torch_load(path, "checkpoint")
-    if not isinstance(ck, dict) or any(k not in ck for k in ("model", "optimizer", "step", "config", "rng")):
-        raise UserError(f"{path} is not a train.py checkpoint; use --init to start from its weights")
-    for k in ("iters", "batch_size", "lr", "lr_encoder", "weight_decay", "min_lr", "seed", "crop", "dtype"):
-        if ck["config"].get(k) != cfg[k]:
-            print0(f"note: {k} {cfg[k]} differs from the checkpoint's {ck['config'].get(k)}: the resumed run "
-                   "will not match an uninterrupted one")
-    keep = [f.name for f in dataclasses.fields(M.ModelConfig)] + ["arch_path", "categories", "ignore_index"]
-    cfg.update({k: ck["config"][k] for k in keep if k in ck["config"]})
+    if not isinstance(ck, dict) or any(k not in ck for k in ("model", "optimizer", "step", "config", "rng", "text_emb")):
+        raise UserError(f"{path} is not a train.py checkpoint: choose another --out_dir (use --init to start "
+                        "from its weights)")
+    old = ck["config"]
+    diff = [k for k in cfg if k not in RESUME_FREE and old.get(k) != cfg[k]]
+    if diff:
+        what = "; ".join(describe_change(k, cfg[k], old.get(k)) for k in diff)
+        raise UserError(f"{path} was trained with other settings: {what}. Rerun with the checkpoint's settings to "
+                        "continue it; to start over choose another --out_dir or delete that folder (--init "
+                        f"{path} starts a new run from its weights)")
+    if torch.device(old.get("device", "cpu")).type != dist.device.type:
+        dist.print0(f"note: {path} was trained on {old.get('device')}; continuing on {dist.device} changes the "
+                    "floating-point rounding, so the numbers will not equal an uninterrupted run's exactly")
+    cfg.update(arch=old["arch"], arch_path=old.get("arch_path"))  # the checkpoint's model, whatever --arch says
     return ck
 
 
 def save_checkpoint(path, raw_model, optimizer, scaler, step, cfg, dist):
     """One file, written atomically by rank 0 from the unwrapped, uncompiled model (no prefixes). Every
-    rank's RNG state goes in (a list indexed by rank) so --resume restores each rank exactly; the text
+    rank's RNG state goes in (a list indexed by rank) so a rerun restores each rank exactly; the text
     embeddings go in so the checkpoint loads without the CLIP file."""
-    rngs = dist.gather(common.rng_state())
+    rngs = dist.gather(rng_state())
     if dist.is_main:
         common.save_torch({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scaler": scaler.state_dict(), "step": step, "config": cfg,
                            "text_emb": raw_model.text_emb.cpu(), "rng": rngs}, path)
+
+
+def log_jsonl(path, rec):
+    """Append one JSON object as a line (metrics.jsonl)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def fmt_time(s):
+    """Seconds -> '4m05s' or '2h13m'."""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def trim_metrics(path, step):
@@ -286,17 +382,15 @@ def trim_metrics(path, step):
 # ----------------------------------------------------------------------------- training
 
 def train(args, dist):
-    out_dir = args.out_dir or os.path.join("out", f"train_{clip_model.arch_tag(args.arch)}")
+    out_dir = common.check_out_dir(args.out_dir or os.path.join("out", f"train_{clip_model.arch_tag(args.arch)}"))
     ckpt_path, metrics_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "metrics.jsonl")
     if dist.is_main:
         common.remove_stale_tmp(out_dir, recursive=False)  # temp files of a killed checkpoint write
     ck, cfg = None, make_config(args)
-    if os.path.exists(ckpt_path):
-        if not args.resume:
-            raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out_dir")
-        ck = load_resume(ckpt_path, cfg, dist.print0)
-    elif args.resume:
-        dist.print0(f"--resume: no {ckpt_path} yet, starting from scratch")
+    if os.path.exists(ckpt_path):  # an earlier run of this command: continue it
+        ck = load_resume(ckpt_path, cfg, dist)
+    elif not args.init:
+        model.resolve_arch(args.arch)  # an unknown CLIP name or a missing file stops here, before any work
     cfg.update(out_dir=out_dir, world_size=dist.world, device=str(dist.device), torch=str(torch.__version__),
                **common.git_info())
     if cfg["batch_size"] % dist.world:
@@ -307,7 +401,7 @@ def train(args, dist):
         return None
     device = dist.device
     seed_all(cfg["seed"])  # the same init on every rank (DDP also broadcasts rank 0's weights)
-    raw_model = build_model(cfg, None if ck else args.init, device, dist.print0).train()
+    raw_model = build_model(cfg, None if ck else args.init, device, dist.print0, ck).train()
     optimizer = make_optimizer(raw_model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["dtype"] == "float16")
     if dist.is_main:
@@ -325,7 +419,7 @@ def train(args, dist):
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         if len(ck["rng"]) == dist.world:
-            common.set_rng_state(ck["rng"][dist.rank])
+            set_rng_state(ck["rng"][dist.rank])
         else:
             dist.print0(f"note: RNG states saved for {len(ck['rng'])} ranks, this run has {dist.world}: not restored")
         if dist.is_main:  # log lines after the saved step are logged again
@@ -334,9 +428,9 @@ def train(args, dist):
         del ck
     n_enc, n_all = sum(p.numel() for p in raw_model.encoder.parameters()), sum(p.numel() for p in raw_model.parameters())
     dist.print0(f"parameters: {n_all / 1e6:.2f}M ({n_enc / 1e6:.2f}M CLIP visual encoder)")
-    model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    net = torch.compile(raw_model) if cfg["compile"] else raw_model
     if dist.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     ctx = autocast_ctx(device, cfg["dtype"])
 
     sums, n_sum, t_data = {}, 0, 0.0
@@ -346,7 +440,7 @@ def train(args, dist):
         t0 = time.time()
         batch = to_device(next(batches), device)
         t_data += time.time() - t0
-        losses = compute_losses(model, batch, ctx, cfg)
+        losses = compute_losses(net, batch, ctx, cfg)
         vals = reduce_losses(losses, dist)
         if not all(math.isfinite(v) for v in vals.values()):  # before any update: the weights stay good
             shown = ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
@@ -370,15 +464,15 @@ def train(args, dist):
                              if k != "loss" and not k[-1].isdigit())  # per-layer terms: metrics.jsonl only
             dist.print0(f"step {done:>6}/{iters} | loss {rec['loss']:.4f} ({terms}) | lr {rec['lr']:.2e} "
                         f"enc {rec['lr_encoder']:.2e} | {rec['it_s']:.2f} it/s | data {100 * rec['data_frac']:.0f}% "
-                        f"| ETA {common.fmt_time((iters - done) / rec['it_s'])}")
+                        f"| ETA {fmt_time((iters - done) / rec['it_s'])}")
             if dist.is_main:
-                common.log_jsonl(metrics_path, rec)
+                log_jsonl(metrics_path, rec)
             sums, n_sum, t_data, t_log = {}, 0, 0.0, time.time()
         if done % cfg["save_every"] == 0 or done == iters:
             t_save = time.time()
             save_checkpoint(ckpt_path, raw_model, optimizer, scaler, done, cfg, dist)
             t_log += time.time() - t_save  # saving is not training speed
-    dist.print0(f"done: {iters} iterations in {common.fmt_time(time.time() - t_run)}; checkpoint {ckpt_path}\n"
+    dist.print0(f"done: {iters} iterations in {fmt_time(time.time() - t_run)}; checkpoint {ckpt_path}\n"
                 f"evaluate it with: python evaluate.py --bench <benchmark> --ckpt {ckpt_path}")
     return raw_model
 
@@ -392,8 +486,8 @@ def main(argv=None):
     try:
         return train(args, dist)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through common.run_main
-        dist.print0("interrupted: the last checkpoint is on disk; add --resume to the same command to continue "
-                    "exactly where it was saved")
+        dist.print0("interrupted: the last checkpoint is on disk; rerun the same command to continue exactly "
+                    "where it was saved")
         raise SystemExit(130)
     finally:
         dist.close()

@@ -1,9 +1,10 @@
 """Tests for dataset.py (copy-paste scenes): python -m pytest -q tests/test_dataset.py
 
-Every archive here is generated in a tmp dir: small JPEGs whose object (an ellipse) is white on black, so
-image/mask alignment can be checked, plus masks that are missing, empty or belong to unreadable images.
+Every archive here is generated in a tmp dir by conftest.write_archive: small JPEGs whose object (an ellipse)
+is white on black, so image/mask alignment can be checked, plus masks that are missing, empty or belong to
+unreadable images.
 """
-import json
+import itertools
 import os
 
 import numpy as np
@@ -13,51 +14,10 @@ from PIL import Image
 
 import common
 import dataset
+from conftest import write_archive
 from dataset import ArchiveDataset, collate_fn
 
 CROP = 48
-
-
-def write_archive(root, spec, size=(120, 90)):
-    """spec: {category: [(name, kind)]}, kind in "ok", "missing", "empty", "corrupt" (unreadable image),
-    "dup:<cat>/<name>" (the same image as another category's entry). Returns (archive_json, masks_dir)."""
-    img_dir, masks_dir = os.path.join(root, "images"), os.path.join(root, "masks")
-    os.makedirs(img_dir, exist_ok=True)
-    arc = {"arch": "test", "k": 0, "index_dirs": ["images"], "categories": ["background"] + list(spec),
-           "archive": {}}
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    rng = np.random.default_rng(0)
-    for cat, items in spec.items():
-        arc["archive"][cat] = []
-        for name, kind in items:
-            rel = kind[4:] + ".jpg" if kind.startswith("dup:") else f"{cat}/{name}.jpg"
-            entry = {"path": rel, "dir": 0, "score": 0.5}
-            arc["archive"][cat].append(entry)
-            if kind.startswith("dup:"):
-                continue
-            os.makedirs(os.path.join(img_dir, cat), exist_ok=True)
-            cy, cx = rng.uniform(0.35, 0.65) * h, rng.uniform(0.35, 0.65) * w
-            mask = (((yy - cy) / (h / 4)) ** 2 + ((xx - cx) / (w / 4)) ** 2 < 1).astype(np.uint8) * 255
-            if kind == "corrupt":
-                with open(os.path.join(img_dir, rel), "wb") as f:
-                    f.write(b"\xff\xd8 not a jpeg")
-            elif kind == "gray":  # a single-channel JPEG, as some ImageNet images are
-                Image.fromarray(mask).save(os.path.join(img_dir, rel), quality=95)
-            elif kind == "small_mask":  # pseudo-mask at half the image size
-                Image.fromarray(np.repeat(mask[..., None], 3, 2)).save(os.path.join(img_dir, rel), quality=95)
-                mask = mask[::2, ::2]
-            else:
-                Image.fromarray(np.repeat(mask[..., None], 3, 2)).save(os.path.join(img_dir, rel), quality=95)
-            mpath = os.path.join(masks_dir, common.mask_relpath({"index_dirs": [img_dir]}, entry))
-            if kind in ("ok", "corrupt", "gray", "small_mask"):
-                common.save_image(mask, mpath)
-            elif kind == "empty":
-                common.save_image(np.zeros_like(mask), mpath)
-    path = os.path.join(root, "archive.json")
-    with open(path, "w") as f:
-        json.dump(arc, f)
-    return path, masks_dir
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +125,7 @@ def test_pad_side_skew_default(arc):
 
 def test_image_and_mask_stay_aligned(arc, monkeypatch):
     """The images are white exactly on their mask: with photometric ops off, the scene's object pixels
-    are bright and its background dark (decoding with draft, box resize, flips and pastes included)."""
+    are bright and its background dark (decoding, box resize, flips and pastes included)."""
     monkeypatch.setattr(dataset, "photometric", lambda img, *a, **k: np.array(img))
     ds = make(arc, max_n=6, norm="imagenet")
     mean, std = torch.tensor(ds.mean).view(3, 1, 1), torch.tensor(ds.std).view(3, 1, 1)
@@ -178,16 +138,6 @@ def test_image_and_mask_stay_aligned(arc, monkeypatch):
         agree += int((grey[obj] > 0.5).sum() + (grey[bg] < 0.5).sum())
         total += int(obj.sum() + bg.sum())
     assert agree / total > 0.97
-
-
-def test_window_resize_equals_resize_then_crop():
-    rng = np.random.default_rng(1)
-    im = Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8))
-    tw, th, sx, sy, c = 83, 61, 7, 5, 40
-    full = np.asarray(im.resize((tw, th), Image.BILINEAR))[sy:sy + c, sx:sx + c]
-    fx, fy = im.width / tw, im.height / th
-    win = np.asarray(im.resize((c, c), Image.BILINEAR, box=(sx * fx, sy * fy, (sx + c) * fx, (sy + c) * fy)))
-    assert np.abs(full.astype(int) - win.astype(int)).max() <= 1
 
 
 def test_photometric_probabilities_and_ranges():
@@ -255,6 +205,57 @@ def test_fast_photometric_equals_whole_image_path():
         assert np.array_equal(cut[10:28, 30:40], ref[10:28, 30:40]), seed
         assert np.array_equal(dataset.photometric(img, params), ref), seed  # no window given
     assert n_contrast_not_first >= 5
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "CMYK"])
+def test_decoding_and_scaling_follow_the_official_loader(tmp_path, mode):
+    """The scaled image is the official one: full decode, convert("RGB"), then PIL's bilinear resize
+    (TF.resize on a PIL image) of the whole image, then the crop; palette and CMYK files included."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).resize((157, 118), Image.BICUBIC)
+    img = rgb.quantize(64) if mode == "P" else rgb.convert(mode)
+    path = str(tmp_path / ("im.png" if mode == "P" else "im.jpg"))
+    img.save(path, quality=90)
+    ds = ArchiveDataset.__new__(ArchiveDataset)
+    ds.crop = 96
+    for s in (0.15, 0.3, 0.55, 0.61, 0.9):  # reduced-scale decoding would apply to the first four; no padding in the last
+        out, geom = ds._load_scaled_crop(path, s, 3, np.random.default_rng(1))
+        th, tw = geom["size"]
+        ref = Image.open(path).convert("RGB").resize((tw, th), Image.BILINEAR)
+        (sy, sx), (dy, dx, lh, lw) = geom["src"], geom["dst"]
+        assert np.array_equal(np.asarray(out)[dy:dy + lh, dx:dx + lw], np.asarray(ref)[sy:sy + lh, sx:sx + lw]), s
+
+
+def test_mask_rescale_is_the_official_nearest_rule(arc):
+    """The pseudo-mask is resized as the official TF.resize(mask, NEAREST) on a tensor: source index
+    floor(dst * in / out), computed only inside the crop window."""
+    import torchvision.transforms.functional as TF
+    ds = make(arc)
+    entry = ds.entries[0]
+    m = np.asarray(Image.open(ds._mask_path(entry))) > 127  # [90, 120]
+    for th, tw, sy, sx in [(69, 92, 3, 11), (45, 60, 0, 0), (180, 240, 17, 40), (61, 83, 5, 7), (90, 120, 20, 30)]:
+        ref = TF.resize(torch.from_numpy(m)[None].float(), [th, tw], TF.InterpolationMode.NEAREST)[0].bool().numpy()
+        lh, lw = min(CROP, th - sy), min(CROP, tw - sx)
+        obj = ds._load_mask_crop(entry, {"size": (th, tw), "src": (sy, sx), "dst": (0, 0, lh, lw)})
+        assert np.array_equal(obj[:lh, :lw], ref[sy:sy + lh, sx:sx + lw]), (th, tw)
+    for n_in, n_out in itertools.product(range(1, 60, 4), range(1, 200, 3)):
+        ref = torch.nn.functional.interpolate(torch.arange(n_in, dtype=torch.float32)[None, None], size=n_out)
+        assert np.array_equal(dataset.nearest_index(0, n_out, n_in, n_out), ref[0, 0].long().numpy()), (n_in, n_out)
+
+
+def test_per_pixel_ops_are_per_pixel():
+    """photometric()'s window trick holds because every op in PIXEL_OPS maps each pixel on its own (checked
+    against torchvision's own kernels: each pixel of the op's output equals the op on that pixel alone),
+    and contrast, the one op that is not, is handled apart. An op outside both is refused."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8))
+    for op, f in [("brightness", 1.6), ("saturation", 0.3), ("hue", 0.17), ("gray", None), ("contrast", 1.5)]:
+        whole = np.asarray(dataset.apply_op(img, op, f))
+        alone = np.stack([np.stack([np.asarray(dataset.apply_op(img.crop((x, y, x + 1, y + 1)), op, f))[0, 0]
+                                    for x in range(7)]) for y in range(6)])
+        assert np.array_equal(whole, alone) == (op in dataset.PIXEL_OPS), op
+    with pytest.raises(AssertionError, match="not a per-pixel op"):
+        dataset.photometric(img, ([("sharpness", 2.0)], None, 3))
 
 
 def test_mask_nearest_identity_at_scale_one(arc):

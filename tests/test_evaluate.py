@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import bench
+import conftest
 import benchmarks as B
 import categories as C
 import common
@@ -25,13 +26,6 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- writers
-
-def save_palette_png(arr, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    im = Image.fromarray(arr.astype(np.uint8), mode="P")
-    im.putpalette(V.palette(256).ravel().tolist())
-    im.save(path)
-
 
 def save_jpg(path, h, w, seed=0):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -54,17 +48,8 @@ def voc_scene(k):
 
 def write_voc(root, n_train=2, n_val=2):
     names = [f"2007_{i:06d}" for i in range(n_train + n_val)]
-    os.makedirs(f"{root}/ImageSets/Segmentation", exist_ok=True)
-    with open(f"{root}/ImageSets/Segmentation/train.txt", "w") as f:
-        f.write("\n".join(names[:n_train]) + "\n")
-    with open(f"{root}/ImageSets/Segmentation/val.txt", "w") as f:
-        f.write("\n".join(names[n_train:]) + "\n")
-    for k, n in enumerate(names):
-        save_jpg(f"{root}/JPEGImages/{n}.jpg", 32, 48, k)
-        cls, obj = voc_scene(k)
-        save_palette_png(cls, f"{root}/SegmentationClass/{n}.png")
-        save_palette_png(obj, f"{root}/SegmentationObject/{n}.png")
-    return names
+    return conftest.write_voc(root, [(n, np.random.default_rng(k).integers(0, 255, (32, 48, 3), dtype=np.uint8),
+                                      *voc_scene(k)) for k, n in enumerate(names)], n_train)
 
 
 @pytest.fixture(scope="module")

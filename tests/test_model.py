@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 import clip_model
-import common
 import evaluate
-import model as M
+import model
 from common import UserError
 
 CATS = ["background", "cat", "dog", "bird"]
@@ -62,7 +61,7 @@ def tiny_official_sd(seed=0):
 @pytest.fixture(scope="module")
 def tiny_model(tiny_clip_path):
     torch.manual_seed(0)
-    return M.ZUTIS(tiny_clip_path, CATS, **TINY)
+    return model.ZUTIS(tiny_clip_path, CATS, **TINY)
 
 
 def make_batch(B=2, H=64, W=64, seed=0):
@@ -86,9 +85,9 @@ def make_batch(B=2, H=64, W=64, seed=0):
 
 def test_official_layout_tiny_strict_round_trip(tiny_clip_path):
     sd = tiny_official_sd()
-    m = M.load_official(sd, CATS, arch=tiny_clip_path)
+    m = model.load_official(sd, CATS, arch=tiny_clip_path)
     assert (m.config.pos_interp, m.config.logit_scale, m.config.text_templates) == ("official", 1.0, "none")
-    back = M.to_official(m)
+    back = model.to_official(m)
     assert list(back) == list(sd)  # same keys, same (official) order
     for k in sd:
         assert torch.equal(back[k], sd[k]), k
@@ -103,7 +102,7 @@ def test_full_size_official_layout(patch, n_pos, arch, n_params):
     torch.manual_seed(0)  # full-size vision tower, tiny text tower (only its embed_dim matters here)
     clip = clip_model.CLIP(512, 224, 12, 768, patch, 77, 49408, 32, 1, 1).eval()
     sd = OrderedDict((k, torch.randn(s)) for k, s in shapes.items())
-    m = M.load_official(sd, CATS, clip=clip)  # arch inferred from the shapes
+    m = model.load_official(sd, CATS, clip=clip)  # arch inferred from the shapes
     assert m.arch == arch
     own = m.state_dict()
     assert {k: tuple(v.shape) for k, v in own.items()} == dict(shapes)
@@ -123,34 +122,34 @@ def test_official_layout_errors_name_the_key(tiny_clip_path, edit, key):
     else:
         sd[key] = torch.zeros(*sd[key].shape[:-1], sd[key].shape[-1] + 1)
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
-        M.load_official(sd, CATS, arch=tiny_clip_path)
+        model.load_official(sd, CATS, arch=tiny_clip_path)
 
 
 def test_official_arch_needs_known_shapes(tiny_clip_path):
     with pytest.raises(UserError, match="pass arch"):
-        M.load_official(tiny_official_sd(), CATS)
+        model.load_official(tiny_official_sd(), CATS)
     sd = tiny_official_sd()
     del sd["encoder.conv1.weight"]
     with pytest.raises(UserError, match=r"encoder\.conv1\.weight"):
-        M.load_official(sd, CATS)
+        model.load_official(sd, CATS)
 
 
 def test_load_checkpoint_files(tiny_clip_path, tmp_path):
     sd = tiny_official_sd()
     torch.save(sd, tmp_path / "official.pt")
     with pytest.raises(UserError, match="categories"):
-        M.load_checkpoint(str(tmp_path / "official.pt"))
+        model.load_checkpoint(str(tmp_path / "official.pt"))
     with pytest.raises(UserError, match="pass arch"):  # a tiny official-layout file has no known arch
-        M.load_checkpoint(str(tmp_path / "official.pt"), categories="voc")
-    m = M.load_checkpoint(str(tmp_path / "official.pt"), categories=CATS, arch=tiny_clip_path)
+        model.load_checkpoint(str(tmp_path / "official.pt"), categories="voc")
+    m = model.load_checkpoint(str(tmp_path / "official.pt"), categories=CATS, arch=tiny_clip_path)
     assert m.config.pos_interp == "official" and not m.training
     # a train.py checkpoint: our state dict + a config with the arch, categories and hyper-parameters
     cfg = {"arch": tiny_clip_path, "categories": CATS, "logit_scale": 10.0, "stop_grad": False, **TINY}
     torch.save({"model": m.state_dict(), "optimizer": {}, "scaler": None, "step": 2, "config": cfg,
-                "rng": [common.rng_state()]}, tmp_path / "ckpt.pt")
-    m2 = M.load_checkpoint(str(tmp_path / "ckpt.pt"))
+                "rng": []}, tmp_path / "ckpt.pt")
+    m2 = model.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert m2.config.logit_scale == 10.0 and m2.config.stop_grad is False and m2.categories == CATS
-    assert M.load_checkpoint(str(tmp_path / "ckpt.pt"), categories="a,b", arch=tiny_clip_path).categories == \
+    assert model.load_checkpoint(str(tmp_path / "ckpt.pt"), categories="a,b", arch=tiny_clip_path).categories == \
         ["background", "a", "b"]  # the CLIP may be named anew (moved file); categories replaced
     x = torch.randn(1, 3, 40, 48)
     with torch.no_grad():
@@ -162,7 +161,7 @@ def test_load_checkpoint_files(tiny_clip_path, tmp_path):
     (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 8)
     for bad in (str(tmp_path / "bad.pt"), str(tmp_path / "missing.pt"), str(tmp_path / "random.pt"), "official:nope"):
         with pytest.raises(UserError):
-            M.load_checkpoint(bad)
+            model.load_checkpoint(bad)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -185,7 +184,7 @@ def test_forward_shapes_and_semantic_normalisation(tiny_model):
 
 
 def test_sine_positions_values():
-    pos = M.sine_positions(2, 3, 8, "cpu")  # [6, 8]: y in the first 4 channels, x in the last 4
+    pos = model.sine_positions(2, 3, 8, "cpu")  # [6, 8]: y in the first 4 channels, x in the last 4
     y = torch.tensor([1, 2.]) / (2 + 1e-6) * 2 * math.pi
     x = torch.tensor([1, 2, 3.]) / (3 + 1e-6) * 2 * math.pi
     f1 = 10000 ** (2 / 4)
@@ -195,13 +194,13 @@ def test_sine_positions_values():
 
 
 def test_text_templates_and_set_categories(tiny_clip_path, tiny_model):
-    m = M.ZUTIS(tiny_clip_path, CATS, text_templates="85", **TINY)
+    m = model.ZUTIS(tiny_clip_path, CATS, text_templates="85", **TINY)
     assert m.text_emb.shape == tiny_model.text_emb.shape and not torch.allclose(m.text_emb, tiny_model.text_emb)
     m.set_categories(["background", "zebra"])
     assert m.text_emb.shape == (2, 32) and m.categories == ["background", "zebra"]
     assert "text_emb" not in m.state_dict()
     with pytest.raises(UserError):
-        M.ZUTIS(tiny_clip_path, CATS, text_templates="80", **TINY)
+        model.ZUTIS(tiny_clip_path, CATS, text_templates="80", **TINY)
 
 
 # ----------------------------------------------------------------------------- losses and matching
@@ -209,7 +208,9 @@ def test_text_templates_and_set_categories(tiny_clip_path, tiny_model):
 def test_dice_bce_hand_values():
     p = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.9, 0.2, 0.0, 1.0], [0.0, 1.0, 0.5, 0.5]])
     g = torch.tensor([[1., 1, 0, 0], [1, 0, 0, 1]])
-    dice, bce = M.pairwise_dice_bce(p, g)
+    costs = model.pairwise_costs(p, g)
+    assert list(costs) == ["dice", "bce"]  # the official terms, in MASK_TERMS
+    dice, bce = costs["dice"], costs["bce"]
     assert dice.shape == bce.shape == (3, 2)
     assert dice[0, 0].item() == pytest.approx(1 - 3 / 5, abs=1e-6)
     assert dice[1, 1].item() == pytest.approx(1 - (2 * 1.9 + 1) / (2.1 + 2 + 1), abs=1e-6)
@@ -233,14 +234,14 @@ def test_matcher_is_optimal(Q, N):
     for _ in range(3):
         probs = torch.rand(Q, 50, generator=g)
         gt = (torch.rand(N, 50, generator=g) > 0.6).float()
-        matcher = M.HungarianMatcher()
+        matcher = model.HungarianMatcher()
         (qi, ti), = matcher(probs, gt)
         cost = matcher.cost(probs, gt)[0]
         assert qi.dtype == ti.dtype == torch.int64 and len(qi) == min(Q, N)
         assert len(set(qi.tolist())) == len(qi) and len(set(ti.tolist())) == len(ti)
         assert cost[qi, ti].sum().item() == pytest.approx(brute_force(cost.tolist()), abs=1e-5)
     with pytest.raises(AssertionError, match="non-finite"):
-        M.HungarianMatcher.assign(torch.tensor([[float("nan"), 1.0]]))
+        model.HungarianMatcher.assign(torch.tensor([[float("nan"), 1.0]]))
 
 
 def naive_official_mask_loss(mask_logits, instance_masks):
@@ -274,7 +275,7 @@ def test_mask_loss_matches_naive_official_loop():
     out = {"mask_logits": mask_logits.requires_grad_(), "patch_tokens": torch.randn(3, 5, 7, 8),
            "text_emb": F.normalize(torch.randn(3, 8), dim=-1)}
     batch = {"semantic": torch.randint(0, 3, (3, 20, 28)), "instance_masks": inst}
-    losses = M.criterion(out, batch)
+    losses = model.criterion(out, batch)
     assert losses["loss_mask"].item() == pytest.approx(naive_official_mask_loss(mask_logits.detach(), inst), rel=1e-5)
     assert sum(losses[f"loss_mask_{l}"] for l in range(2)).item() == pytest.approx(losses["loss_mask"].item(), rel=1e-6)
     assert (losses["loss_dice"] + losses["loss_bce"]).item() == pytest.approx(losses["loss_mask"].item(), rel=1e-5)
@@ -291,7 +292,7 @@ def test_zero_instance_images(tiny_model):
     x, batch = make_batch()
     batch["instance_masks"] = [torch.zeros(0, 64, 64, dtype=torch.bool), torch.zeros(3, 64, 64, dtype=torch.bool)]
     tiny_model.zero_grad()
-    losses = M.criterion(tiny_model(x), batch)
+    losses = model.criterion(tiny_model(x), batch)
     assert losses["loss_mask"].item() == 0 and torch.isfinite(losses["loss"])
     losses["loss"].backward()  # the decoder stays in the graph (zero gradient), as DDP needs
     assert tiny_model.decoder.norm.weight.grad is not None
@@ -301,18 +302,18 @@ def test_bfloat16_autocast_losses_are_fp32(tiny_model):
     x, batch = make_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny_model(x)
-        losses = M.criterion(out, batch)  # computes in fp32 inside (autocast disabled there)
+        losses = model.criterion(out, batch)  # computes in fp32 inside (autocast disabled there)
     assert out["mask_logits"].dtype == torch.bfloat16
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
-    ref = M.criterion({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, batch)
+    ref = model.criterion({k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}, batch)
     assert losses["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
 
 
-def grads(model, loss):
-    model.zero_grad(set_to_none=True)
+def grads(net, loss):
+    net.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
-    enc = [p.grad for p in model.encoder.parameters()]
-    rest = [p.grad for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    enc = [p.grad for p in net.encoder.parameters()]
+    rest = [p.grad for n, p in net.named_parameters() if not n.startswith("encoder.")]
     nonzero = lambda gs: [g is not None and g.abs().sum().item() > 0 for g in gs]  # noqa: E731
     return nonzero(enc), nonzero(rest)
 
@@ -320,9 +321,9 @@ def grads(model, loss):
 @pytest.mark.parametrize("stop_grad", [True, False])
 def test_stop_gradient(tiny_clip_path, stop_grad):
     torch.manual_seed(0)
-    m = M.ZUTIS(tiny_clip_path, CATS, stop_grad=stop_grad, **TINY)
+    m = model.ZUTIS(tiny_clip_path, CATS, stop_grad=stop_grad, **TINY)
     x, batch = make_batch()
-    losses = M.criterion(m(x), batch)
+    losses = model.criterion(m(x), batch)
     enc, rest = grads(m, losses["loss_mask"])
     # At init the first layer's self-attention sees tgt = 0, so its output is the (zero) value bias
     # whatever q, k are: those three tensors get no gradient by construction (as in DETR).
@@ -338,7 +339,7 @@ def test_stop_gradient(tiny_clip_path, stop_grad):
 
 def test_overfit_one_batch(tiny_clip_path):
     torch.manual_seed(0)
-    m = M.ZUTIS(tiny_clip_path, CATS, logit_scale=10.0, **TINY)  # raw cosines (scale 1) cannot drop CE by 80%
+    m = model.ZUTIS(tiny_clip_path, CATS, logit_scale=10.0, **TINY)  # raw cosines (scale 1) cannot drop CE by 80%
     sem = torch.zeros(2, 32, 32, dtype=torch.long)
     inst = []
     for b in range(2):
@@ -353,7 +354,7 @@ def test_overfit_one_batch(tiny_clip_path):
     torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
     try:
         for _ in range(150):
-            losses = M.criterion(m(x), batch)
+            losses = model.criterion(m(x), batch)
             opt.zero_grad()
             losses["loss"].backward()
             opt.step()
@@ -375,10 +376,10 @@ def test_mask_nms_classwise():
     masks[5, 6:, :3] = True  # F: alone in its class, score below the floor: kept (the top always is)
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.0005, 0.0005])
     labels = torch.tensor([1, 1, 2, 1, 1, 3])
-    assert M.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
+    assert model.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
     masks[1, :5, 2:] = False  # B then has IoU 11/25 = 0.44 with A: still removed at 0.3, kept at 0.5
-    assert M.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
-    assert M.mask_nms(masks, scores, labels, iou=0.5).tolist() == [0, 1, 2, 3, 5]
+    assert model.mask_nms(masks, scores, labels, iou=0.3).tolist() == [0, 2, 3, 5]
+    assert model.mask_nms(masks, scores, labels, iou=0.5).tolist() == [0, 1, 2, 3, 5]
 
 
 def synthetic_outputs():
@@ -398,22 +399,22 @@ def synthetic_outputs():
 
 def test_instances_follow_official_rules():
     out, size = synthetic_outputs(), (21, 19)
-    res = M.instances_from_outputs(out, size)
+    res = model.instances_from_outputs(out, size)
     assert res["labels"].tolist() == [1, 2] and res["masks"].shape == (2, 21, 19) and res["masks"].dtype == torch.bool
     s5 = torch.sigmoid(torch.tensor(5.0))
     assert res["scores"][0].item() == pytest.approx((s5 * s5).item(), rel=1e-5)  # mean prob x sigmoid(5 cos)
     up = F.interpolate(out["mask_logits"][0, -1, :1][None].sigmoid(), size=size, mode="bilinear")[0, 0]
     assert torch.equal(res["masks"][0], up > 0.5)  # probabilities upsampled, then thresholded at 0.5
-    none = M.instances_from_outputs(out, size, nms="none")
+    none = model.instances_from_outputs(out, size, nms="none")
     assert sorted(none["labels"].tolist()) == [1, 1, 2]  # no NMS: the duplicate stays; bg and empty still go
-    soft = M.instances_from_outputs(out, size, class_prob="softmax")
+    soft = model.instances_from_outputs(out, size, class_prob="softmax")
     e = math.e
     assert soft["scores"][0].item() == pytest.approx(s5.item() * e / (e + 3), rel=1e-5)
 
 
 def test_predict_odd_size_official_layout(tiny_clip_path, tiny_model):
     # official-layout random weights (the module defaults; N(0, 1) everywhere would give no mask > 0.5)
-    m = M.load_official(M.to_official(tiny_model), CATS, arch=tiny_clip_path).eval()
+    m = model.load_official(model.to_official(tiny_model), CATS, arch=tiny_clip_path).eval()
     image = torch.randn(1, 3, 333, 517)  # 41 x 64 patches of 8; the 5 right / 5 bottom pixels are dropped
     res = evaluate.ZutisSegmenter(m)(image, (333, 517))  # the one inference path
     with torch.no_grad():
@@ -421,8 +422,8 @@ def test_predict_odd_size_official_layout(tiny_clip_path, tiny_model):
     logits = torch.einsum("kc,hwc->khw", m.text_emb, out["patch_tokens"][0])
     ref = F.interpolate(logits[None], size=(333, 517), mode="bilinear")[0].argmax(0)
     assert res["semantic"].dtype == torch.long and torch.equal(res["semantic"], ref)
-    assert torch.equal(M.semantic_from_outputs(out, (333, 517), chunk=3), ref)  # class chunks: same argmax
-    none = M.instances_from_outputs(out, (333, 517), nms="none")
+    assert torch.equal(model.semantic_from_outputs(out, (333, 517), chunk=3), ref)  # class chunks: same argmax
+    none = model.instances_from_outputs(out, (333, 517), nms="none")
     assert len(none["labels"]) > len(res["labels"]) > 0  # NMS removed within-class duplicates
     masks, labels, scores = res["masks"], res["labels"], res["scores"]
     assert masks.shape[1:] == (333, 517) and masks.dtype == torch.bool and (labels > 0).all()
@@ -440,15 +441,15 @@ def test_official_name_download_path(tiny_clip_path, tmp_path, monkeypatch, caps
     path = tmp_path / "tiny_official.pt"
     torch.save(tiny_official_sd(), path)
     calls = []
-    monkeypatch.setattr(M.downloads, "download", lambda url, root, **kw: calls.append((url, root)) or str(path))
+    monkeypatch.setattr(model.downloads, "download", lambda url, root, **kw: calls.append((url, root)) or str(path))
     mb = round(path.stat().st_size / 1e6, 1)
-    monkeypatch.setitem(M.OFFICIAL, "tiny", ("https://example.invalid/tiny.pt", mb, tiny_clip_path, "voc"))
-    m = M.load_checkpoint("official:tiny")
+    monkeypatch.setitem(model.OFFICIAL, "tiny", ("https://example.invalid/tiny.pt", mb, tiny_clip_path, "voc"))
+    m = model.load_checkpoint("official:tiny")
     assert calls[0][1].endswith(".cache/zutis") and m.categories[:2] == ["background", "aeroplane"]
     assert "sha256" in capsys.readouterr().out and m.config.pos_interp == "official"
-    monkeypatch.setitem(M.OFFICIAL, "tiny", ("https://example.invalid/tiny.pt", mb + 0.2, tiny_clip_path, "voc"))
+    monkeypatch.setitem(model.OFFICIAL, "tiny", ("https://example.invalid/tiny.pt", mb + 0.2, tiny_clip_path, "voc"))
     with pytest.raises(UserError, match="README says"):
-        M.load_checkpoint("official:tiny")
+        model.load_checkpoint("official:tiny")
 
 
 # ----------------------------------------------------------------------------- ignore id, checkpoints that travel
@@ -464,7 +465,7 @@ def test_920_classes_class_255_is_a_target_and_padding_is_ignored():
     sem[0, :, 6:] = ign  # padding
 
     def ce(text_emb, semantic=sem):
-        return M.semantic_ce(tokens, semantic, text_emb, ignore_index=ign)
+        return model.semantic_ce(tokens, semantic, text_emb, ignore_index=ign)
 
     text = F.normalize(torch.randn(K, 16, generator=g), dim=-1).requires_grad_()
     ce(text).backward()
@@ -479,7 +480,7 @@ def test_920_classes_class_255_is_a_target_and_padding_is_ignored():
                                         mode="bilinear"), sem, ignore_index=ign)
     assert ce(text.detach()).item() == pytest.approx(ref.item(), rel=1e-6)
     with pytest.raises(UserError, match="ignore_index 255 is a label id"):
-        M.semantic_ce(tokens, sem, text.detach(), ignore_index=255)
+        model.semantic_ce(tokens, sem, text.detach(), ignore_index=255)
 
 
 def test_checkpoint_travels_without_its_clip_file(tiny_clip_path, tiny_model, tmp_path, monkeypatch):
@@ -495,16 +496,16 @@ def test_checkpoint_travels_without_its_clip_file(tiny_clip_path, tiny_model, tm
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # "clip.pt" (relative, as given at training time) does not resolve here
     x = torch.randn(1, 3, 32, 40)
-    m = M.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # via the stored absolute path or nothing at all
+    m = model.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # via the stored absolute path or nothing at all
     with torch.no_grad():
         assert torch.equal(m(x)["mask_logits"], tiny_model.eval()(x)["mask_logits"])
     assert m.set_categories(["background", "zebra"]) is None and m.text_emb.shape == (2, 32)  # arch_path
     clip_copy.unlink()
-    m = M.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # the CLIP file is gone: still loads
+    m = model.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))  # the CLIP file is gone: still loads
     assert torch.equal(m.text_emb, tiny_model.text_emb)
     with pytest.raises(UserError, match="not found"):  # new categories need a text tower
-        M.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), categories="a,b")
-    m = M.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), categories="a,b", arch=tiny_clip_path)
+        model.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), categories="a,b")
+    m = model.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), categories="a,b", arch=tiny_clip_path)
     assert m.categories == ["background", "a", "b"] and m.arch == tiny_clip_path
 
 
@@ -512,11 +513,11 @@ def test_text_embeddings_precision(tiny_clip, monkeypatch):
     """CPU: fp32, no conversion. CUDA (mocked): a copy converted by clip_model.official_fp16, unless text_fp32."""
     calls = []
     monkeypatch.setattr(clip_model, "official_fp16", lambda m: calls.append(m) or m, raising=False)
-    emb = M.text_embeddings(tiny_clip, CATS, M.ModelConfig())
+    emb = model.text_embeddings(tiny_clip, CATS, model.ModelConfig())
     assert emb.dtype == torch.float32 and not calls
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a: self)
-    M.text_embeddings(tiny_clip, CATS, M.ModelConfig())
+    model.text_embeddings(tiny_clip, CATS, model.ModelConfig())
     assert len(calls) == 1 and calls[0] is not tiny_clip  # a copy: the caller's CLIP stays fp32
-    M.text_embeddings(tiny_clip, CATS, M.ModelConfig(text_fp32=True))
+    model.text_embeddings(tiny_clip, CATS, model.ModelConfig(text_fp32=True))
     assert len(calls) == 1

@@ -29,6 +29,7 @@ import categories as C
 import evaluate as E
 import model as M
 import selfmask
+import conftest
 from conftest import make_tiny_clip
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,14 +76,18 @@ def flag(argv, name, default=None):
 
 # ----------------------------------------------------------------------------- generated data
 
-def save_img(path, seed, box=True):
+def photo(seed, box=True):
     """A tiny photo-like image: a noisy background with one brighter rectangle (something salient)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 80, (H, W, 3), dtype=np.uint8)
     if box:
         a[6:24, 10:34] = rng.integers(120, 255, 3, dtype=np.uint8)
-    Image.fromarray(a).save(path, quality=95)
+    return a
+
+
+def save_img(path, seed, box=True):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(photo(seed, box)).save(path, quality=95)
 
 
 def save_png(a, path, mode=None):
@@ -109,22 +114,13 @@ def write_index_sets(root):
 
 
 def write_voc(root):
-    names = ["2007_000032", "2007_000039", "2008_000002"]
-    os.makedirs(f"{root}/ImageSets/Segmentation", exist_ok=True)
-    with open(f"{root}/ImageSets/Segmentation/train.txt", "w") as f:
-        f.write("\n".join(names[:2]) + "\n")
-    with open(f"{root}/ImageSets/Segmentation/val.txt", "w") as f:
-        f.write(names[2] + "\n")
-    for k, n in enumerate(names):
-        save_img(f"{root}/JPEGImages/{n}.jpg", 200 + k)
+    scenes = []
+    for k, n in enumerate(["2007_000032", "2007_000039", "2008_000002"]):
         cls, obj = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
         cls[6:24, 10:34], obj[6:24, 10:34] = C.VOC.index("person") if k else C.VOC.index("dog"), 1
         cls[5, 9:35] = obj[5, 9:35] = 255  # VOC's void outline
-        for a, sub in ((cls, "SegmentationClass"), (obj, "SegmentationObject")):
-            im = Image.fromarray(a, "P")
-            im.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
-            os.makedirs(f"{root}/{sub}", exist_ok=True)
-            im.save(f"{root}/{sub}/{n}.png")
+        scenes.append((n, photo(200 + k), cls, obj))
+    conftest.write_voc(root, scenes, n_train=2)
 
 
 def coco_json(images, cat_of):

@@ -18,6 +18,7 @@ from PIL import Image
 import common
 import pseudo_label
 import selfmask
+from conftest import save_archive
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -341,20 +342,16 @@ def make_archive(root, n=8, sizes=((48, 64),)):
     """Generated images under root/imgs (PNG and JPEG, a subfolder, one unreadable file), an
     archive listing some images under two categories -> (archive path, {rel path: truth mask})."""
     rng = np.random.default_rng(0)
-    entries, truths = [], {}
+    images, truths = {}, {}
     for i in range(n):
         img, truth = textured_scene(rng, *sizes[i % len(sizes)])
         rel = f"sub/im{i}.jpg" if i % 2 else f"im{i}.png"
-        common.save_image(img, os.path.join(root, "imgs", rel))
-        entries.append({"path": rel, "dir": 0, "score": 0.5})
-        truths[rel] = truth
-    with open(os.path.join(root, "imgs", "broken.jpg"), "wb") as f:
-        f.write(b"\xff\xd8 not really a jpeg")
-    entries.append({"path": "broken.jpg", "dir": 0, "score": 0.1})
-    arc = {"arch": "test", "k": n, "index_dirs": ["imgs"], "categories": ["background", "a", "b"],
-           "archive": {"a": entries[: n // 2 + 2], "b": entries[n // 2:]}}  # overlapping: shared images
-    common.save_json(arc, os.path.join(root, "archive.json"))
-    return os.path.join(root, "archive.json"), truths
+        images[rel], truths[rel] = img, truth
+    images["broken.jpg"] = b"\xff\xd8 not really a jpeg"
+    rels = list(images)  # overlapping categories: shared images
+    arc_path, _ = save_archive(root, {"a": rels[: n // 2 + 2], "b": rels[n // 2:]}, images, index_dir="imgs",
+                               quality=75)
+    return arc_path, truths
 
 
 def run_pseudo_label(monkeypatch, *argv):

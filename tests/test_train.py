@@ -18,11 +18,11 @@ import time
 import pytest
 import torch
 
-import categories as C
+import categories
 import common
-import model as M
+import model
 import train
-from test_dataset import write_archive
+from conftest import write_archive
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -105,13 +105,21 @@ def test_resume_is_exact(tiny_clip_path, data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(batch, device)
     monkeypatch.setattr(train, "to_device", dying)
-    with pytest.raises(SystemExit, match="130"):  # Ctrl-C: exit 130 with a hint to add --resume
+    with pytest.raises(SystemExit, match="130"):  # Ctrl-C: exit 130 with a hint to rerun the command
         train.main(tiny_argv(tiny_clip_path, data, resumed, 4))
     monkeypatch.setattr(train, "to_device", real)
     assert common.torch_load(str(resumed / "ckpt.pt"))["step"] == 2
-    with pytest.raises(common.UserError, match="--resume"):  # never overwrite a run silently
-        train.main(tiny_argv(tiny_clip_path, data, resumed, 4))
-    train.main(tiny_argv(tiny_clip_path, data, resumed, 4, "--resume", "--num_workers", "1"))  # any worker count
+    # a changed command never overwrites or silently continues the run: it is refused, naming each change
+    changed = tiny_argv(tiny_clip_path, data, resumed, 5, "--lr", "2e-3", "--no_stop_grad")
+    changed[changed.index("max_n=3")] = "max_n=2"
+    with pytest.raises(common.UserError, match=r"settings: --no_stop_grad on \(checkpoint: off\); --iters 5 \(checkpoint: "
+                                               r"4\); --lr 0.002 \(checkpoint: 0.001\); --aug max_n=2 \(checkpoint: 3\)\."):
+        train.main(changed)
+    with pytest.raises(common.UserError, match=r"--categories: 3 names \(checkpoint: 3\), id 1 'thing1' "
+                                               r"\(checkpoint: 'thing0'\)"):
+        train.main(tiny_argv(tiny_clip_path, data, resumed, 4, "--categories", "thing1,thing0"))
+    assert common.torch_load(str(resumed / "ckpt.pt"))["step"] == 2
+    train.main(tiny_argv(tiny_clip_path, data, resumed, 4, "--num_workers", "1"))  # the same command resumes
 
     a, b = common.torch_load(str(straight / "ckpt.pt")), common.torch_load(str(resumed / "ckpt.pt"))
     assert a["step"] == b["step"] == 4 and a["model"].keys() == b["model"].keys()
@@ -125,7 +133,8 @@ def test_resume_is_exact(tiny_clip_path, data, tmp_path, monkeypatch):
     mb = [json.loads(ln) for ln in open(resumed / "metrics.jsonl")]
     assert [r["step"] for r in mb] == [r["step"] for r in ma] == [1, 2, 3, 4]
     assert [r["loss"] for r in mb] == [r["loss"] for r in ma]
-    assert train.main(tiny_argv(tiny_clip_path, data, resumed, 4, "--resume")) is None  # nothing left to do
+    assert train.main(tiny_argv(tiny_clip_path, data, resumed, 4)) is None  # nothing left to do
+    assert train.main(tiny_argv(tiny_clip_path, data, resumed, 4, "--resume")) is None  # older commands still run
 
 
 def test_script_writes_a_checkpoint_model_reloads(tiny_clip_path, data, tmp_path):
@@ -138,7 +147,7 @@ def test_script_writes_a_checkpoint_model_reloads(tiny_clip_path, data, tmp_path
     cfg = ck["config"]
     assert ck["step"] == 2 and cfg["categories"] == ["background", "thing0", "thing1"] and cfg["ignore_index"] == 255
     assert cfg["arch"] == tiny_clip_path and cfg["arch_path"] == os.path.abspath(tiny_clip_path)
-    net = M.load_checkpoint(str(out / "ckpt.pt"))
+    net = model.load_checkpoint(str(out / "ckpt.pt"))
     sd = net.state_dict()
     assert sd.keys() == ck["model"].keys() and all(torch.equal(sd[k], ck["model"][k]) for k in sd)
     assert net.config.n_queries == 5 and net.config.stop_grad is True
@@ -168,7 +177,7 @@ def alive_with(marker):
 @pytest.mark.slow
 def test_sigkill_then_resume_leaves_nothing_behind(tiny_clip_path, data, tmp_path):
     """kill -9 during the run (a checkpoint is written every step, workers are running), plus the temp
-    file of an interrupted checkpoint write; --resume finishes it, and nothing is left over."""
+    file of an interrupted checkpoint write; rerunning the same command finishes it, and nothing is left over."""
     out = tmp_path / "killed"
     argv = tiny_argv(tiny_clip_path, data, out, 6, "--save_every", "1", "--num_workers", "1")
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=HERE, env=ENV,
@@ -184,7 +193,7 @@ def test_sigkill_then_resume_leaves_nothing_behind(tiny_clip_path, data, tmp_pat
             break
         time.sleep(0.1)
     assert not alive_with(str(out))
-    r = run_script([*argv, "--resume"])
+    r = run_script(argv)
     assert r.returncode == 0, r.stderr[-2000:]
     assert common.torch_load(str(out / "ckpt.pt"))["step"] == 6
     assert not glob.glob(str(out / ".tmp_*")) and not alive_with(str(out))
@@ -201,15 +210,48 @@ def test_sigterm_prints_the_resume_hint(tiny_clip_path, data, tmp_path):
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 130 and "--resume" in stdout + stderr and "Traceback" not in stderr
+    assert p.returncode == 130 and "rerun the same command" in stdout + stderr and "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("extra, msg", [(["--iters", "-5"], "--iters must be positive"),
-                                       (["--model", "n_querys=5"], "--model: expected KEY=VALUE"),
-                                       (["--aug", "max_n=x"], "max_n='x' is not a int")])
+@pytest.mark.parametrize("extra, msg", [
+    (["--model", "n_querys=5"], "--model: expected KEY=VALUE .*unknown key 'n_querys'"),
+    (["--aug", "max_n=x"], r"--aug max_n='x' is not a whole number \(e.g. max_n=10, the default\)"),
+    (["--aug", "jitter=0.8,0.8"], r"--aug jitter='0.8,0.8' is not 4 comma-separated numbers"),
+    (["--aug", "max_n=0"], r"max_n=0 is not allowed: max_n must be a whole number >= 1: images per scene, the canvas"),
+    (["--aug", "p_gray=1.5"], r"p_gray=1.5 is not allowed: p_gray must be a probability in \[0, 1\]"),
+    (["--model", "n_queries=2.5"], "--model n_queries=.2.5. is not a whole number"),
+    (["--lr", "1e-7"], r"--min_lr 1e-06 is above --lr 1e-07"),
+    (["--categories", " "], "--categories is empty")])
 def test_bad_flags_are_user_errors(tiny_clip_path, data, tmp_path, extra, msg):
     with pytest.raises(common.UserError, match=msg):
         train.main([*tiny_argv(tiny_clip_path, data, tmp_path / "bad", 2), *extra])
+    assert not (tmp_path / "bad").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--lr_encoder", "-1e-5"), ("--weight_decay", "-0.1"),
+                                         ("--min_lr", "-1"), ("--iters", "0"), ("--batch_size", "0"), ("--crop", "0"),
+                                         ("--save_every", "0"), ("--log_every", "0"), ("--num_workers", "-1"),
+                                         ("--lambda_mask", "-1"), ("--seed", "-1"), ("--iters", "1.5"),
+                                         ("--lr", "nan"), ("--out_dir", "README.md"), ("--categories", ""),
+                                         ("--masks_dir", "no/such/dir"), ("--index_dirs", "no/such/dir"),
+                                         ("--arch", "ViT-X/99")])
+def test_every_flag_is_checked_before_work(tiny_clip_path, data, tmp_path, monkeypatch, capsys, flag, value):
+    """A value out of range is one `error:` line naming the flag and exit 2 (as the script's entry point
+    gives it), before any file is written."""
+    monkeypatch.chdir(HERE)  # README.md: an existing file
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: train.main([*tiny_argv(tiny_clip_path, data, tmp_path / "bad", 2), flag, value]))
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert e.value.code == 2 and len(errors) == 1 and flag in errors[0], errors
+    assert not (tmp_path / "bad").exists()
+
+
+def test_negative_learning_rate_script(tiny_clip_path, data, tmp_path):
+    """The script itself: `train.py --lr -1` stops at once with one error line and no traceback."""
+    r = run_script([*tiny_argv(tiny_clip_path, data, tmp_path / "bad", 2), "--lr", "-1"])
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "--lr: -1 is out of range" in errors[0] and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("what", ["init", "archive"])
@@ -223,7 +265,7 @@ def test_bad_files_are_one_line_errors(tiny_clip_path, data, tmp_path, what):
 
 
 def test_non_finite_loss_stops_the_run(tiny_clip_path, data, tmp_path, monkeypatch):
-    real = M.criterion
+    real = model.criterion
 
     def poisoned(outputs, batch, **kw):  # as if the forward pass overflowed at the second step
         losses = real(outputs, batch, **kw)
@@ -232,7 +274,7 @@ def test_non_finite_loss_stops_the_run(tiny_clip_path, data, tmp_path, monkeypat
         poisoned.calls += 1
         return losses
     poisoned.calls = 0
-    monkeypatch.setattr(M, "criterion", poisoned)
+    monkeypatch.setattr(model, "criterion", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(common.UserError, match=r"non-finite loss at step 1: .*loss=nan"):
         train.main(tiny_argv(tiny_clip_path, data, out, 4, "--save_every", "1"))
@@ -281,7 +323,7 @@ def test_imagenet_s_class_255_is_trained_and_padding_ignored(tiny_clip_path, tmp
     """ImageNet-S919 has 920 classes, so label id 255 ("pug") is a real class and the ignore id is 1000.
     A training step (train.py's config, model and loss) on a scene holding pug gives its pixels a
     cross-entropy target (ignoring them changes the loss), and the padding none (labelling it changes it). (The dataset's padding with 1000: test_dataset.py.)"""
-    names = C.get_categories("imagenet_s919")
+    names = categories.get_categories("imagenet_s919")
     arc, masks = write_archive(str(tmp_path), {names[255]: [("i0", "ok")]}, size=(48, 40))
     cfg = train.make_config(train.parse_args(tiny_argv(tiny_clip_path, (arc, masks), tmp_path / "o", 1,
                                                        "--categories", "imagenet_s919")))
@@ -298,3 +340,29 @@ def test_imagenet_s_class_255_is_trained_and_padding_ignored(tiny_clip_path, tmp
     with torch.no_grad():
         net.text_emb[255] = -net.text_emb[255]  # class 255's logit changes: so does the loss
     assert abs(ce(batch) - before) > 1e-4
+
+
+def focal_cost(p, gT, gamma=2.0):
+    """Focal loss (Lin et al. 2017) on mask probabilities, mean over pixels, for every (query, target) pair:
+    -((1 - p)^gamma log p . g + p^gamma log(1 - p) . (1 - g)) / P, by two matrix products."""
+    log_p, log_1mp = model._BCELogs.apply(p)
+    return -(((1 - p) ** gamma * log_p) @ gT + (p ** gamma * log_1mp) @ (1 - gT)) / p.shape[-1]
+
+
+def test_a_new_mask_term_is_one_function_and_one_line(tiny_clip_path, data, tmp_path, monkeypatch):
+    """docs/train.md, "Changing the mask loss": a focal term replaces BCE by the one changed line; the
+    matcher and the loss use it, it is logged as loss_focal, and training runs."""
+    monkeypatch.setattr(model, "MASK_TERMS", {"dice": (model.dice_cost, 1.0), "focal": (focal_cost, 20.0)})
+    g = torch.Generator().manual_seed(0)
+    p, gt = torch.rand(3, 40, generator=g), (torch.rand(2, 40, generator=g) > 0.5).float()
+    ref = torch.tensor([[-(gi * (1 - pi) ** 2 * pi.log() + (1 - gi) * pi ** 2 * (1 - pi).log()).mean().item()
+                         for gi in gt] for pi in p])
+    costs = model.pairwise_costs(p, gt)
+    assert list(costs) == ["dice", "focal"] and torch.allclose(costs["focal"], ref, atol=1e-6)
+    assert torch.allclose(model.HungarianMatcher().cost(p, gt)[0], costs["dice"] + 20 * costs["focal"])
+    out = tmp_path / "focal"
+    train.main(tiny_argv(tiny_clip_path, data, out, 2))
+    recs = [json.loads(ln) for ln in open(out / "metrics.jsonl")]
+    assert all("loss_focal" in r and "loss_bce" not in r for r in recs)
+    assert all(r["loss_dice"] + r["loss_focal"] == pytest.approx(r["loss_mask"], rel=1e-5) for r in recs)
+    assert common.torch_load(str(out / "ckpt.pt"))["step"] == 2
