@@ -79,12 +79,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(parser, argv=None):
-    """parser.parse_args(argv) and the set of flags (dests) written on the command line, so that a check
-    can refuse a flag the chosen mode would ignore: nothing a user gives is dropped silently."""
-    args = parser.parse_args(argv)
-    unset = object()  # argparse fills in a default only where the namespace has no value yet
-    probe = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
-    return args, {k for k, v in vars(probe).items() if v is not unset}
+    """parser.parse_args(argv) and the set of flags (dests) set to other than their defaults, so that a
+    check can refuse a flag the chosen mode would ignore: nothing a user gives is dropped silently."""
+    args, defaults = parser.parse_args(argv), vars(parser.parse_args([]))
+    return args, {k for k, v in vars(args).items() if v != defaults.get(k)}
 
 
 def refuse_unused(given, flags, why):
