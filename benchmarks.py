@@ -437,3 +437,9 @@ def read_bench(name, data_root=None, split=None, **kw):
     if not os.path.isdir(data_root):
         raise UserError(f"data root not found: {data_root!r}. Expected layout for {name}: {LAYOUTS[name]}")
     return READERS[name](data_root, split=split, **kw)
+
+
+if __name__ == "__main__":
+    import common
+    common.library_main(__doc__, "evaluate.py --bench reads and scores the benchmarks with it (python "
+                                 "evaluate.py --help).")

@@ -351,3 +351,9 @@ def get_categories(spec):
     if dup:
         raise UserError(f"category list {spec!r} names {', '.join(map(repr, dup))} more than once")
     return ["background"] + names
+
+
+if __name__ == "__main__":
+    import common
+    common.library_main(__doc__, "the --categories and --classes flags of build_archive.py, train.py and "
+                                 "evaluate.py read their names through it.")

@@ -444,3 +444,8 @@ def text_embeddings(model, names, templates, batch_size=256):
                      for i in range(0, len(texts), batch_size)])
     emb = F.normalize(emb, dim=-1).view(len(names), len(T), -1).mean(1)  # [K*T, D] -> [K, D]
     return F.normalize(emb, dim=-1)
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "build_archive.py, train.py and evaluate.py load CLIP through it (their "
+                                 "--arch flag); `python bench.py clip` times it.")

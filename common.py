@@ -578,3 +578,7 @@ def print_config(config, width=110):
     import textwrap
     print(textwrap.fill("  ".join(f"{k}={v}" for k, v in config.items()), width, initial_indent="config: ",
                         subsequent_indent="  ", break_on_hyphens=False), flush=True)
+
+
+if __name__ == "__main__":
+    library_main(__doc__, "every stage script imports it.")

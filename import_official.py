@@ -107,3 +107,8 @@ def convert_archive(official, names, dirs, remaps):
             found_dirs += [d] if d not in found_dirs else []
             archive[cat].append({"path": os.path.relpath(p, d), "dir": found_dirs.index(d), "score": None})
     return found_dirs, archive, missing
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "build_archive.py imports it for --import_embeddings and --import_archive "
+                                 "(python build_archive.py --help).")

@@ -537,3 +537,8 @@ def load_checkpoint(spec, categories=None, device="cpu", arch=None, **overrides)
         else:
             raise UserError(f"{spec!r} is neither a zutis train.py checkpoint nor an official ZUTIS state dict")
     return model.to(device).eval()
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "train.py trains it and evaluate.py runs it (python train.py --help, python "
+                                 "evaluate.py --help).")

@@ -92,3 +92,8 @@ def save_vis(path, img, gt, p, names, ignore):
     h = max(q.shape[0] for q in panels)
     panels = [np.pad(q, ((0, h - q.shape[0]), (0, 4), (0, 0)), constant_values=255) for q in panels]
     common.save_image(np.concatenate(panels, axis=1), path)
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "evaluate.py draws its vis/ panels and --images overlays with it (python "
+                                 "evaluate.py --help).")
