@@ -91,7 +91,7 @@ def _clip(arch):
 
 @command("clip", "CLIP encode_image img/s in fp32, official fp16 and bf16 autocast (deviation from fp32), forward_dense")
 def bench_clip(device, argv):
-    p = common.ArgumentParser(prog="bench.py clip")
+    p = common.ArgumentParser(prog="bench.py clip", description=COMMANDS["clip"][1])
     p.add_argument("--archs", default="ViT-B/16,ViT-L/14@336px", help="Comma-separated CLIP names, or tiny.")
     p.add_argument("--batch", type=common.number(int, 1, what="--batch"), default=16, help="Images per forward pass.")
     p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=3, help="Timed forward passes per measurement.")
@@ -121,7 +121,7 @@ def bench_clip(device, argv):
 
 @command("retrieval", "build_archive: embedding img/s (decode, preprocess, CLIP) and exact streaming top-k time and memory")
 def bench_retrieval(device, argv):
-    p = common.ArgumentParser(prog="bench.py retrieval")
+    p = common.ArgumentParser(prog="bench.py retrieval", description=COMMANDS["retrieval"][1])
     p.add_argument("--arch", default="ViT-L/14@336px", help="CLIP for the embedding part (random weights), or tiny.")
     p.add_argument("--images", type=common.number(int, 1, what="--images"), default=256, help="Generated 500x375 JPEGs to embed.")
     p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=128, help="Images per forward pass.")
@@ -244,7 +244,7 @@ def fake_archive(root, n_categories=3, per_category=20, size=(500, 375), seed=0)
 
 @command("loader", "copy-paste scenes per second of dataset.py on generated 500x375 JPEGs, in one process")
 def bench_loader(device, argv):
-    p = common.ArgumentParser(prog="bench.py loader")
+    p = common.ArgumentParser(prog="bench.py loader", description=COMMANDS["loader"][1])
     p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384, help="Scene size in pixels (default %(default)s).")
     p.add_argument("--scenes", type=common.number(int, 1, what="--scenes"), default=50, help="Scenes to time (default %(default)s).")
     a = p.parse_args(argv)
@@ -264,7 +264,7 @@ def bench_loader(device, argv):
 @command("train", "training steps of train.py on random weights of a released CLIP shape: it/s, peak memory "
          "and time per phase for each dtype and torch.compile setting, and their loss curves against fp32 eager")
 def bench_train(device, argv):
-    p = common.ArgumentParser(prog="bench.py train")
+    p = common.ArgumentParser(prog="bench.py train", description=COMMANDS["train"][1])
     p.add_argument("--arch", default="ViT-B/16", help="Released CLIP shape, random weights (default %(default)s).")
     p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384, help="Training crop (default %(default)s).")
     p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8, help="Images per step (default %(default)s).")
@@ -379,7 +379,7 @@ def bench_infer(device, argv):
 
 @command("ddp", "train.py and evaluate.py under torchrun (one process per device): the multi-process code paths")
 def bench_ddp(device, argv):
-    p = common.ArgumentParser(prog="bench.py ddp")
+    p = common.ArgumentParser(prog="bench.py ddp", description=COMMANDS["ddp"][1])
     p.add_argument("--arch", default="ViT-B/16", help="Released CLIP shape (random weights), or tiny.")
     p.add_argument("--nproc", type=common.number(int, 1, what="--nproc"), default=1, help="Processes (each takes one GPU on CUDA).")
     p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=5, help="Training steps.")
@@ -441,7 +441,7 @@ def smoke_parts(device):
 
 @command("smoke", "every accelerator code path once, timed (reduced sizes on a CPU); one table + JSON")
 def smoke(device, argv):
-    p = common.ArgumentParser(prog="bench.py smoke")
+    p = common.ArgumentParser(prog="bench.py smoke", description=COMMANDS["smoke"][1])
     p.add_argument("--only", nargs="+", default=None, help="run only these parts")
     p.add_argument("--timeout", type=common.number(float, 0, lo_open=True, what="--timeout"), default=600, help="seconds allowed per part")
     a = p.parse_args(argv)

@@ -74,6 +74,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         message = re.sub(r"^argument (\S+?)(/\S+)?: ", r"\1: ", message.strip().replace("\n", " "))
+        if message.endswith("expected one argument"):  # argparse takes `--lr -1e-3`'s value for a flag
+            message += f", or a value that starts with '-' written as {message.split(':')[0]}=VALUE"
         print(f"error: {message} (python {self.prog} --help lists the flags)", file=sys.stderr)
         sys.exit(2)
 
