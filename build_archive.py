@@ -362,9 +362,6 @@ def check_args(args, given):
     else:
         common.refuse_unused(given, ("remap",), "without --import_archive")
         common.check_device(args.device)
-        if args.arch not in clip_model.MODELS and not os.path.isfile(args.arch):
-            raise UserError(f"--arch {args.arch!r} is neither a CLIP model name ({', '.join(clip_model.MODELS)}) "
-                            "nor a checkpoint file")
     if any("=" not in r for r in args.remap):
         raise UserError(f"--remap {args.remap}: expected OLD_PREFIX=NEW_PREFIX")
     for flag in ("import_archive", "import_embeddings"):

@@ -294,23 +294,23 @@ def unreadable(path, what, err):
         zipped = f.read(4) == b"PK\x03\x04"
     glob = re.search(r"GLOBAL ([\w.]+)", msg)
     if os.path.getsize(path) == 0:
-        why = "is empty (0 bytes), as an interrupted download or copy leaves it: fetch or copy it again"
+        why = "it is empty (0 bytes), as an interrupted download or copy leaves it: fetch or copy it again"
     elif glob:
-        why = (f"holds Python objects other than tensors ({glob.group(1)}), which are not loaded because "
+        why = (f"it holds Python objects other than tensors ({glob.group(1)}), which are not loaded because "
                "unpickling them could run code: save a state dict of tensors instead")
     elif zipped and zipfile.is_zipfile(path):
         lib = first_sentence(msg)
-        why = f"is a zip archive but not one PyTorch wrote{f' ({lib})' if lib else ''}"
+        why = f"it is a zip archive but not one PyTorch wrote{f' ({lib})' if lib else ''}"
     elif zipped:
         lib = first_sentence(msg)
-        why = (f"is damaged or truncated{f' ({lib})' if lib else ''}, as an interrupted download or copy leaves "
-               "it: fetch or copy it again")
+        why = (f"it is damaged or truncated{f' ({lib})' if lib else ''}, as an interrupted download or copy "
+               "leaves it: fetch or copy it again")
     elif kind or "Unsupported operand" in msg or "invalid load key" in msg:
-        why = f"is not a PyTorch file{f': it looks like {kind}' if kind else ''}"
+        why = f"it is not a PyTorch file{f' (it looks like {kind})' if kind else ''}"
     else:
         lib = first_sentence(msg)
-        why = f"cannot be read as a PyTorch file of tensors ({type(err).__name__}{f': {lib}' if lib else ''})"
-    return UserError(f"{what} {path!r} {why}")
+        why = f"it is not a PyTorch file of tensors ({type(err).__name__}{f': {lib}' if lib else ''})"
+    return UserError(f"{what} {path!r} cannot be read: {why}")
 
 
 def torch_load(path, what="checkpoint"):
