@@ -323,8 +323,12 @@ def get_categories(spec):
     elif os.path.isdir(spec):
         raise UserError(f"category list {spec!r} is a folder: give a text file with one name per line")
     elif os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        try:  # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the first name
+            with open(spec, encoding="utf-8-sig") as f:
+                names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except UnicodeDecodeError:
+            raise UserError(f"category file {spec!r} is not UTF-8 text: save it as UTF-8 with one name per "
+                            "line") from None
     elif "," in spec:
         parts = spec.split(",")
         parts = parts[:-1] if not parts[-1].strip() else parts  # a trailing comma, as in 'bird,' (see below)

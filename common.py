@@ -145,9 +145,19 @@ def number(kind=float, lo=None, hi=None, lo_open=False, what="a number"):
 
 
 def check_out_dir(path, flag="--out_dir"):
-    """An output folder must be a folder (or not exist yet); an existing file there is a UserError."""
+    """An output folder must be a folder, or one that can be made: an existing file there, a file above it
+    or a parent where this user may not write is a UserError. Nothing is created here."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty: give a folder path")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path!r} is an existing file, not a folder: choose a folder path")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path!r} lies inside {parent!r}, which is a file: choose a folder path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path!r} cannot be written: this user may not write in {parent!r}")
     return path
 
 

@@ -519,7 +519,8 @@ def check_args(args, given):
     if args.classes is not None:
         C.get_categories(args.classes)  # an empty list or a blank name stops here, not after loading a model
     common.check_device(args.device)
-    common.check_out_dir(args.out_dir or ("out/demo" if args.images else f"out/eval_{args.bench}_{args.model}"))
+    default_out = "out/demo" if args.images else f"out/eval_{args.bench}_{args.model}"
+    common.check_out_dir(args.out_dir if args.out_dir is not None else default_out)
     if args.unseen and args.bench != "coco20k":
         raise UserError(f"--unseen is a coco20k option, not one of --bench {args.bench}")
     if "cub_text" in given and args.bench != "cub":

@@ -72,7 +72,9 @@ def files(tmp_path_factory):
     (d / "empty.pt").write_bytes(b"")
     (d / "empty.txt").write_text("")
     (d / "comments.txt").write_text("# only a comment\n\n")
-    (d / "unicode.txt").write_text("猫\nchien rouge\nÉléphant\n", encoding="utf-8")
+    (d / "unicode.txt").write_text("\ufeff猫\r\nchien rouge\r\nÉléphant\n", encoding="utf-8")  # BOM, CRLF
+    (d / "latin1.txt").write_bytes("café\nnaïve\n".encode("latin-1"))
+    torch.save({"visual.conv1.weight": torch.zeros(8, 3, 4, 4), "visual.proj": torch.zeros(8, 4)}, d / "clip.pt")
     return d
 
 
@@ -95,6 +97,10 @@ CASES = [
     ("evaluate.py", ["--images", "imgs", "--classes", "folder"], "is a folder"),
     ("evaluate.py", ["--images", "imgs", "--classes", "background"], "only 'background'"),
     ("evaluate.py", ["--out_dir", "notes.txt"], "existing file"),
+    ("evaluate.py", ["--out_dir", ""], "is empty"),
+    ("evaluate.py", ["--out_dir", "notes.txt/results"], "which is a file"),
+    ("evaluate.py", ["--images", "imgs", "--classes", "latin1.txt"], "not UTF-8"),
+    ("evaluate.py", ["--images", "imgs", "--ckpt", "clip.pt"], "give it to --arch"),
     ("evaluate.py", ["--t", "1.5"], "out of range"),
     ("evaluate.py", ["--t", "nan"], "out of range"),
     ("evaluate.py", ["--t=-inf"], "finite"),
