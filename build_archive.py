@@ -364,6 +364,9 @@ def check_args(args, given):
         common.check_device(args.device)
     if any("=" not in r for r in args.remap):
         raise UserError(f"--remap {args.remap}: expected OLD_PREFIX=NEW_PREFIX")
+    for d in args.index_dirs or []:
+        if os.path.isfile(d):
+            raise UserError(f"--index_dirs {d!r} is a file, not a folder of images")
     for flag in ("import_archive", "import_embeddings"):
         for path in [getattr(args, flag)] if flag == "import_archive" else getattr(args, flag) or []:
             if path is not None and not os.path.isfile(path):

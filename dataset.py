@@ -411,6 +411,8 @@ def check_args(args):
     for d in args.index_dirs or []:
         if not os.path.isdir(d):
             raise common.UserError(f"--index_dirs {d!r} is not a folder")
+    if not args.preview.lower().endswith((".jpg", ".jpeg", ".png")):
+        raise common.UserError(f"--preview {args.preview!r} is not an image name: end it in .jpg or .png")
     return args
 
 
