@@ -511,6 +511,8 @@ def check_args(args, given):
         common.refuse_unused(given, ("ckpt", "t", "class_prob"), "with --model maskclip (no checkpoint, no decoder)")
     if args.proposals is None:
         common.refuse_unused(given, ("proposal_score", "with_decoder"), "without --proposals")
+    if args.nms == "none":
+        common.refuse_unused(given, ("nms_iou",), "with --nms none")
     for flag in ("proposals", "ckpt"):
         path = getattr(args, flag)
         if path is not None and not path.startswith("official:") and not os.path.isfile(path):

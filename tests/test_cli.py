@@ -123,6 +123,7 @@ CASES = [
     ("evaluate.py", ["--model", "maskclip", "--t", "0.3"], "--t has no effect"),
     ("evaluate.py", ["--images", "imgs", "--split", "val"], "--split has no effect"),
     ("evaluate.py", ["--with_decoder"], "without --proposals"),
+    ("evaluate.py", ["--nms", "none", "--nms_iou", "0.5"], "with --nms none"),
     ("evaluate.py", ["--proposals", "folder"], "is a folder"),
     ("evaluate.py", ["--unseen"], "coco20k"),
     ("evaluate.py", ["--cub_text", "breed"], "cub"),
