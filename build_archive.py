@@ -44,16 +44,22 @@ def get_args_parser():
     p.add_argument("--index_dirs", nargs="+", default=None, metavar="DIR", help="Folders of unlabelled images, searched "
                    "recursively. By default the official index: ImageNet train for imagenet_s919, else ImageNet train and PASS.")
     p.add_argument("--arch", default="ViT-L/14@336px", help="The CLIP model name or checkpoint file (default %(default)s).")
-    p.add_argument("--k", type=common.number(int, 1, what="--k"), default=500, help="Images per category (default %(default)s).")
+    p.add_argument("--k", type=common.number(int, 1, what="--k"), default=500,
+                   help="Images per category (default %(default)s).")
     p.add_argument("--precision", choices=["official", "fp32", "bf16"], default="official", help="CLIP arithmetic: "
                    "'official' (the default) is OpenAI's fp16 model on CUDA and fp32 on CPU; 'bf16' is autocast.")
     p.add_argument("--out_dir", default="out", help="The output folder (default %(default)s).")
     p.add_argument("--device", default="auto", help="Where to run: auto (the default), cpu or cuda.")
-    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=128, help="Images per forward pass (default %(default)s).")
-    p.add_argument("--workers", type=common.number(int, 0, what="--workers"), default=min(8, os.cpu_count() or 1), help="Image decoding workers (default %(default)s).")
-    p.add_argument("--chunk_size", type=common.number(int, 1, what="--chunk_size"), default=4096, help="Images per stored chunk, the unit of resuming (default %(default)s).")
-    p.add_argument("--block_size", type=common.number(int, 1, what="--block_size"), default=65536, help="Embeddings per retrieval block (default %(default)s).")
-    p.add_argument("--sheet_size", type=common.number(int, 0, what="--sheet_size"), default=16, help="Thumbnails per contact sheet, 0 for none (default %(default)s).")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=128,
+                   help="Images per forward pass (default %(default)s).")
+    p.add_argument("--workers", type=common.number(int, 0, what="--workers"), default=min(8, os.cpu_count() or 1),
+                   help="Image decoding workers (default %(default)s).")
+    p.add_argument("--chunk_size", type=common.number(int, 1, what="--chunk_size"), default=4096,
+                   help="Images per stored chunk, the unit of resuming (default %(default)s).")
+    p.add_argument("--block_size", type=common.number(int, 1, what="--block_size"), default=65536,
+                   help="Embeddings per retrieval block (default %(default)s).")
+    p.add_argument("--sheet_size", type=common.number(int, 0, what="--sheet_size"), default=16,
+                   help="Thumbnails per contact sheet, 0 for none (default %(default)s).")
     p.add_argument("--import_embeddings", nargs="+", default=None, metavar="PKL",
                    help="Use official embedding pickles, one per --index_dirs folder in order, instead of embedding.")
     p.add_argument("--import_archive", default=None, metavar="JSON", help="Convert an official archive to ours and exit.")

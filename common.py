@@ -280,45 +280,31 @@ def first_sentence(text, limit=200):
     return line if 0 < len(line) <= limit and line.count("`") % 2 == 0 and line.count("(") == line.count(")") else ""
 
 
-def _looks_like(path):
-    """What a file that is not what we expected seems to be, from its first bytes ('' if unknown)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return ""
-    kinds = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
-             (b"\x1f\x8b", "a gzip file"), (b"<", "an HTML or XML page (an error page saved by a failed download?)"),
-             (b"{", "a JSON or text file"), (b"[", "a JSON or text file"))
-    kind = next((k for magic, k in kinds if head.lstrip().startswith(magic)), "")
-    if not kind and head and all(32 <= c < 127 or c in (9, 10, 13) for c in head):
-        kind = "a text file"
-    return kind
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"\x1f\x8b", "a gzip file"), (b"<", "an HTML or XML page (a failed download's error page?)"),
+          (b"{", "a JSON or text file"), (b"[", "a JSON or text file"))
 
 
 def unreadable(path, what, err):
     """The one-line UserError for a file torch.load (or torch.jit.load) could not read, in our words: what
     is wrong and what to do, with at most the library's first sentence."""
-    msg, kind = str(err), _looks_like(path)
     with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    glob = re.search(r"GLOBAL ([\w.]+)", msg)
-    if os.path.getsize(path) == 0:
+        head = f.read(512)
+    msg, lib = str(err), first_sentence(err)
+    quote, glob = f" ({lib})" if lib else "", re.search(r"GLOBAL ([\w.]+)", str(err))
+    kind = next((k for magic, k in _MAGIC if head.lstrip().startswith(magic)), "")
+    kind = kind or ("a text file" if head and all(32 <= c < 127 or c in (9, 10, 13) for c in head) else "")
+    if not head:
         why = "it is empty (0 bytes), as an interrupted download or copy leaves it: fetch or copy it again"
     elif glob:
         why = (f"it holds Python objects other than tensors ({glob.group(1)}), which are not loaded because "
                "unpickling them could run code: save a state dict of tensors instead")
-    elif zipped and zipfile.is_zipfile(path):
-        lib = first_sentence(msg)
-        why = f"it is a zip archive but not one PyTorch wrote{f' ({lib})' if lib else ''}"
-    elif zipped:
-        lib = first_sentence(msg)
-        why = (f"it is damaged or truncated{f' ({lib})' if lib else ''}, as an interrupted download or copy "
-               "leaves it: fetch or copy it again")
+    elif head.startswith(b"PK\x03\x04"):
+        why = (f"it is a zip archive but not one PyTorch wrote{quote}" if zipfile.is_zipfile(path) else
+               f"it is damaged or truncated{quote}, as an interrupted download or copy leaves it: fetch or copy it again")
     elif kind or "Unsupported operand" in msg or "invalid load key" in msg:
         why = f"it is not a PyTorch file{f' (it looks like {kind})' if kind else ''}"
     else:
-        lib = first_sentence(msg)
         why = f"it is not a PyTorch file of tensors ({type(err).__name__}{f': {lib}' if lib else ''})"
     return UserError(f"{what} {path!r} cannot be read: {why}")
 

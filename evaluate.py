@@ -52,15 +52,20 @@ def get_args_parser():
     p.add_argument("--proposals", default=None, help="Name the RLE masks of this COCO results JSON (CutLER, SAM) instead "
                    "of the model's own.")
     p.add_argument("--out_dir", default=None, help="The output folder (default out/eval_<bench>_<model>, or out/demo).")
-    p.add_argument("--max_images", type=common.number(int, 1, what="--max_images"), default=None, help="Evaluate the first N images only.")
-    p.add_argument("--save_vis", type=common.number(int, 0, what="--save_vis"), default=8, help="Draw the first N images into vis/ (0: none).")
+    p.add_argument("--max_images", type=common.number(int, 1, what="--max_images"), default=None,
+                   help="Evaluate the first N images only.")
+    p.add_argument("--save_vis", type=common.number(int, 0, what="--save_vis"), default=8,
+                   help="Draw the first N images into vis/ (0: none).")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
     g = p.add_argument_group("inference rules (defaults: the official code)")
     g.add_argument("--nms", default="hard", help="hard (class-wise mask NMS) or none.")
-    g.add_argument("--nms_iou", type=common.number(float, 0, 1, what="an IoU"), default=0.3, help="Mask IoU above which NMS drops the lower-scored mask.")
-    g.add_argument("--t", type=common.number(float, 0, 1, what="a probability threshold"), default=0.5, help="The threshold of the decoder's mask probabilities.")
+    g.add_argument("--nms_iou", type=common.number(float, 0, 1, what="an IoU"), default=0.3,
+                   help="Mask IoU above which NMS drops the lower-scored mask.")
+    g.add_argument("--t", type=common.number(float, 0, 1, what="a probability threshold"), default=0.5,
+                   help="The threshold of the decoder's mask probabilities.")
     g.add_argument("--class_prob", default="sigmoid", help="sigmoid (sigmoid(5 cos), official) or softmax (paper Eq. 4).")
-    g.add_argument("--max_size", type=common.number(int, 1, what="a side in pixels"), default=None, help="Resize a longer side above this (default 1024 for "
+    g.add_argument("--max_size", type=common.number(int, 1, what="a side in pixels"), default=None,
+                   help="Resize a longer side above this (default 1024 for "
                    "imagenet_s919 and --images).")
     g.add_argument("--proposal_score", default="product", help="A named proposal's score: product (its score x class "
                    "probability), class or proposal.")

@@ -45,14 +45,19 @@ def get_args_parser():
                    f"{sorted(selfmask.SELFMASK_MODELS)} (downloaded into ~/.cache/selfmask) or a local file.")
     p.add_argument("--bilateral", action=argparse.BooleanOptionalAction, default=True,
                    help="Refine each mask with the bilateral solver (ZUTIS: on; it helps the fallbacks too).")
-    p.add_argument("--short_side", type=common.number(int, 8, what="--short_side"), default=selfmask.SHORT_SIDE, help="SelfMask's working shorter side in pixels.")
-    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8, help="SelfMask images per forward pass.")
-    p.add_argument("--num_workers", type=common.number(int, 0, what="--num_workers"), default=4, help="DataLoader processes decoding images.")
-    p.add_argument("--post_workers", type=common.number(int, 0, what="--post_workers"), default=0, help="Processes running the bilateral solver and the "
+    p.add_argument("--short_side", type=common.number(int, 8, what="--short_side"), default=selfmask.SHORT_SIDE,
+                   help="SelfMask's working shorter side in pixels.")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8,
+                   help="SelfMask images per forward pass.")
+    p.add_argument("--num_workers", type=common.number(int, 0, what="--num_workers"), default=4,
+                   help="DataLoader processes decoding images.")
+    p.add_argument("--post_workers", type=common.number(int, 0, what="--post_workers"), default=0,
+                   help="Processes running the bilateral solver and the "
                    "PNG writes, so that a GPU does not wait on them (0 = the main process; about 8 suit one GPU).")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
     p.add_argument("--amp", action="store_true", help="Run SelfMask under bf16 autocast (the official code uses fp32).")
-    p.add_argument("--contact_sheet", type=common.number(int, 0, what="--contact_sheet"), default=32, help="Random images shown on the contact sheet (0 = none).")
+    p.add_argument("--contact_sheet", type=common.number(int, 0, what="--contact_sheet"), default=32,
+                   help="Random images shown on the contact sheet (0 = none).")
     return p
 
 
@@ -308,7 +313,8 @@ def summarise(results, seconds, args):
 def check_args(args, given):
     """Every flag checked before any work (files, folders, conflicts); returns args."""
     if os.path.isdir(args.archive):
-        raise common.UserError(f"--archive {args.archive!r} is a folder: give the archive JSON (such as out/archive.json)")
+        raise common.UserError(f"--archive {args.archive!r} is a folder: give the archive JSON, such as "
+                               "out/archive.json")
     for d in args.index_dirs or []:
         if not os.path.isdir(d):
             raise common.UserError(f"--index_dirs {d!r} is not a folder")
