@@ -91,11 +91,13 @@ def _clip(arch):
 
 @command("clip", "CLIP encode_image img/s in fp32, official fp16 and bf16 autocast (deviation from fp32), forward_dense")
 def bench_clip(device, argv):
-    p = argparse.ArgumentParser(prog="bench.py clip")
+    p = common.ArgumentParser(prog="bench.py clip", description=COMMANDS["clip"][1])
     p.add_argument("--archs", default="ViT-B/16,ViT-L/14@336px", help="Comma-separated CLIP names, or tiny.")
-    p.add_argument("--batch", type=int, default=16, help="Images per forward pass.")
-    p.add_argument("--iters", type=int, default=3, help="Timed forward passes per measurement.")
-    p.add_argument("--dense_res", type=int, default=448, help="Input size of forward_dense (the segmenter's crop).")
+    p.add_argument("--batch", type=common.number(int, 1, what="--batch"), default=16, help="Images per forward pass.")
+    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=3,
+                   help="Timed forward passes per measurement.")
+    p.add_argument("--dense_res", type=common.number(int, 1, what="--dense_res"), default=448,
+                   help="Input size of forward_dense (the segmenter's crop).")
     args = p.parse_args(argv)
     rows = []
     for arch in args.archs.split(","):
@@ -121,16 +123,22 @@ def bench_clip(device, argv):
 
 @command("retrieval", "build_archive: embedding img/s (decode, preprocess, CLIP) and exact streaming top-k time and memory")
 def bench_retrieval(device, argv):
-    p = argparse.ArgumentParser(prog="bench.py retrieval")
+    p = common.ArgumentParser(prog="bench.py retrieval", description=COMMANDS["retrieval"][1])
     p.add_argument("--arch", default="ViT-L/14@336px", help="CLIP for the embedding part (random weights), or tiny.")
-    p.add_argument("--images", type=int, default=256, help="Generated 500x375 JPEGs to embed.")
-    p.add_argument("--batch_size", type=int, default=128, help="Images per forward pass.")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers.")
-    p.add_argument("--n", type=int, default=2_700_000, help="Index size for top-k (ImageNet train + PASS).")
-    p.add_argument("--dim", type=int, default=768, help="Embedding size.")
-    p.add_argument("--categories", type=int, default=919, help="Categories (ImageNet-S919 without background).")
-    p.add_argument("--k", type=int, default=500, help="Images per category.")
-    p.add_argument("--block_size", type=int, default=65536, help="Embeddings per retrieval block.")
+    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=256,
+                   help="Generated 500x375 JPEGs to embed.")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=128,
+                   help="Images per forward pass.")
+    p.add_argument("--workers", type=common.number(int, 0, what="--workers"), default=min(8, os.cpu_count() or 1),
+                   help="DataLoader workers.")
+    p.add_argument("--n", type=common.number(int, 1, what="--n"), default=2_700_000,
+                   help="Index size for top-k (ImageNet train + PASS).")
+    p.add_argument("--dim", type=common.number(int, 1, what="--dim"), default=768, help="Embedding size.")
+    p.add_argument("--categories", type=common.number(int, 1, what="--categories"), default=919,
+                   help="Categories (ImageNet-S919 without background).")
+    p.add_argument("--k", type=common.number(int, 1, what="--k"), default=500, help="Images per category.")
+    p.add_argument("--block_size", type=common.number(int, 1, what="--block_size"), default=65536,
+                   help="Embeddings per retrieval block.")
     args = p.parse_args(argv)
     dev = torch.device(device)
     with tempfile.TemporaryDirectory(prefix="zutis_bench_") as tmp:
@@ -176,13 +184,18 @@ def photo_like(rng, H, W):
 
 @command("selfmask", "SelfMask batches at the working size and the bilateral solver in worker processes")
 def bench_selfmask(device, argv):
-    p = argparse.ArgumentParser(prog="bench.py selfmask", description="Random weights of the released shapes, "
+    p = common.ArgumentParser(prog="bench.py selfmask", description="Random weights of the released shapes, "
                                 "generated images; the pipeline is pseudo_label.py's (network, then solver pool).")
-    p.add_argument("--images", type=int, default=64, help="Generated images per timing.")
-    p.add_argument("--size", type=int, nargs=2, default=[375, 500], help="Their height and width.")
-    p.add_argument("--short_side", type=int, default=selfmask.SHORT_SIDE, help="The working shorter side.")
-    p.add_argument("--batch_size", type=int, default=8, help="Images per forward pass.")
-    p.add_argument("--post_workers", type=int, default=8, help="Bilateral solver processes.")
+    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=64,
+                   help="Generated images per timing.")
+    p.add_argument("--size", type=common.number(int, 1, what="--size"), nargs=2, default=[375, 500],
+                   help="Their height and width.")
+    p.add_argument("--short_side", type=common.number(int, 1, what="--short_side"), default=selfmask.SHORT_SIDE,
+                   help="The working shorter side.")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8,
+                   help="Images per forward pass.")
+    p.add_argument("--post_workers", type=common.number(int, 0, what="--post_workers"), default=8,
+                   help="Bilateral solver processes.")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast.")
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -244,9 +257,11 @@ def fake_archive(root, n_categories=3, per_category=20, size=(500, 375), seed=0)
 
 @command("loader", "copy-paste scenes per second of dataset.py on generated 500x375 JPEGs, in one process")
 def bench_loader(device, argv):
-    p = argparse.ArgumentParser(prog="bench.py loader")
-    p.add_argument("--crop", type=int, default=384, help="Scene size in pixels (default %(default)s).")
-    p.add_argument("--scenes", type=int, default=50, help="Scenes to time (default %(default)s).")
+    p = common.ArgumentParser(prog="bench.py loader", description=COMMANDS["loader"][1])
+    p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384,
+                   help="Scene size in pixels (default %(default)s).")
+    p.add_argument("--scenes", type=common.number(int, 1, what="--scenes"), default=50,
+                   help="Scenes to time (default %(default)s).")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="zutis_bench_") as tmp:
         ds = dataset.ArchiveDataset(*fake_archive(tmp), crop=a.crop)
@@ -264,17 +279,23 @@ def bench_loader(device, argv):
 @command("train", "training steps of train.py on random weights of a released CLIP shape: it/s, peak memory "
          "and time per phase for each dtype and torch.compile setting, and their loss curves against fp32 eager")
 def bench_train(device, argv):
-    p = argparse.ArgumentParser(prog="bench.py train")
+    p = common.ArgumentParser(prog="bench.py train", description=COMMANDS["train"][1])
     p.add_argument("--arch", default="ViT-B/16", help="Released CLIP shape, random weights (default %(default)s).")
-    p.add_argument("--crop", type=int, default=384, help="Training crop (default %(default)s).")
-    p.add_argument("--batch_size", type=int, default=8, help="Images per step (default %(default)s).")
-    p.add_argument("--iters", type=int, default=10, help="Timed steps per setting, after --warmup (default %(default)s).")
-    p.add_argument("--warmup", type=int, default=2, help="Untimed first steps (default %(default)s).")
+    p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384,
+                   help="Training crop (default %(default)s).")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8,
+                   help="Images per step (default %(default)s).")
+    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=10,
+                   help="Timed steps per setting, after --warmup (default %(default)s).")
+    p.add_argument("--warmup", type=common.number(int, 0, what="--warmup"), default=2,
+                   help="Untimed first steps (default %(default)s).")
     p.add_argument("--dtypes", default="float32,bfloat16", help="Comma list of train.py --dtype values.")
     p.add_argument("--compile", default="both", choices=["off", "on", "both"], help="torch.compile settings to run.")
     p.add_argument("--model", nargs="*", default=[], help="ModelConfig KEY=VALUE (e.g. n_layers=1 on a CPU).")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers (default %(default)s).")
-    p.add_argument("--tol", type=float, default=0.05, help="Allowed relative loss difference to fp32 eager.")
+    p.add_argument("--num_workers", type=common.number(int, 0, what="--num_workers"), default=4,
+                   help="DataLoader workers (default %(default)s).")
+    p.add_argument("--tol", type=common.number(float, 0, what="--tol"), default=0.05,
+                   help="Allowed relative loss difference to fp32 eager.")
     a = p.parse_args(argv)
     dist = common.Dist(device)
     with tempfile.TemporaryDirectory(prefix="zutis_bench_") as tmp:
@@ -337,13 +358,15 @@ def bench_infer(device, argv):
     ImageNet-S), decoded in memory beforehand; timed per image from the host uint8 tensor to the results back
     on the host, normalisation, semantic argmax at full size and instance post-processing with NMS included,
     the accelerator synchronised after each image. Random weights of the real shapes: speed, not accuracy."""
-    p = argparse.ArgumentParser(prog="bench.py infer", description=bench_infer.__doc__)
+    p = common.ArgumentParser(prog="bench.py infer", description=bench_infer.__doc__)
     p.add_argument("--archs", default="ViT-B/16,ViT-B/32", help="CLIP shapes (random weights) or CLIP files, comma-separated.")
     p.add_argument("--sizes", default="375x500,500x375", help="Image sizes HxW, used in turn.")
     p.add_argument("--classes", default="imagenet_s919", help="The category list; its length sets the post-processing cost.")
-    p.add_argument("--images", type=int, default=50, help="Timed images per arch.")
-    p.add_argument("--warmup", type=int, default=10, help="Untimed images before the clock starts.")
-    p.add_argument("--max_size", type=int, default=1024, help="Longer side above which an image is resized.")
+    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=50, help="Timed images per arch.")
+    p.add_argument("--warmup", type=common.number(int, 0, what="--warmup"), default=10,
+                   help="Untimed images before the clock starts.")
+    p.add_argument("--max_size", type=common.number(int, 1, what="--max_size"), default=1024,
+                   help="Longer side above which an image is resized.")
     a = p.parse_args(argv)
     names = categories.get_categories(a.classes)
     sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
@@ -379,12 +402,14 @@ def bench_infer(device, argv):
 
 @command("ddp", "train.py and evaluate.py under torchrun (one process per device): the multi-process code paths")
 def bench_ddp(device, argv):
-    p = argparse.ArgumentParser(prog="bench.py ddp")
+    p = common.ArgumentParser(prog="bench.py ddp", description=COMMANDS["ddp"][1])
     p.add_argument("--arch", default="ViT-B/16", help="Released CLIP shape (random weights), or tiny.")
-    p.add_argument("--nproc", type=int, default=1, help="Processes (each takes one GPU on CUDA).")
-    p.add_argument("--iters", type=int, default=5, help="Training steps.")
-    p.add_argument("--crop", type=int, default=384, help="Training crop.")
-    p.add_argument("--images", type=int, default=4, help="Generated images to segment.")
+    p.add_argument("--nproc", type=common.number(int, 1, what="--nproc"), default=1,
+                   help="Processes (each takes one GPU on CUDA).")
+    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=5, help="Training steps.")
+    p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384, help="Training crop.")
+    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=4,
+                   help="Generated images to segment.")
     a = p.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc)]
@@ -441,9 +466,10 @@ def smoke_parts(device):
 
 @command("smoke", "every accelerator code path once, timed (reduced sizes on a CPU); one table + JSON")
 def smoke(device, argv):
-    p = argparse.ArgumentParser(prog="bench.py smoke")
+    p = common.ArgumentParser(prog="bench.py smoke", description=COMMANDS["smoke"][1])
     p.add_argument("--only", nargs="+", default=None, help="run only these parts")
-    p.add_argument("--timeout", type=float, default=600, help="seconds allowed per part")
+    p.add_argument("--timeout", type=common.number(float, 0, lo_open=True, what="--timeout"), default=600,
+                   help="seconds allowed per part")
     a = p.parse_args(argv)
     rows, results = [], {}
     with tempfile.TemporaryDirectory(prefix="zutis_smoke_") as tmp:
@@ -476,7 +502,7 @@ def smoke(device, argv):
 
 def main(argv=None):
     listing = "\n".join(f"  {n:<10} {h}" for n, (_, h) in sorted(COMMANDS.items()))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False, epilog="subcommands:\n" + listing
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False, epilog="subcommands:\n" + listing
                                 + "\n\n`python bench.py NAME --help` lists a subcommand's own flags.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", nargs="?", choices=sorted(COMMANDS), help="What to time.")
@@ -487,7 +513,10 @@ def main(argv=None):
         p.print_help()
         return
     fn, _ = COMMANDS[args.name]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = (("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+              else str(common.check_device(args.device)))
+    if args.json is not None and os.path.isdir(args.json):
+        raise common.UserError(f"--json {args.json!r} is a folder: give a file path such as out/bench.json")
     if device == "cpu":
         common.set_cpu_threads()
     results = fn(device, rest)  # a subcommand's own --help prints its flags and exits here

@@ -603,3 +603,9 @@ register(Benchmark("imagenet_s919", read_imagenet_s, "data/ImageNet-S/ImageNetS9
                    ("imagenet_s", "server_pngs"), max_size=1024))
 register(Benchmark("cub", read_cub, "data/CUB_200_2011", "<root>/{images/,images.txt,train_test_split.txt} and "
                    "segmentations/<class>/*.png in <root> or beside it", "cub", ("miou", "fg_iou")))
+
+
+if __name__ == "__main__":
+    import common
+    common.library_main(__doc__, "evaluate.py --bench reads and scores the benchmarks with it (python "
+                                 "evaluate.py --help).")

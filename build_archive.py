@@ -14,7 +14,6 @@ written atomically, so a killed run resumes from its last finished chunk; (2) a 
 (85-template ensemble); (3) an exact streaming top-k of the cosines, never an N x K matrix. Outputs:
 OUT/archive.json (format: common.py), OUT/contact_sheets/, OUT/skipped.txt, OUT/build_archive_config.json.
 """
-import argparse
 import mmap
 import os
 import re
@@ -38,23 +37,29 @@ LAYOUT = "data/ImageNet2012/train/<wnid>/<wnid>_<n>.JPEG, data/pass/images/<name
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Build a per-category image archive by CLIP retrieval (ZUTIS stage 1). "
+    p = common.ArgumentParser(description="Build a per-category image archive by CLIP retrieval (ZUTIS stage 1). "
                                 "Defaults follow the official recipe; reference: docs/retrieval.md.")
     p.add_argument("--categories", default=None, help="The category names: voc (the default), coco, coca, "
                    "imagenet_s919, a text file with one name per line, or 'a,b,c'.")
     p.add_argument("--index_dirs", nargs="+", default=None, metavar="DIR", help="Folders of unlabelled images, searched "
                    "recursively. By default the official index: ImageNet train for imagenet_s919, else ImageNet train and PASS.")
     p.add_argument("--arch", default="ViT-L/14@336px", help="The CLIP model name or checkpoint file (default %(default)s).")
-    p.add_argument("--k", type=int, default=500, help="Images per category (default %(default)s).")
+    p.add_argument("--k", type=common.number(int, 1, what="--k"), default=500,
+                   help="Images per category (default %(default)s).")
     p.add_argument("--precision", choices=["official", "fp32", "bf16"], default="official", help="CLIP arithmetic: "
                    "'official' (the default) is OpenAI's fp16 model on CUDA and fp32 on CPU; 'bf16' is autocast.")
     p.add_argument("--out_dir", default="out", help="The output folder (default %(default)s).")
     p.add_argument("--device", default="auto", help="Where to run: auto (the default), cpu or cuda.")
-    p.add_argument("--batch_size", type=int, default=128, help="Images per forward pass (default %(default)s).")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="Image decoding workers (default %(default)s).")
-    p.add_argument("--chunk_size", type=int, default=4096, help="Images per stored chunk, the unit of resuming (default %(default)s).")
-    p.add_argument("--block_size", type=int, default=65536, help="Embeddings per retrieval block (default %(default)s).")
-    p.add_argument("--sheet_size", type=int, default=16, help="Thumbnails per contact sheet, 0 for none (default %(default)s).")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=128,
+                   help="Images per forward pass (default %(default)s).")
+    p.add_argument("--workers", type=common.number(int, 0, what="--workers"), default=min(8, os.cpu_count() or 1),
+                   help="Image decoding workers (default %(default)s).")
+    p.add_argument("--chunk_size", type=common.number(int, 1, what="--chunk_size"), default=4096,
+                   help="Images per stored chunk, the unit of resuming (default %(default)s).")
+    p.add_argument("--block_size", type=common.number(int, 1, what="--block_size"), default=65536,
+                   help="Embeddings per retrieval block (default %(default)s).")
+    p.add_argument("--sheet_size", type=common.number(int, 0, what="--sheet_size"), default=16,
+                   help="Thumbnails per contact sheet, 0 for none (default %(default)s).")
     p.add_argument("--import_embeddings", nargs="+", default=None, metavar="PKL",
                    help="Use official embedding pickles, one per --index_dirs folder in order, instead of embedding.")
     p.add_argument("--import_archive", default=None, metavar="JSON", help="Convert an official archive to ours and exit.")
@@ -352,10 +357,35 @@ def import_archive(args):
 
 # ----------------------------------------------------------------------------- main
 
+def check_args(args, given):
+    """Every flag checked before any work (names, files, conflicts); returns args."""
+    if args.categories is not None:
+        categories.get_categories(args.categories)  # an empty list or a blank name
+    common.check_out_dir(args.out_dir)
+    if args.import_archive:
+        common.refuse_unused(given, ("arch", "k", "precision", "device", "batch_size", "workers", "chunk_size",
+                                     "block_size", "import_embeddings"), "with --import_archive (it converts a file)")
+    else:
+        common.refuse_unused(given, ("remap",), "without --import_archive")
+        common.check_device(args.device)
+    if any("=" not in r for r in args.remap):
+        raise UserError(f"--remap {args.remap}: expected OLD_PREFIX=NEW_PREFIX")
+    for d in args.index_dirs or []:
+        if os.path.isfile(d):
+            raise UserError(f"--index_dirs {d!r} is a file, not a folder of images")
+    for flag in ("import_archive", "import_embeddings"):
+        for path in [getattr(args, flag)] if flag == "import_archive" else getattr(args, flag) or []:
+            if path is not None and not os.path.isfile(path):
+                raise UserError(f"--{flag} {path!r} is a folder, not a file" if os.path.isdir(path) else
+                                f"--{flag} file not found: {path!r}")
+    if args.import_embeddings and args.index_dirs is not None and len(args.import_embeddings) != len(args.index_dirs):
+        raise UserError(f"--import_embeddings got {len(args.import_embeddings)} files but --index_dirs "
+                        f"{len(args.index_dirs)} folders: give one pickle per index dir, in the same order")
+    return args
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    if min(args.k, args.chunk_size, args.batch_size, args.block_size) < 1:
-        raise UserError("--k, --chunk_size, --batch_size and --block_size must be positive")
+    args = check_args(*common.parse_args(get_args_parser(), argv))
     if args.import_archive:
         return import_archive(args)
     spec = args.categories or "voc"

@@ -320,11 +320,22 @@ def get_categories(spec):
         names = [str(s).strip() for s in spec if str(s).strip()]
     elif spec in BUILTIN:
         return list(BUILTIN[spec])
+    elif os.path.isdir(spec):
+        raise UserError(f"category list {spec!r} is a folder: give a text file with one name per line")
     elif os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        try:  # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the first name
+            with open(spec, encoding="utf-8-sig") as f:
+                names = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except UnicodeDecodeError:
+            raise UserError(f"category file {spec!r} is not UTF-8 text: save it as UTF-8 with one name per "
+                            "line") from None
     elif "," in spec:
-        names = [s.strip() for s in spec.split(",") if s.strip()]
+        parts = spec.split(",")
+        parts = parts[:-1] if not parts[-1].strip() else parts  # a trailing comma, as in 'bird,' (see below)
+        if not all(s.strip() for s in parts):
+            raise UserError(f"category list {spec!r} has a blank name: separate names with single commas, "
+                            "as in 'cat,dog'")
+        names = [s.strip() for s in parts]
     elif spec.endswith(".txt") or os.sep in spec:
         raise UserError(f"category file not found: {spec!r}")
     elif difflib.get_close_matches(spec, BUILTIN, n=1, cutoff=0.8):
@@ -333,10 +344,20 @@ def get_categories(spec):
                         f"name write {spec + ','!r}); lists: {sorted(BUILTIN)}")
     else:
         names = [spec.strip()] if spec.strip() else []  # one class name, e.g. --classes bird
+    if names and all(n == "background" for n in names):
+        raise UserError(f"category list {spec!r} names only 'background', which every list has at label 0: add the "
+                        "names of the things to find")
     names = [n for n in names if n != "background"]
     if not names:
-        raise UserError(f"category list {spec!r} is empty")
+        raise UserError(f"category list {spec!r} is empty: give names ('cat,dog'), a text file with one name "
+                        f"per line, or a list name ({', '.join(sorted(BUILTIN))})")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UserError(f"category list {spec!r} names {', '.join(map(repr, dup))} more than once")
     return ["background"] + names
+
+
+if __name__ == "__main__":
+    import common
+    common.library_main(__doc__, "the --categories and --classes flags of build_archive.py, train.py and "
+                                 "evaluate.py read their names through it.")

@@ -385,11 +385,8 @@ def _read_state_dict(path):
             with warnings.catch_warnings(action="ignore"):  # torch.jit.load's deprecation notice
                 return torch.jit.load(path, map_location="cpu").state_dict()
         except RuntimeError as e:
-            raise UserError(f"cannot read {path!r} as a TorchScript CLIP archive ({str(e).splitlines()[0][:160]})") from None
-    try:
-        sd = common.torch_load(path, "CLIP checkpoint")
-    except (IndexError, KeyError, TypeError) as e:  # the weights-only unpickler's errors on random bytes
-        raise UserError(f"CLIP checkpoint {path!r} cannot be read as a PyTorch file of tensors ({e})") from None
+            raise common.unreadable(path, "TorchScript CLIP archive", e) from None
+    sd = common.torch_load(path, "CLIP checkpoint")
     if isinstance(sd, dict) and "model" in sd and "config" in sd:
         raise UserError(f"{path!r} is a ZUTIS training checkpoint (train.py's ckpt.pt), not CLIP weights: "
                         "pass it to evaluate.py --ckpt (or train.py --init), and give --arch a CLIP model")
@@ -439,3 +436,8 @@ def text_embeddings(model, names, templates, batch_size=256):
                      for i in range(0, len(texts), batch_size)])
     emb = F.normalize(emb, dim=-1).view(len(names), len(T), -1).mean(1)  # [K*T, D] -> [K, D]
     return F.normalize(emb, dim=-1)
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "build_archive.py, train.py and evaluate.py load CLIP through it (their "
+                                 "--arch flag); `python bench.py clip` times it.")

@@ -11,14 +11,17 @@ The archive format (written by build_archive.py, read by pseudo_label.py and dat
 A pseudo-mask lives at <masks_dir>/<dir index>_<index dir basename>/<path without extension>.png
 (`mask_relpath`), one single-channel PNG (0/255) at the image's original size.
 """
+import argparse
 import contextlib
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 
@@ -64,6 +67,41 @@ def require_dir(path, what, layout_hint=""):
 
 # ----------------------------------------------------------------------------- flags
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's errors: a flag argparse refuses prints one `error: ...` line that
+    points to --help (not a usage block), exit code 2, like every other bad input."""
+
+    def error(self, message):
+        message = re.sub(r"^argument (\S+?)(/\S+)?: ", r"\1: ", message.strip().replace("\n", " "))
+        if message.endswith("expected one argument"):  # argparse takes `--lr -1e-3`'s value for a flag
+            message += f", or a value that starts with '-' written as {message.split(':')[0]}=VALUE"
+        print(f"error: {message} (python {self.prog} --help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv) and the set of flags (dests) set to other than their defaults, so that a
+    check can refuse a flag the chosen mode would ignore: nothing a user gives is dropped silently."""
+    args, defaults = parser.parse_args(argv), vars(parser.parse_args([]))
+    return args, {k for k, v in vars(args).items() if v != defaults.get(k)}
+
+
+def refuse_unused(given, flags, why):
+    """A UserError naming the first of `flags` (dests) that was given although `why` makes it meaningless."""
+    used = [f for f in flags if f in given]
+    if used:
+        raise UserError(f"--{used[0]} has no effect {why}: remove it")
+
+
+def library_main(doc, used_by):
+    """`python FILE.py [--help]` on a file with no command line: say what it is for and which command
+    uses it (exit 0); anything else given is a one-line error."""
+    p = ArgumentParser(description=doc.strip() + "\n\nThis file has no command line of its own: " + used_by,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.parse_args()
+    p.print_help()
+
+
 def check_device(spec):
     """A --device value -> torch.device, checked before any work: 'auto' is cuda:LOCAL_RANK when CUDA
     exists, else cpu; an unknown string, or CUDA asked for where there is none, is a UserError."""
@@ -91,13 +129,13 @@ def check_device(spec):
 def number(kind=float, lo=None, hi=None, lo_open=False, what="a number"):
     """An argparse `type` that checks a range, so an impossible value stops before any work:
     number(float, 0, lo_open=True) accepts x > 0; number(int, 1) accepts whole numbers >= 1."""
-    import argparse
-
     def parse(text):
         try:
             x = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if x in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number: {what} must be finite")
         if (lo is not None and (x < lo or (lo_open and x == lo))) or (hi is not None and x > hi) or x != x:
             rng = f"{'>' if lo_open else '>='} {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what} must be {rng}")
@@ -106,9 +144,19 @@ def number(kind=float, lo=None, hi=None, lo_open=False, what="a number"):
 
 
 def check_out_dir(path, flag="--out_dir"):
-    """An output folder must be a folder (or not exist yet); an existing file there is a UserError."""
+    """An output folder must be a folder, or one that can be made: an existing file there, a file above it
+    or a parent where this user may not write is a UserError. Nothing is created here."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty: give a folder path")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path!r} is an existing file, not a folder: choose a folder path")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path!r} lies inside {parent!r}, which is a file: choose a folder path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path!r} cannot be written: this user may not write in {parent!r}")
     return path
 
 
@@ -221,17 +269,57 @@ def load_json(path, what="JSON file"):
         raise UserError(f"{what} {path!r} is not valid JSON ({e})") from None
 
 
+def first_sentence(text, limit=200):
+    """A library message's first sentence, whole, for quoting inside our own: '' when it has none
+    shorter than `limit` (a quote is never cut mid-sentence)."""
+    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(text)).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    m = re.match(r"(.+?[.!?])(\s|$)", line)
+    line = (m.group(1) if m else line).rstrip(".")
+    return line if 0 < len(line) <= limit and line.count("`") % 2 == 0 and line.count("(") == line.count(")") else ""
+
+
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"\x1f\x8b", "a gzip file"), (b"<", "an HTML or XML page (a failed download's error page?)"),
+          (b"{", "a JSON or text file"), (b"[", "a JSON or text file"))
+
+
+def unreadable(path, what, err):
+    """The one-line UserError for a file torch.load (or torch.jit.load) could not read, in our words: what
+    is wrong and what to do, with at most the library's first sentence."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    msg, lib = str(err), first_sentence(err)
+    quote, glob = f" ({lib})" if lib else "", re.search(r"GLOBAL ([\w.]+)", str(err))
+    kind = next((k for magic, k in _MAGIC if head.lstrip().startswith(magic)), "")
+    kind = kind or ("a text file" if head and all(32 <= c < 127 or c in (9, 10, 13) for c in head) else "")
+    if not head:
+        why = "it is empty (0 bytes), as an interrupted download or copy leaves it: fetch or copy it again"
+    elif glob:
+        why = (f"it holds Python objects other than tensors ({glob.group(1)}), which are not loaded because "
+               "unpickling them could run code: save a state dict of tensors instead")
+    elif head.startswith(b"PK\x03\x04"):
+        why = (f"it is a zip archive but not one PyTorch wrote{quote}" if zipfile.is_zipfile(path) else
+               f"it is damaged or truncated{quote}, as an interrupted download or copy leaves it: fetch or copy it again")
+    elif kind or "Unsupported operand" in msg or "invalid load key" in msg:
+        why = f"it is not a PyTorch file{f' (it looks like {kind})' if kind else ''}"
+    else:
+        why = f"it is not a PyTorch file of tensors ({type(err).__name__}{f': {lib}' if lib else ''})"
+    return UserError(f"{what} {path!r} cannot be read: {why}")
+
+
 def torch_load(path, what="checkpoint"):
     """The one reader of our .pt files: tensors and plain types only (weights_only=True), on CPU.
     A missing, truncated or foreign file is a UserError naming the file."""
     import torch
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a folder, not a file")
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path!r}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # random bytes raise anything from UnpicklingError to IndexError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path!r} cannot be read as a PyTorch file of tensors ({first[:160]})") from None
+        raise unreadable(path, what, e) from None
 
 
 def _few(keys, n=6):
@@ -492,3 +580,7 @@ def print_config(config, width=110):
     import textwrap
     print(textwrap.fill("  ".join(f"{k}={v}" for k, v in config.items()), width, initial_indent="config: ",
                         subsequent_indent="  ", break_on_hyphens=False), flush=True)
+
+
+if __name__ == "__main__":
+    library_main(__doc__, "every stage script imports it.")

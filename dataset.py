@@ -428,19 +428,38 @@ def preview(args):
     print(f"wrote {args.preview} ({args.n_scenes} scenes; stats {dict(ds.stats)})")
 
 
-def main():
-    import argparse
-    p = argparse.ArgumentParser(description="Save a sheet of copy-paste training scenes (top: image, bottom: "
-                                "instances, grey = padding) to look at what train.py will see.")
+def get_args_parser():
+    p = common.ArgumentParser(description="Save a sheet of copy-paste training scenes (top: image, bottom: "
+                              "instances, grey = padding) to look at what train.py will see.")
     p.add_argument("--archive", default="out/archive.json", help="Archive JSON (default %(default)s).")
     p.add_argument("--masks_dir", default="out/masks", help="Pseudo-mask folder (default %(default)s).")
     p.add_argument("--index_dirs", nargs="*", default=None, help="Where the archive's images live, if they moved.")
     p.add_argument("--preview", default="out/scenes.jpg", help="Where to save the sheet (default %(default)s).")
-    p.add_argument("--crop", type=int, default=384, help="Scene size in pixels (default %(default)s).")
+    p.add_argument("--crop", type=common.number(int, 32, what="--crop"), default=384,
+                   help="Scene size in pixels (default %(default)s).")
     p.add_argument("--norm", default="imagenet", choices=sorted(common.NORMS), help="Image normalisation.")
-    p.add_argument("--n_scenes", type=int, default=50, help="Number of scenes to show (default %(default)s).")
+    p.add_argument("--n_scenes", type=common.number(int, 1, what="--n_scenes"), default=50,
+                   help="Number of scenes to show (default %(default)s).")
     p.add_argument("--seed", type=int, default=0, help="Dataset seed (default %(default)s).")
-    args = p.parse_args()
+    return p
+
+
+def check_args(args):
+    """Every flag checked before any work; returns args."""
+    for flag, want_dir in (("archive", False), ("masks_dir", True), ("preview", False)):
+        path = getattr(args, flag)
+        if os.path.exists(path) and os.path.isdir(path) != want_dir:
+            raise common.UserError(f"--{flag} {path!r} is {'a file, not a folder' if want_dir else 'a folder, not a file'}")
+    for d in args.index_dirs or []:
+        if not os.path.isdir(d):
+            raise common.UserError(f"--index_dirs {d!r} is not a folder")
+    if not args.preview.lower().endswith((".jpg", ".jpeg", ".png")):
+        raise common.UserError(f"--preview {args.preview!r} is not an image name: end it in .jpg or .png")
+    return args
+
+
+def main():
+    args = check_args(get_args_parser().parse_args())
     common.print_config(vars(args))
     preview(args)
 

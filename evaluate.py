@@ -42,7 +42,7 @@ CHOICES = {"model": ("zutis", "maskclip"), "nms": ("hard", "none"), "class_prob"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bench", default="voc", help=f"The benchmark: {', '.join(B.BENCHES)}.")
     p.add_argument("--data_root", default=None, help="Its folder, or a parent of its standard tree (default data/<folder>).")
     p.add_argument("--split", default=None, help="voc: trainval, train or val; imagenet_s919: val or test; cub: test or train.")
@@ -55,16 +55,21 @@ def get_args_parser():
     p.add_argument("--proposals", default=None, help="Name the RLE masks of this COCO results JSON (CutLER, SAM) instead "
                    "of the model's own.")
     p.add_argument("--out_dir", default=None, help="The output folder (default out/eval_<bench>_<model>, or out/demo).")
-    p.add_argument("--max_images", type=int, default=None, help="Evaluate the first N images only.")
-    p.add_argument("--save_vis", type=int, default=8, help="Draw the first N images into vis/ (0: none).")
+    p.add_argument("--max_images", type=common.number(int, 1, what="--max_images"), default=None,
+                   help="Evaluate the first N images only.")
+    p.add_argument("--save_vis", type=common.number(int, 0, what="--save_vis"), default=8,
+                   help="Draw the first N images into vis/ (0: none).")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
     p.add_argument("--dtype", default="float32", help=common.DTYPE_HELP + "; the inference rules run in float32.")
     g = p.add_argument_group("inference rules (defaults: the official code)")
     g.add_argument("--nms", default="hard", help="hard (class-wise mask NMS) or none.")
-    g.add_argument("--nms_iou", type=float, default=0.3, help="Mask IoU above which NMS drops the lower-scored mask.")
-    g.add_argument("--t", type=float, default=0.5, help="The threshold of the decoder's mask probabilities.")
+    g.add_argument("--nms_iou", type=common.number(float, 0, 1, what="an IoU"), default=0.3,
+                   help="Mask IoU above which NMS drops the lower-scored mask.")
+    g.add_argument("--t", type=common.number(float, 0, 1, what="a probability threshold"), default=0.5,
+                   help="The threshold of the decoder's mask probabilities.")
     g.add_argument("--class_prob", default="sigmoid", help="sigmoid (sigmoid(5 cos), official) or softmax (paper Eq. 4).")
-    g.add_argument("--max_size", type=int, default=None, help="Resize a longer side above this (default 1024 for "
+    g.add_argument("--max_size", type=common.number(int, 1, what="a side in pixels"), default=None,
+                   help="Resize a longer side above this (default 1024 for "
                    "imagenet_s919 and --images).")
     g.add_argument("--proposal_score", default="product", help="A named proposal's score: product (its score x class "
                    "probability), class or proposal.")
@@ -554,16 +559,42 @@ def check_choices(args):
             raise UserError(f"--{flag} must be one of {', '.join(ok)}, got {getattr(args, flag)!r}")
 
 
-@torch.no_grad()  # restores the caller's autograd state on return, unlike set_grad_enabled(False)
-def main():
-    args = get_args_parser().parse_args()
+def check_args(args, given):
+    """Every flag checked before any work (files, names, conflicts); returns args."""
     check_choices(args)
     if args.images is None and args.bench not in B.BENCHES:
         raise UserError(f"unknown benchmark {args.bench!r}: use one of {', '.join(B.BENCHES)}")
     if args.images is not None and not os.path.exists(args.images):
         raise UserError(f"--images not found: {args.images!r}")
-    if args.proposals is not None and not os.path.isfile(args.proposals):
-        raise UserError(f"--proposals file not found: {args.proposals!r}")
+    if args.images is not None:
+        common.refuse_unused(given, ("bench", "data_root", "split", "max_images", "save_vis", "unseen", "cub_text"),
+                             "with --images (it segments your images; every one is drawn)")
+    if args.model == "maskclip":
+        common.refuse_unused(given, ("ckpt", "t", "class_prob"), "with --model maskclip (no checkpoint, no decoder)")
+    if args.proposals is None:
+        common.refuse_unused(given, ("proposal_score", "with_decoder"), "without --proposals")
+    if args.nms == "none":
+        common.refuse_unused(given, ("nms_iou",), "with --nms none")
+    for flag in ("proposals", "ckpt"):
+        path = getattr(args, flag)
+        if path is not None and not path.startswith("official:") and not os.path.isfile(path):
+            raise UserError(f"--{flag} {path!r} is a folder, not a file" if os.path.isdir(path) else
+                            f"--{flag} file not found: {path!r}")
+    if args.classes is not None:
+        C.get_categories(args.classes)  # an empty list or a blank name stops here, not after loading a model
+    common.check_device(args.device)
+    default_out = "out/demo" if args.images else f"out/eval_{args.bench}_{args.model}"
+    common.check_out_dir(args.out_dir if args.out_dir is not None else default_out)
+    if args.unseen and args.bench != "coco20k":
+        raise UserError(f"--unseen is a coco20k option, not one of --bench {args.bench}")
+    if "cub_text" in given and args.bench != "cub":
+        raise UserError(f"--cub_text is a cub option, not one of --bench {args.bench}")
+    return args
+
+
+@torch.no_grad()  # restores the caller's autograd state on return, unlike set_grad_enabled(False)
+def main():
+    args = check_args(*common.parse_args(get_args_parser()))
     dist = common.Dist(args.device)
     common.resolve_dtype(args.dtype, dist.device, quiet=True)  # float16 on a CPU: refused before any work
     if dist.device.type == "cpu":

@@ -10,6 +10,7 @@ import re
 
 import torch
 
+import common
 from common import UserError
 
 
@@ -56,9 +57,7 @@ def load_embedding_pickle(path):
         except UserError:
             raise
         except Exception as e:  # corrupt files and refused globals surface as many exception types
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
-            msg = next((ln for ln in lines if "GLOBAL" in ln), lines[0])  # torch names the refused global there
-            raise UserError(f"cannot load {path!r} safely: {type(e).__name__}: {msg[:300]}") from None
+            raise common.unreadable(path, "embedding file", e) from None
     if not isinstance(obj, dict) or not obj:
         raise UserError(f"{path!r} is not a non-empty dict of image name -> embedding")
     if not all(isinstance(n, str) and isinstance(v, torch.Tensor) for n, v in obj.items()):
@@ -108,3 +107,8 @@ def convert_archive(official, names, dirs, remaps):
             found_dirs += [d] if d not in found_dirs else []
             archive[cat].append({"path": os.path.relpath(p, d), "dir": found_dirs.index(d), "score": None})
     return found_dirs, archive, missing
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "build_archive.py imports it for --import_embeddings and --import_archive "
+                                 "(python build_archive.py --help).")

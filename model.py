@@ -539,6 +539,14 @@ def load_checkpoint(spec, categories=None, device="cpu", arch=None, **overrides)
             if cats is None:
                 raise UserError("official ZUTIS files store no category names: pass categories (e.g. 'coco')")
             model = load_official(obj, cats, arch=arch, **overrides)
+        elif isinstance(obj, dict) and "visual.conv1.weight" in obj:
+            raise UserError(f"{spec!r} holds CLIP weights, not a ZUTIS segmenter: give it to --arch, and --ckpt "
+                            "a train.py ckpt.pt or an official ZUTIS file")
         else:
             raise UserError(f"{spec!r} is neither a zutis train.py checkpoint nor an official ZUTIS state dict")
     return model.to(device).eval()
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "train.py trains it and evaluate.py runs it (python train.py --help, python "
+                                 "evaluate.py --help).")

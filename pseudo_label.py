@@ -35,7 +35,7 @@ import selfmask
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archive", default="out/archive.json", help="The archive JSON written by build_archive.py.")
     p.add_argument("--index_dirs", nargs="+", help="The index image folders, if they moved since the archive was built.")
     p.add_argument("--out_dir", default="out/masks", help="Where the masks, summary and contact sheet go.")
@@ -45,14 +45,19 @@ def get_args_parser():
                    f"{sorted(selfmask.SELFMASK_MODELS)} (downloaded into ~/.cache/selfmask) or a local file.")
     p.add_argument("--bilateral", action=argparse.BooleanOptionalAction, default=True,
                    help="Refine each mask with the bilateral solver (ZUTIS: on; it helps the fallbacks too).")
-    p.add_argument("--short_side", type=int, default=selfmask.SHORT_SIDE, help="SelfMask's working shorter side in pixels.")
-    p.add_argument("--batch_size", type=int, default=8, help="SelfMask images per forward pass.")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader processes decoding images.")
-    p.add_argument("--post_workers", type=int, default=0, help="Processes running the bilateral solver and the "
+    p.add_argument("--short_side", type=common.number(int, 8, what="--short_side"), default=selfmask.SHORT_SIDE,
+                   help="SelfMask's working shorter side in pixels.")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8,
+                   help="SelfMask images per forward pass.")
+    p.add_argument("--num_workers", type=common.number(int, 0, what="--num_workers"), default=4,
+                   help="DataLoader processes decoding images.")
+    p.add_argument("--post_workers", type=common.number(int, 0, what="--post_workers"), default=0,
+                   help="Processes running the bilateral solver and the "
                    "PNG writes, so that a GPU does not wait on them (0 = the main process; about 8 suit one GPU).")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
     p.add_argument("--amp", action="store_true", help="Run SelfMask under bf16 autocast (the official code uses fp32).")
-    p.add_argument("--contact_sheet", type=int, default=32, help="Random images shown on the contact sheet (0 = none).")
+    p.add_argument("--contact_sheet", type=common.number(int, 0, what="--contact_sheet"), default=32,
+                   help="Random images shown on the contact sheet (0 = none).")
     return p
 
 
@@ -305,8 +310,23 @@ def summarise(results, seconds, args):
           f"{summary['mean_foreground']:.2f}, {seconds:.1f} s, {summary['images_per_s']:.2f} img/s")
 
 
+def check_args(args, given):
+    """Every flag checked before any work (files, folders, conflicts); returns args."""
+    if os.path.isdir(args.archive):
+        raise common.UserError(f"--archive {args.archive!r} is a folder: give the archive JSON, such as "
+                               "out/archive.json")
+    for d in args.index_dirs or []:
+        if not os.path.isdir(d):
+            raise common.UserError(f"--index_dirs {d!r} is not a folder")
+    common.check_out_dir(args.out_dir)
+    common.check_device(args.device)
+    if args.saliency == "boundary":
+        common.refuse_unused(given, ("selfmask", "short_side", "batch_size"), "with --saliency boundary (no SelfMask)")
+    return args
+
+
 def main():
-    args = get_args_parser().parse_args()
+    args = check_args(*common.parse_args(get_args_parser()))
     dist = common.Dist(args.device)
     if dist.device.type == "cpu":
         common.set_cpu_threads()

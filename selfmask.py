@@ -410,3 +410,8 @@ def bilateral_solve(ref, target, confidence=0.999, sigma_spatial=16, sigma_luma=
     # Jacobi preconditioner: A's diagonal is exactly `diag`.
     y = pcg(matvec, b, b / w_splat, 1.0 / np.maximum(diag, A_diag_min), cg_tol, cg_maxiter)
     return grid.slice(y).reshape(H, W)
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "pseudo_label.py runs it on every archive image (python pseudo_label.py "
+                                 "--help); `python bench.py selfmask` times it.")

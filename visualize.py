@@ -98,3 +98,8 @@ def panels(img, gt, p, names, ignore=None):
 
 def save_vis(path, img, gt, p, names, ignore):
     common.save_image(panels(img, gt, p, names, ignore), path)
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "evaluate.py draws its vis/ panels and --images overlays with it (python "
+                                 "evaluate.py --help).")
