@@ -223,3 +223,9 @@ def download(url, root, sha256=None, size=None, filename=None, hint="or pass the
                 tried.append(f"{u} ({e})")
     raise UserError(f"could not download {_name(sources[0])}; tried: {'; '.join(tried)}. To go on offline, "
                     f"copy the file to {first} (or to the folder named by ${MIRROR_ENV}) {hint}")
+
+
+if __name__ == "__main__":
+    import common
+    common.library_main(__doc__, "clip_model.py, selfmask.py and model.py download their weights with it; "
+                                 "docs/weights.md says where each file comes from.")
