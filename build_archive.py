@@ -65,14 +65,14 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- inputs
 
-def resolve_index_dirs(index_dirs, spec):
+def resolve_index_dirs(index_dirs, recipe):
     """Absolute, existing index dirs that hold images; by default the official recipe's folders."""
     if index_dirs is None:
-        index_dirs = categories.recipe(spec)["index_dirs"]
+        index_dirs = recipe["index_dirs"]
         missing = [d for d in index_dirs if not os.path.isdir(d)]
         if missing:
-            raise UserError(f"the official index for {spec!r} is {' + '.join(index_dirs)}, but {missing} does not "
-                            f"exist. Expected layout: {LAYOUT} (see README, 'Data layout')")
+            raise UserError(f"the official index of the {recipe['name']} recipe is {' + '.join(index_dirs)}, but "
+                            f"{missing} does not exist. Expected layout: {LAYOUT} (see README, 'Data layout')")
     for d in index_dirs:
         common.require_dir(d, "index dir", LAYOUT)
         if not any(f.lower().endswith(common.IMG_EXTS) for _, _, fs in os.walk(d, followlinks=True) for f in fs):
@@ -317,7 +317,8 @@ def write_outputs(args, arch, k, dirs, names, archive, skipped):
     """archive.json, contact sheets, skipped.txt; returns (distinct images, images in > 1 archive)."""
     base = os.path.abspath(args.out_dir)
     common.save_json({"arch": arch, "k": k, "index_dirs": [os.path.relpath(d, base) for d in dirs],
-                      "categories": names, "archive": archive}, os.path.join(args.out_dir, "archive.json"))
+                      "recipe": categories.recipe(names)["name"], "categories": names, "archive": archive},
+                     os.path.join(args.out_dir, "archive.json"))
     for name, entries in archive.items() if args.sheet_size > 0 else []:
         contact_sheet(name, entries, dirs, os.path.join(args.out_dir, "contact_sheets", safe_name(name) + ".jpg"), args.sheet_size)
     with common.atomic_path(os.path.join(args.out_dir, "skipped.txt")) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -360,19 +361,20 @@ def main(argv=None):
         return import_archive(args)
     spec = args.categories or "voc"
     names = categories.get_categories(spec)[1:]  # "background" never gets an archive
+    recipe = categories.recipe(names)  # from the content: a file of the ImageNet-S919 names is imagenet_s919
     dist = common.Dist(args.device)
     args.is_main = dist.is_main
-    dirs = resolve_index_dirs(args.index_dirs, spec)
+    dirs = resolve_index_dirs(args.index_dirs, recipe)
     if dist.device.type == "cpu":
         common.set_cpu_threads()
     precision = {"official": "fp16" if dist.device.type == "cuda" else "fp32"}.get(args.precision, args.precision)
-    config = {**{k: v for k, v in vars(args).items() if k != "is_main"}, "categories": spec, "index_dirs": dirs,
-              "precision": precision, **common.git_info()}
+    config = {**{k: v for k, v in vars(args).items() if k != "is_main"}, "categories": spec, "recipe": recipe["name"],
+              "index_dirs": dirs, "precision": precision, **common.git_info()}
     store = os.path.join(args.out_dir, "embeddings", clip_model.arch_tag(args.arch))
     if dist.is_main:
         common.print_config(config)
-        if args.index_dirs is None:
-            print(f"index dirs: the official recipe's for {spec!r}: {' + '.join(categories.recipe(spec)['index_dirs'])}")
+        print(f"recipe: {recipe['name']} (from the category list's content); index dirs: "
+              + ("--index_dirs" if args.index_dirs else f"the recipe's, {' + '.join(recipe['index_dirs'])}"))
         for d, recursive in ((store, True), (os.path.join(args.out_dir, "contact_sheets"), True), (args.out_dir, False)):
             common.remove_stale_tmp(d, recursive)  # temp files of atomic writes that a killed run left
     model, preprocess = clip_model.load(args.arch, device=dist.device)

@@ -125,6 +125,7 @@ def test_build_skip_and_kill_resume(tiny_clip_path, tmp_path, capsys, monkeypatc
     arc = common.load_archive(str(out_b / "archive.json"))
     assert arc["categories"] == ["background", "cat", "dog", "red car"] and list(arc["archive"]) == ["cat", "dog", "red car"]
     assert arc["index_dirs"] == [str(imgs)] and json.loads(a)["index_dirs"] == ["../imgs"]
+    assert json.loads(a)["recipe"] == "zero-shot"
     paths = common.list_images(str(imgs))
     for name, entries in arc["archive"].items():
         assert len(entries) == 4
@@ -270,12 +271,37 @@ def test_user_errors_are_one_line(case, tmp_path):
     assert "Traceback" not in r.stderr and says in r.stderr, r.stderr
 
 
-def test_default_index_dirs_follow_the_recipe(tmp_path):
-    """ImageNet-S919 retrieves from ImageNet train alone (the official recipe), and says so."""
-    os.makedirs(tmp_path / "data" / "ImageNet2012" / "train" / "n01440764")
-    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "ImageNet2012" / "train" / "n01440764" / "n01440764_1.JPEG")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "build_archive.py"), "--categories", "imagenet_s919",
-                        "--arch", "missing_clip.pt"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert "index dirs: the official recipe's for 'imagenet_s919': data/ImageNet2012/train\n" in r.stdout, r.stdout
-    assert categories.recipe("voc")["index_dirs"] == ["data/ImageNet2012/train", "data/pass/images"]
-    assert r.returncode == 2 and "missing_clip.pt" in r.stderr  # stops at the model, after choosing the folders
+@pytest.mark.parametrize("given", ["name", "file", "archive"])
+def test_one_recipe_rule(tmp_path, monkeypatch, capsys, given):
+    """ImageNet-S919 by its built-in name, as a file (shuffled, no background line) or as an archive's list:
+    build_archive.py and train.py take the recipe from the content alike (ImageNet train only, 80k
+    iterations, ignore id 1000), print it and record it."""
+    import train
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data/ImageNet2012/train/n01440764")
+    Image.new("RGB", (8, 8)).save("data/ImageNet2012/train/n01440764/n01440764_1.JPEG")
+    names = categories.get_categories("imagenet_s919")
+    shuffled = list(np.random.default_rng(0).permutation(names[1:]))
+    common.save_json({"index_dirs": [], "categories": names, "archive": {}}, "arc.json")
+    open("s919.txt", "w").write("\n".join(shuffled) + "\n")
+    spec = {"name": "imagenet_s919", "file": "s919.txt", "archive": None}[given]
+    with pytest.raises(common.UserError, match="missing_clip.pt"):  # stops at the model, after choosing the folders
+        build_archive.main(["--categories", spec or "s919.txt", "--arch", "missing_clip.pt", "--device", "cpu"])
+    assert "recipe: imagenet_s919 (from the category list's content); index dirs: the recipe's, " \
+           "data/ImageNet2012/train\n" in capsys.readouterr().out
+    cfg = train.make_config(train.parse_args(["--archive", "arc.json"] + (["--categories", spec] if spec else [])))
+    assert (cfg["recipe"], cfg["iters"], cfg["ignore_index"]) == ("imagenet_s919", 80000, 1000)
+    assert categories.recipe(shuffled) == categories.recipe("imagenet_s919") == \
+        {"name": "imagenet_s919", "index_dirs": ["data/ImageNet2012/train"], "iters": 80000, "ignore_index": 1000}
+
+
+def test_recipe_of_other_lists():
+    """Any other list is zero-shot transfer, a subset of ImageNet-S919 included; more than 255 classes
+    move the ignore id off the label ids."""
+    zero = {"name": "zero-shot", "index_dirs": ["data/ImageNet2012/train", "data/pass/images"], "iters": 20000,
+            "ignore_index": 255}
+    assert categories.recipe("voc") == categories.recipe(categories.VOC[1:]) == zero
+    assert categories.recipe(categories.IMAGENET_S919[:50]) == zero
+    assert categories.recipe(categories.IMAGENET_S919[:-1])["name"] == "zero-shot"
+    assert [categories.recipe([f"c{i}" for i in range(n)])["ignore_index"] for n in (254, 255, 999, 1000)] == \
+        [255, 1000, 1000, 1001]
