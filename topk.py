@@ -11,6 +11,7 @@ the end. Nothing of size categories x images is ever held.
 """
 import math
 import mmap
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from fractions import Fraction
 
@@ -226,9 +227,9 @@ def topk_stream(text_emb, emb, k, device="cpu", block_size=16384, prefilter="aut
                      rational=n_amb)
     return scores, index
 def resolve(T, emb, cand, kk, emax):
-    """Rescore every remaining candidate exactly, check the bound it was kept with, sort, keep kk. One
-    category at a time: its rows of the store (gathered in index order) times its text vector, in
-    float64; the pages read are released every 64 categories."""
+    """Rescore every remaining candidate exactly, check the bound it was kept with, sort, keep kk. Per
+    category: its rows of the store (gathered in index order) times its text vector, in float64; the
+    pages read are released every 64 categories."""
     cnt, T64 = cand.cnt.cpu(), T.double()
     valid = torch.arange(cand.cap, device=cand.cnt.device) < cand.cnt[:, None]
     r, col, lo, hi = (x.cpu() for x in (torch.nonzero(valid)[:, 0], cand.col[valid], cand.lo[valid], cand.hi[valid]))
@@ -236,11 +237,15 @@ def resolve(T, emb, cand, kk, emax):
     r, col, lo, hi = r[o], col[o], lo[o], hi[o]
     rows = Rows(emb) if isinstance(emb, str) else None
     store, x, first = rows.x if rows else emb, torch.empty(len(col), dtype=torch.float64), torch.cumsum(cnt, 0) - cnt
-    for c in range(len(T)):
+
+    def score(c):  # numpy's gather and torch's ops release the GIL: categories run in parallel threads
         s = slice(int(first[c]), int(first[c] + cnt[c]))
         x[s] = torch.from_numpy(np.asarray(store[col[s].numpy()])).double() @ T64[c]
-        if rows and c % 64 == 63:
-            rows.drop(0, len(store))
+    with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+        for c0 in range(0, len(T), 64):
+            list(pool.map(score, range(c0, min(len(T), c0 + 64))))
+            if rows:
+                rows.drop(0, len(store))
     # the float64 sum is within eps of the exact one; where that interval holds a float32 rounding
     # boundary, the exact sum decides (the products t_d e_d are exact in float64)
     eps = gamma(T.shape[1], U64) * 1.01 * T64.norm(dim=1)[r] * emax + 1e-300
