@@ -11,7 +11,6 @@ the end. Nothing of size categories x images is ever held.
 """
 import math
 import mmap
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from fractions import Fraction
 
@@ -221,40 +220,41 @@ def topk_stream(text_emb, emb, k, device="cpu", block_size=16384, prefilter="aut
             cand.add(r, c + start, a - err, a + err, eta)
             n_pairs += len(r)
         cand.compact(eta)
-    scores, index, n_amb = resolve(T.cpu(), emb, cand, kk, emax)
+    scores, index, n_amb = resolve(T.cpu(), emb, cand, kk, emax, block_size)
     if stats is not None:
         stats.update(prefilter=str(dt).split(".")[-1], pairs=n_pairs, rescored=int(cand.cnt.sum()), cap=cand.cap,
                      rational=n_amb)
     return scores, index
-def resolve(T, emb, cand, kk, emax):
-    """Rescore every remaining candidate exactly, check the bound it was kept with, sort, keep kk. Per
-    category: its rows of the store (gathered in index order) times its text vector, in float64; the
-    pages read are released every 64 categories."""
+def resolve(T, emb, cand, kk, emax, block_size, chunk=4096):
+    """Rescore every remaining candidate exactly, check the bound it was kept with, sort, keep kk. A
+    second pass over the store, front to back like the first (a store on disk is read sequentially,
+    and memory stays at one block): each block's candidates, text row times image row in float64."""
     cnt, T64 = cand.cnt.cpu(), T.double()
     valid = torch.arange(cand.cap, device=cand.cnt.device) < cand.cnt[:, None]
     r, col, lo, hi = (x.cpu() for x in (torch.nonzero(valid)[:, 0], cand.col[valid], cand.lo[valid], cand.hi[valid]))
-    o = torch.from_numpy(np.lexsort((col.numpy(), r.numpy())))  # by category, then index
+    o = torch.argsort(col, stable=True)
     r, col, lo, hi = r[o], col[o], lo[o], hi[o]
-    rows = Rows(emb) if isinstance(emb, str) else None
-    store, x, first = rows.x if rows else emb, torch.empty(len(col), dtype=torch.float64), torch.cumsum(cnt, 0) - cnt
-
-    def score(c):  # numpy's gather and torch's ops release the GIL: categories run in parallel threads
-        s = slice(int(first[c]), int(first[c] + cnt[c]))
-        x[s] = torch.from_numpy(np.asarray(store[col[s].numpy()])).double() @ T64[c]
-    with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-        for c0 in range(0, len(T), 64):
-            list(pool.map(score, range(c0, min(len(T), c0 + 64))))
-            if rows:
-                rows.drop(0, len(store))
+    x = torch.empty(len(col), dtype=torch.float64)
+    N = np.load(emb, mmap_mode="r").shape[0] if isinstance(emb, str) else len(emb)
+    blocks = iter_blocks(emb, block_size) if isinstance(emb, str) else \
+        ((s, emb[s:s + block_size]) for s in range(0, N, block_size))
+    bounds = torch.searchsorted(col, torch.arange(0, N + block_size, block_size)).tolist()
+    for (start, block), a, b in zip(blocks, bounds, bounds[1:]):
+        block = np.asarray(block)
+        for s in range(a, b, chunk):
+            e = min(b, s + chunk)
+            G = torch.from_numpy(block[(col[s:e] - start).numpy()]).double()
+            x[s:e] = (T64[r[s:e]] * G).sum(1)
     # the float64 sum is within eps of the exact one; where that interval holds a float32 rounding
     # boundary, the exact sum decides (the products t_d e_d are exact in float64)
     eps = gamma(T.shape[1], U64) * 1.01 * T64.norm(dim=1)[r] * emax + 1e-300
     s, amb = (x - eps).float(), torch.nonzero((x - eps).float() != (x + eps).float()).flatten().tolist()
+    store = np.load(emb, mmap_mode="r") if isinstance(emb, str) else emb  # a handful of rows at most
     for i in amb:
         s[i] = float(exact_f32(T64[r[i]].tolist(), np.asarray(store[int(col[i])], np.float64).tolist()))
     slack = 1e-12 * (1 + x.abs())
     if not bool(((x >= lo - slack) & (x <= hi + slack)).all()):
         raise RuntimeError("retrieval: a prefilter score fell outside its proven error bound")
     o = torch.from_numpy(np.lexsort((col.numpy(), -s.numpy(), r.numpy())))  # category, score desc, index
-    pick = o[first[:, None] + torch.arange(kk)]
+    pick = o[(torch.cumsum(cnt, 0) - cnt)[:, None] + torch.arange(kk)]
     return s[pick], col[pick], len(amb)
