@@ -223,8 +223,10 @@ def topk_stream(text_emb, emb, k, device="cpu", block_size=16384, prefilter="aut
     scores, index, n_amb = resolve(T.cpu(), emb, cand, kk, emax, block_size)
     if stats is not None:
         stats.update(prefilter=str(dt).split(".")[-1], pairs=n_pairs, rescored=int(cand.cnt.sum()), cap=cand.cap,
-                     rational=n_amb)
+                     fsum=n_amb)
     return scores, index
+
+
 def resolve(T, emb, cand, kk, emax, block_size, chunk=4096):
     """Rescore every remaining candidate exactly, check the bound it was kept with, sort, keep kk. A
     second pass over the store, front to back like the first (a store on disk is read sequentially,
