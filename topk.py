@@ -245,8 +245,8 @@ def resolve(T, emb, cand, kk, emax, block_size, chunk=4096):
         block = np.asarray(block)
         for s in range(a, b, chunk):
             e = min(b, s + chunk)
-            G = torch.from_numpy(block[(col[s:e] - start).numpy()]).double()
-            x[s:e] = (T64[r[s:e]] * G).sum(1)
+            prod = T64.index_select(0, r[s:e]).mul_(torch.from_numpy(block[(col[s:e] - start).numpy()]))
+            x[s:e] = prod.sum(1)  # float16 -> float64 inside mul_: no float64 copy of the image rows
     # the float64 sum is within eps of the exact one; where that interval holds a float32 rounding
     # boundary, the exact sum decides (the products t_d e_d are exact in float64)
     eps = gamma(T.shape[1], U64) * 1.01 * T64.norm(dim=1)[r] * emax + 1e-300
