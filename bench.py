@@ -32,6 +32,7 @@ import evaluate
 import model as M
 import pseudo_label
 import selfmask
+import topk
 import train
 
 COMMANDS = {}  # name -> (function, argparse setup), filled by @command below
@@ -121,53 +122,121 @@ def bench_clip(device, argv):
     return rows
 
 
-@command("retrieval", "build_archive: embedding img/s (decode, preprocess, CLIP) and exact streaming top-k time and memory")
+def _topk_merge(text_emb, emb, k, block_size, exact=False):
+    """The previous top-k (a float32 product per block, torch.topk, a stable merge), kept here only as
+    the A/B baseline of `bench.py retrieval`; with exact=True each block's scores are float64 products
+    rounded to float32, which makes it the brute-force definition that topk.topk_stream must equal."""
+    T, best_s, best_i = text_emb.float(), torch.empty(len(text_emb), 0), torch.empty(len(text_emb), 0, dtype=torch.long)
+    for start in range(0, len(emb), block_size):
+        E = torch.as_tensor(np.asarray(emb[start:start + block_size]))
+        S = (T.double() @ E.double().t()).float() if exact else T @ E.float().t()
+        kk = min(k, S.shape[1])
+        s, i = torch.topk(S, kk, dim=1)
+        tie = (S >= s[:, -1:]).sum(1) > kk  # the kept subset of a tie at the cut is arbitrary: sort stably
+        if tie.any():
+            s[tie], i[tie] = (x[:, :kk] for x in torch.sort(S[tie], dim=1, descending=True, stable=True))
+        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1)
+        o = torch.argsort(i, dim=1)  # index ascending, then a stable sort by score descending
+        s, i = s.gather(1, o), i.gather(1, o)
+        o = torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
+        best_s, best_i = s.gather(1, o), i.gather(1, o)
+    return best_s, best_i
+
+
+def _cpu_clock(fn):
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+@command("retrieval", "build_archive: embedding img/s (decode, preprocess, CLIP) and the exact top-k's seconds, "
+         "CPU-seconds and memory per prefilter and thread count, with an A/B against the previous top-k")
 def bench_retrieval(device, argv):
     p = common.ArgumentParser(prog="bench.py retrieval", description=COMMANDS["retrieval"][1])
     p.add_argument("--arch", default="ViT-L/14@336px", help="CLIP for the embedding part (random weights), or tiny.")
-    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=256,
-                   help="Generated 500x375 JPEGs to embed.")
-    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=128,
-                   help="Images per forward pass.")
+    p.add_argument("--images", type=common.number(int, 0, what="--images"), default=256,
+                   help="Generated 500x375 JPEGs to embed; 0 skips this part.")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=128, help="Images per forward pass.")
     p.add_argument("--workers", type=common.number(int, 0, what="--workers"), default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers.")
-    p.add_argument("--n", type=common.number(int, 1, what="--n"), default=2_700_000,
-                   help="Index size for top-k (ImageNet train + PASS).")
+    p.add_argument("--n", type=common.number(int, 1, what="--n"), default=2_700_000, help="Index size for top-k (ImageNet train + PASS).")
     p.add_argument("--dim", type=common.number(int, 1, what="--dim"), default=768, help="Embedding size.")
     p.add_argument("--categories", type=common.number(int, 1, what="--categories"), default=919,
                    help="Categories (ImageNet-S919 without background).")
     p.add_argument("--k", type=common.number(int, 1, what="--k"), default=500, help="Images per category.")
-    p.add_argument("--block_size", type=common.number(int, 1, what="--block_size"), default=65536,
-                   help="Embeddings per retrieval block.")
+    p.add_argument("--block_size", type=common.number(int, 1, what="--block_size"), default=16384, help="Embeddings per retrieval block.")
+    p.add_argument("--prefilters", default="float32,bfloat16", help="Prefilter dtypes to time, comma-separated.")
+    p.add_argument("--threads", default="1,2", help="CPU thread counts to time at --n, comma-separated.")
+    p.add_argument("--ab_n", type=common.number(int, 0, what="--ab_n"), default=262144, help="Index size of the A/B (previous top-k, "
+                   "each prefilter, interleaved, one thread) and of the check against the brute force; 0 skips it.")
+    p.add_argument("--ab_reps", type=common.number(int, 1, what="--ab_reps"), default=2, help="Rounds of the interleaved A/B.")
     args = p.parse_args(argv)
-    dev = torch.device(device)
+    dev, rows, ab = torch.device(device), [], []
+    print(f"load average (1, 5, 15 min): {os.getloadavg()}; CPU bf16 instructions: {common.cpu_bf16_flags()}")
     with tempfile.TemporaryDirectory(prefix="zutis_bench_") as tmp:
-        rng = np.random.default_rng(0)
-        files = [os.path.join(tmp, f"{i}.jpg") for i in range(args.images)]
-        for f in files:
-            Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(f, quality=90)
-        model = _clip(args.arch).to(dev)
-        if dev.type == "cuda":
-            clip_model.official_fp16(model)
-        run = SimpleNamespace(chunk_size=args.images, batch_size=args.batch_size, workers=args.workers, is_main=False)
-        pre = clip_model.preprocess_for(model.visual.input_resolution)
-        t_embed = timed(lambda: build_archive.embed_chunks(model, pre, files, [0], tmp, run, dev, nullcontext()),
-                        dev, 0, 1)
+        if args.images:
+            embed = {"part": "embed", "arch": args.arch, "img_s": args.images / _bench_embed(args, dev, tmp)}
+            print_table([embed], f"embedding on {device}")
         path = os.path.join(tmp, "embeddings.npy")
         pieces = (np.random.default_rng([0, s]).standard_normal((min(65536, args.n - s), args.dim), np.float32)
                   for s in range(0, args.n, 65536))
         build_archive.write_complete(tmp, [], [], (x / np.linalg.norm(x, axis=1, keepdims=True) for x in pieces),
                                      args.n, args.dim)
-        text = torch.nn.functional.normalize(torch.randn(args.categories, args.dim), dim=-1)
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        build_archive.topk_stream(text, build_archive.iter_blocks(path, args.block_size), args.k, dev)
-        sync(dev)
-        t_ret, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    row = {"arch": args.arch, "embed_img_s": args.images / t_embed, "n": args.n, "categories": args.categories,
-           "topk_s": t_ret, "topk_cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "peak_cuda_mb": peak_memory_mb(dev)}
-    print_table([row], f"retrieval on {device}, {torch.get_num_threads()} threads, block {args.block_size}, k {args.k}")
-    return row
+        text = torch.nn.functional.normalize(torch.randn(args.categories, args.dim, generator=torch.Generator().manual_seed(0)), dim=-1)
+        threads0, prefilters = torch.get_num_threads(), args.prefilters.split(",")
+        if args.ab_n and dev.type == "cpu":
+            ab = _retrieval_ab(args, text, np.array(np.load(path, mmap_mode="r")[:min(args.ab_n, args.n)]), prefilters)
+            print_table(ab, "A/B, one thread, interleaved (seconds and CPU-seconds per round); entries that differ "
+                        "from the brute-force definition")
+        for n_threads in [int(t) for t in args.threads.split(",")] if dev.type == "cpu" else [threads0]:
+            torch.set_num_threads(n_threads)
+            for pf in prefilters:
+                stats = {}
+                _, wall, cpu = _cpu_clock(lambda: topk.topk_stream(text, path, args.k, dev, args.block_size, pf, stats))
+                sync(dev)
+                rows.append({"part": f"top-k n={args.n}", "prefilter": pf, "threads": n_threads, "seconds": wall,
+                             "cpu_s": cpu, "pairs": stats["pairs"], "rescored": stats["rescored"],
+                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                             "peak_cuda_mb": peak_memory_mb(dev)})
+        torch.set_num_threads(threads0)
+    print(f"load average after: {os.getloadavg()}")
+    print_table(rows, f"retrieval on {device}: {args.categories} categories x {args.n} x {args.dim}, k {args.k}, "
+                f"block {args.block_size}")
+    return ([embed] if args.images else []) + ab + rows
+
+
+def _bench_embed(args, dev, tmp):
+    """Seconds to embed --images generated JPEGs with build_archive's own loop."""
+    rng = np.random.default_rng(0)
+    files = [os.path.join(tmp, f"{i}.jpg") for i in range(args.images)]
+    for f in files:
+        Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(f, quality=90)
+    model = _clip(args.arch).to(dev)
+    if dev.type == "cuda":
+        clip_model.official_fp16(model)
+    run = SimpleNamespace(chunk_size=args.images, batch_size=args.batch_size, workers=args.workers, is_main=False)
+    pre = clip_model.preprocess_for(model.visual.input_resolution)
+    return timed(lambda: build_archive.embed_chunks(model, pre, files, [0], tmp, run, dev, nullcontext()), dev, 0, 1)
+
+
+def _retrieval_ab(args, text, emb, prefilters):
+    """One thread, interleaved rounds: the previous top-k, then each prefilter; every result is checked
+    against the brute-force definition, and the previous one's differences are counted."""
+    torch.set_num_threads(1)
+    ref_s, ref_i = _topk_merge(text, emb, args.k, args.block_size, exact=True)
+    rows, name = {}, f"A/B n={len(emb)}"
+    for _ in range(args.ab_reps):
+        for pf in ["before"] + prefilters:
+            fn = (lambda: _topk_merge(text, emb, args.k, args.block_size)) if pf == "before" else \
+                (lambda: topk.topk_stream(text, emb, args.k, "cpu", args.block_size, pf))
+            (s, i), wall, cpu = _cpu_clock(fn)
+            r = rows.setdefault(pf, {"part": name, "prefilter": pf, "threads": 1, "seconds": [], "cpu_s": []})
+            r["seconds"].append(round(wall, 2))
+            r["cpu_s"].append(round(cpu, 2))
+            r["index_differs"], r["score_differs"] = int((i != ref_i).sum()), int((s != ref_s).sum())
+            if pf != "before" and (r["index_differs"] or r["score_differs"]):
+                raise RuntimeError(f"the {pf} top-k differs from the brute force in {r['index_differs']} entries")
+    return list(rows.values())
 
 
 # ----------------------------------------------------------------------------- SelfMask pseudo-labels

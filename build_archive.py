@@ -11,10 +11,9 @@ datasets/index_dataset.py `_get_category_to_p_images`). User reference: docs/ret
 
 Steps: (1) CLIP image embeddings (unit norm) of every index image into OUT/embeddings/<arch tag>/ in chunks, each
 written atomically, so a killed run resumes from its last finished chunk; (2) a text embedding per category
-(85-template ensemble); (3) an exact streaming top-k of the cosines, never an N x K matrix. Outputs:
+(85-template ensemble); (3) an exact streaming top-k of the cosines (topk.py), never an N x K matrix. Outputs:
 OUT/archive.json (format: common.py), OUT/contact_sheets/, OUT/skipped.txt, OUT/build_archive_config.json.
 """
-import mmap
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ import categories
 import clip_model
 import common
 import import_official
+import topk
 from common import UserError
 
 LAYOUT = "data/ImageNet2012/train/<wnid>/<wnid>_<n>.JPEG, data/pass/images/<name>.jpg, or any image tree via --index_dirs"
@@ -56,7 +56,7 @@ def get_args_parser():
                    help="Image decoding workers (default %(default)s).")
     p.add_argument("--chunk_size", type=common.number(int, 1, what="--chunk_size"), default=4096,
                    help="Images per stored chunk, the unit of resuming (default %(default)s).")
-    p.add_argument("--block_size", type=common.number(int, 1, what="--block_size"), default=65536,
+    p.add_argument("--block_size", type=common.number(int, 1, what="--block_size"), default=16384,
                    help="Embeddings per retrieval block (default %(default)s).")
     p.add_argument("--sheet_size", type=common.number(int, 0, what="--sheet_size"), default=16,
                    help="Thumbnails per contact sheet, 0 for none (default %(default)s).")
@@ -70,14 +70,14 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- inputs
 
-def resolve_index_dirs(index_dirs, spec):
+def resolve_index_dirs(index_dirs, recipe):
     """Absolute, existing index dirs that hold images; by default the official recipe's folders."""
     if index_dirs is None:
-        index_dirs = categories.recipe(spec)["index_dirs"]
+        index_dirs = recipe["index_dirs"]
         missing = [d for d in index_dirs if not os.path.isdir(d)]
         if missing:
-            raise UserError(f"the official index for {spec!r} is {' + '.join(index_dirs)}, but {missing} does not "
-                            f"exist. Expected layout: {LAYOUT} (see README, 'Data layout')")
+            raise UserError(f"the official index of the {recipe['name']} recipe is {' + '.join(index_dirs)}, but "
+                            f"{missing} does not exist. Expected layout: {LAYOUT} (see README, 'Data layout')")
     for d in index_dirs:
         common.require_dir(d, "index dir", LAYOUT)
         if not any(f.lower().endswith(common.IMG_EXTS) for _, _, fs in os.walk(d, followlinks=True) for f in fs):
@@ -129,44 +129,6 @@ def write_complete(store, rows, skipped, pieces, n, dim):
         for x in pieces:
             assert x.ndim == 2 and x.shape[1] == dim, f"piece of shape {x.shape}, expected [*, {dim}]"
             f.write(np.ascontiguousarray(x, np.float16).tobytes())
-
-
-def iter_blocks(path, block_rows):
-    """Yield (first row, array [b, D]) over a 2-D .npy file. The file is mapped privately and each block's
-    pages are dropped (madvise DONTNEED) after use: np.load(mmap_mode="r") would keep every touched page
-    in the process RSS, i.e. the whole store by the end; this way RSS stays at about one block."""
-    x = np.load(path, mmap_mode="r")  # reads the header only
-    (n, d), row, offset = x.shape, x.strides[0], x.offset
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if n else None
-    for s in range(0, n, block_rows):
-        e = min(n, s + block_rows)
-        yield s, np.frombuffer(mm, x.dtype, (e - s) * d, offset + s * row).reshape(e - s, d)
-        a0 = (offset + s * row) // mmap.PAGESIZE * mmap.PAGESIZE  # madvise wants a page-aligned start
-        mm.madvise(mmap.MADV_DONTNEED, a0, offset + e * row - a0)
-
-
-@torch.no_grad()
-def topk_stream(text_emb, blocks, k, device="cpu"):
-    """Exact top-k of text_emb [K, D] @ E.T per row, streamed over (first row, block [b, D]) of E in row order.
-    Returns (scores float32 [K, k'], index int64 [K, k']), k' = min(k, N): each row by score descending, ties
-    by the lower index, i.e. a stable descending sort of the full row, which the official argsort approximates."""
-    T = text_emb.to(device, torch.float32)
-    best_s = torch.empty(len(T), 0, device=device)
-    best_i = torch.empty(len(T), 0, dtype=torch.long, device=device)
-    for start, block in blocks:
-        S = T @ torch.as_tensor(block).to(device, torch.float32).t()  # [K, b] cosines of unit vectors
-        kk = min(k, S.shape[1])
-        s, i = torch.topk(S, kk, dim=1)  # the kk largest, but any subset of the values tied at the cut
-        tie = (S >= s[:, -1:]).sum(1) > kk  # rows where that subset is ambiguous: sort them stably
-        if tie.any():
-            s[tie], i[tie] = (x[:, :kk] for x in torch.sort(S[tie], dim=1, descending=True, stable=True))
-        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i + start], 1)
-        o = torch.argsort(i, dim=1)  # index ascending, then a stable sort by score descending
-        s, i = s.gather(1, o), i.gather(1, o)
-        o = torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
-        best_s, best_i = s.gather(1, o), i.gather(1, o)
-    return best_s.cpu(), best_i.cpu()
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -322,7 +284,8 @@ def write_outputs(args, arch, k, dirs, names, archive, skipped):
     """archive.json, contact sheets, skipped.txt; returns (distinct images, images in > 1 archive)."""
     base = os.path.abspath(args.out_dir)
     common.save_json({"arch": arch, "k": k, "index_dirs": [os.path.relpath(d, base) for d in dirs],
-                      "categories": names, "archive": archive}, os.path.join(args.out_dir, "archive.json"))
+                      "recipe": categories.recipe(names)["name"], "categories": names, "archive": archive},
+                     os.path.join(args.out_dir, "archive.json"))
     for name, entries in archive.items() if args.sheet_size > 0 else []:
         contact_sheet(name, entries, dirs, os.path.join(args.out_dir, "contact_sheets", safe_name(name) + ".jpg"), args.sheet_size)
     with common.atomic_path(os.path.join(args.out_dir, "skipped.txt")) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -390,19 +353,20 @@ def main(argv=None):
         return import_archive(args)
     spec = args.categories or "voc"
     names = categories.get_categories(spec)[1:]  # "background" never gets an archive
+    recipe = categories.recipe(names)  # from the content: a file of the ImageNet-S919 names is imagenet_s919
     dist = common.Dist(args.device)
     args.is_main = dist.is_main
-    dirs = resolve_index_dirs(args.index_dirs, spec)
+    dirs = resolve_index_dirs(args.index_dirs, recipe)
     if dist.device.type == "cpu":
         common.set_cpu_threads()
     precision = {"official": "fp16" if dist.device.type == "cuda" else "fp32"}.get(args.precision, args.precision)
-    config = {**{k: v for k, v in vars(args).items() if k != "is_main"}, "categories": spec, "index_dirs": dirs,
-              "precision": precision, **common.git_info()}
+    config = {**{k: v for k, v in vars(args).items() if k != "is_main"}, "categories": spec, "recipe": recipe["name"],
+              "index_dirs": dirs, "precision": precision, **common.git_info()}
     store = os.path.join(args.out_dir, "embeddings", clip_model.arch_tag(args.arch))
     if dist.is_main:
         common.print_config(config)
-        if args.index_dirs is None:
-            print(f"index dirs: the official recipe's for {spec!r}: {' + '.join(categories.recipe(spec)['index_dirs'])}")
+        print(f"recipe: {recipe['name']} (from the category list's content); index dirs: "
+              + ("--index_dirs" if args.index_dirs else f"the recipe's, {' + '.join(recipe['index_dirs'])}"))
         for d, recursive in ((store, True), (os.path.join(args.out_dir, "contact_sheets"), True), (args.out_dir, False)):
             common.remove_stale_tmp(d, recursive)  # temp files of atomic writes that a killed run left
     model, preprocess = clip_model.load(args.arch, device=dist.device)
@@ -427,8 +391,11 @@ def main(argv=None):
     if text.shape[1] != np.load(os.path.join(store, "embeddings.npy"), mmap_mode="r").shape[1]:
         raise UserError(f"{args.arch!r} embeds text in {text.shape[1]} dims, unlike the image embeddings in {store}: "
                         "retrieve with the model that made them")
-    scores, idx = topk_stream(text, iter_blocks(os.path.join(store, "embeddings.npy"), args.block_size), args.k, dist.device)
+    stats = {}
+    scores, idx = topk.topk_stream(text, os.path.join(store, "embeddings.npy"), args.k, dist.device, args.block_size,
+                                   stats=stats)
     t_ret, k = time.time() - t0, scores.shape[1]
+    print(f"retrieval: exact top-{k} with a {stats['prefilter']} prefilter, {stats['rescored']} pairs rescored exactly")
     if k < args.k:
         print(f"note: only {len(rows)} images were embedded, so each archive has {k} < --k {args.k} entries")
     paths = meta["paths"]

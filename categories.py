@@ -301,12 +301,19 @@ RECIPES = {"imagenet_s919": {"index_dirs": [IMAGENET_TRAIN], "iters": 80000, "ig
 DEFAULT_RECIPE = {"index_dirs": [IMAGENET_TRAIN, PASS], "iters": 20000, "ignore_index": 255}
 
 
-def recipe(spec, n_categories=None):
-    """The official defaults for a category list (a built-in name, or anything else: zero-shot transfer).
-    The ignore id of a list of K classes is never a label id (0 .. K-1): 255, else 1000, else K."""
-    r = dict(RECIPES.get(spec, DEFAULT_RECIPE) if isinstance(spec, str) else DEFAULT_RECIPE)
-    if n_categories is not None and n_categories > r["ignore_index"]:
-        r["ignore_index"] = 1000 if n_categories <= 1000 else n_categories
+def recipe(cats):
+    """The official defaults for a category list (a spec as get_categories takes, or the names), decided
+    from its content, so ImageNet-S919 read from a file or an archive gets the same recipe as the
+    built-in name: the names as a set, background aside, equal to a recipe's built-in list. Returns
+    {"name": the recipe's list name or "zero-shot", "index_dirs", "iters", "ignore_index"}. The ignore
+    id of K classes is never a label id (0 .. K-1): 255, else 1000, else K."""
+    names = get_categories(cats) if isinstance(cats, str) else list(cats)
+    key = {n for n in names if n != "background"}
+    name = next((r for r in RECIPES if key == set(BUILTIN[r]) - {"background"}), "zero-shot")
+    r = {"name": name, **RECIPES.get(name, DEFAULT_RECIPE)}
+    r["index_dirs"], n_ids = list(r["index_dirs"]), len(key) + 1  # label ids 0 .. K-1, background 0
+    if n_ids > r["ignore_index"]:
+        r["ignore_index"] = 1000 if n_ids <= 1000 else n_ids
     return r
 
 

@@ -210,8 +210,7 @@ def make_config(args):
     into config.json and ckpt.pt; evaluation reads categories, ignore_index and norm from it."""
     cats = C.get_categories(args.categories) if args.categories is not None else \
         common.load_archive(args.archive, args.index_dirs)["categories"]
-    spec = next((n for n, names in C.BUILTIN.items() if names == cats), None)  # e.g. imagenet_s919 from a file
-    recipe = C.recipe(spec, len(cats))
+    recipe = C.recipe(cats)  # from the list's content, as build_archive.py decides it
     ignore = recipe["ignore_index"] if args.ignore_index is None else args.ignore_index
     model.check_ignore_index(ignore, len(cats))
     mcfg = model.ModelConfig.from_dict({}, arch=args.arch, stop_grad=not args.no_stop_grad, text_fp32=args.text_fp32,
@@ -219,8 +218,9 @@ def make_config(args):
     aug = dataset.check_aug({**dataset.AUG, **parse_kv(args.aug, dataset.AUG, "--aug")})
     arch_path = os.path.abspath(args.arch) if os.path.isfile(args.arch) else args.arch
     flags = {k: v for k, v in vars(args).items() if k not in ("aug", "model", "no_stop_grad", "text_fp32", "arch")}
-    return {**dataclasses.asdict(mcfg), "arch_path": arch_path, **flags, "categories": cats, "ignore_index": ignore,
-            "iters": args.iters or recipe["iters"], **{k: list(v) if isinstance(v, tuple) else v for k, v in aug.items()}}
+    return {**dataclasses.asdict(mcfg), "arch_path": arch_path, **flags, "categories": cats, "recipe": recipe["name"],
+            "ignore_index": ignore, "iters": args.iters or recipe["iters"],
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in aug.items()}}
 
 
 def build_model(cfg, init, device, print0, ck=None):

@@ -18,7 +18,8 @@ import categories
 import clip_model
 import common
 import import_official
-from build_archive import iter_blocks, topk_stream
+import topk
+from topk import iter_blocks, topk_stream
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,21 +57,26 @@ def run_build(tiny_clip_path, imgs, out, *extra):
 
 # ----------------------------------------------------------------------------- top-k
 
+PREFILTERS = ["float32", "bfloat16"]  # bfloat16 runs everywhere: emulated where the CPU lacks it
+
+
+@pytest.mark.parametrize("prefilter", PREFILTERS)
 @pytest.mark.parametrize("N,K,k,B", [(50, 3, 7, 8), (50, 3, 60, 8), (97, 5, 10, 13), (300, 4, 5, 150),
                                      (300, 4, 20, 300), (260, 3, 9, 1), (1000, 6, 30, 256), (5, 2, 5, 2)])
-def test_topk_matches_bruteforce(N, K, k, B):
+def test_topk_matches_bruteforce(N, K, k, B, prefilter):
     rng = np.random.default_rng(N * 7 + B)
     # small integer vectors: many exactly equal scores, so the tie rule is exercised everywhere
-    E = torch.from_numpy(rng.integers(-2, 3, (N, 4)).astype(np.float32))
+    E = rng.integers(-2, 3, (N, 4)).astype(np.float16)
     T = torch.from_numpy(rng.integers(-2, 3, (K, 4)).astype(np.float32))
-    s, i = topk_stream(T, [(a, E[a:a + B].numpy()) for a in range(0, N, B)], k)
-    bs, bi = brute_topk(T, E, k)
-    assert s.shape == (K, min(k, N)) and i.dtype == torch.long
+    s, i = topk_stream(T, E, k, block_size=B, prefilter=prefilter)
+    bs, bi = brute_topk(T, torch.from_numpy(E.astype(np.float32)), k)
+    assert s.shape == (K, min(k, N)) and i.dtype == torch.long and s.dtype == torch.float32
     np.testing.assert_array_equal(i.numpy(), bi)
     np.testing.assert_array_equal(s.numpy(), bs)
 
 
-def test_topk_continuous_scores_and_block_reader(tmp_path):
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+def test_topk_continuous_scores_and_block_reader(tmp_path, prefilter):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((777, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -79,11 +85,66 @@ def test_topk_continuous_scores_and_block_reader(tmp_path):
     blocks = list(iter_blocks(path, 100))
     assert [b[0] for b in blocks] == list(range(0, 777, 100))
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), np.load(path))
-    T = torch.nn.functional.normalize(torch.randn(9, 16), dim=-1)
-    s, i = topk_stream(T, iter_blocks(path, 64), 50)
+    T = torch.nn.functional.normalize(torch.randn(9, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
     bs, bi = brute_topk(T, torch.from_numpy(np.load(path).astype(np.float32)), 50)
-    np.testing.assert_array_equal(i.numpy(), bi)
-    np.testing.assert_allclose(s.numpy(), bs, atol=1e-6)
+    for block in (64, 777, 1000):
+        s, i = topk_stream(T, path, 50, block_size=block, prefilter=prefilter)
+        np.testing.assert_array_equal(i.numpy(), bi)
+        np.testing.assert_array_equal(s.numpy(), bs)
+
+
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+def test_topk_adversarial_near_ties(prefilter):
+    """Scores packed far closer than bf16 can tell apart around the k-th: copies of the k-th vector in
+    other blocks (exact ties, decided by index), and vectors a few float16 steps away from it (scores
+    within bf16 rounding of the threshold, ordered only by the exact sum)."""
+    rng = np.random.default_rng(3)
+    D, N, k = 64, 600, 40
+    base = rng.standard_normal(D).astype(np.float32)
+    base /= np.linalg.norm(base)
+    E = np.tile(base, (N, 1))
+    E[:, :8] += rng.integers(-3, 4, (N, 8)) * 2.0 ** -11  # a few float16 steps apart: near-ties
+    E[rng.random(N) < 0.3] = E[17]  # duplicates of one row in every block
+    E[::7] = rng.standard_normal((len(E[::7]), D)) * 0.1  # clearly below
+    E = E.astype(np.float16)
+    T = torch.from_numpy(np.stack([base, -base, base + 0.01]).astype(np.float32))
+    bs, bi = brute_topk(T, torch.from_numpy(E.astype(np.float32)), k)
+    full = (T.double() @ torch.from_numpy(E).double().t()).float().numpy()
+    for c in (0, 2):  # adversarial: the cut splits a group of exact ties, all within bf16 rounding of each other
+        assert (full[c] == bs[c, -1]).sum() > (bs[c] == bs[c, -1]).sum() > 1 and bs[c, 0] - bs[c, -1] < 2.0 ** -8
+    for block in (1, 37, 64, 600):
+        s, i = topk_stream(T, E, k, block_size=block, prefilter=prefilter)
+        np.testing.assert_array_equal(i.numpy(), bi)
+        np.testing.assert_array_equal(s.numpy(), bs)
+
+
+@pytest.mark.parametrize("prefilter", PREFILTERS)
+def test_topk_scores_are_rounded_once(prefilter):
+    """The exact sum 1 + 2^-24 + 2^-60 rounds to 1 + 2^-23 in float32; a float64 sum first loses 2^-60,
+    lands on the float32 midpoint and rounds to 1.0 (ties to even). Rows: 1.0, 1 + 2^-23, that sum."""
+    T = torch.tensor([[1.0, 2.0 ** -24, 2.0 ** -60]])
+    E = np.array([[1, 0, 0], [1, 2, 0], [1, 1, 1]], np.float16)
+    s, i = topk_stream(T, E, 2, prefilter=prefilter)
+    assert i.tolist() == [[1, 2]] and s.tolist() == [[1 + 2.0 ** -23] * 2]
+    assert float((T.double() @ torch.from_numpy(E).double().t()).float()[0, 2]) == 1.0  # the double rounding
+    assert topk.exact_f32([1.0, 2.0 ** -24, -2.0 ** -60], [1.0, 1.0, 1.0]) == np.float32(1.0)
+
+
+def test_topk_checks_its_bound(monkeypatch):
+    """With the error bound of the float32 product set to zero, the exact rescoring notices."""
+    monkeypatch.setattr(topk, "gamma", lambda n, u: 0.0)
+    E = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float16)
+    with pytest.raises(RuntimeError, match="outside its proven error bound"):
+        topk_stream(torch.randn(4, 32), E, 10, prefilter="float32")
+
+
+def test_prefilter_choice(monkeypatch):
+    monkeypatch.setattr(common, "cpu_bf16_flags", lambda: {"avx512_bf16"})
+    assert topk.prefilter_dtype("cpu") == torch.bfloat16 and topk.prefilter_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(common, "cpu_bf16_flags", lambda: set())
+    assert topk.prefilter_dtype("cpu") == torch.float32 and topk.prefilter_dtype("cpu", "bfloat16") == torch.bfloat16
+    s, i = topk_stream(torch.randn(2, 8), np.zeros((0, 8), np.float16), 5)
+    assert s.shape == i.shape == (2, 0)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -125,6 +186,7 @@ def test_build_skip_and_kill_resume(tiny_clip_path, tmp_path, capsys, monkeypatc
     arc = common.load_archive(str(out_b / "archive.json"))
     assert arc["categories"] == ["background", "cat", "dog", "red car"] and list(arc["archive"]) == ["cat", "dog", "red car"]
     assert arc["index_dirs"] == [str(imgs)] and json.loads(a)["index_dirs"] == ["../imgs"]
+    assert json.loads(a)["recipe"] == "zero-shot"
     paths = common.list_images(str(imgs))
     for name, entries in arc["archive"].items():
         assert len(entries) == 4
@@ -249,7 +311,7 @@ CASES = {  # case: (arguments, what stderr says)
     "missing_dir": (["--index_dirs", "nope"], "Expected layout"),
     "empty_dir": (["--index_dirs", "empty", "--arch", "unused.pt"], "holds no images"),
     "unknown_categories": (["--index_dirs", "empty", "--categories", "vocc"], "unknown category list"),
-    "no_pass_for_voc": ([], "the official index for 'voc' is data/ImageNet2012/train + data/pass/images"),
+    "no_pass_for_voc": ([], "the official index of the zero-shot recipe is data/ImageNet2012/train + data/pass/images"),
     "not_json": (["--import_archive", "empty/readme.txt"], "not valid JSON"),
     "training_ckpt_as_arch": (["--index_dirs", "data/ImageNet2012/train", "--arch", "ckpt.pt"], "evaluate.py --ckpt"),
 }
@@ -270,12 +332,37 @@ def test_user_errors_are_one_line(case, tmp_path):
     assert "Traceback" not in r.stderr and says in r.stderr, r.stderr
 
 
-def test_default_index_dirs_follow_the_recipe(tmp_path):
-    """ImageNet-S919 retrieves from ImageNet train alone (the official recipe), and says so."""
-    os.makedirs(tmp_path / "data" / "ImageNet2012" / "train" / "n01440764")
-    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "ImageNet2012" / "train" / "n01440764" / "n01440764_1.JPEG")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "build_archive.py"), "--categories", "imagenet_s919",
-                        "--arch", "missing_clip.pt"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert "index dirs: the official recipe's for 'imagenet_s919': data/ImageNet2012/train\n" in r.stdout, r.stdout
-    assert categories.recipe("voc")["index_dirs"] == ["data/ImageNet2012/train", "data/pass/images"]
-    assert r.returncode == 2 and "missing_clip.pt" in r.stderr  # stops at the model, after choosing the folders
+@pytest.mark.parametrize("given", ["name", "file", "archive"])
+def test_one_recipe_rule(tmp_path, monkeypatch, capsys, given):
+    """ImageNet-S919 by its built-in name, as a file (shuffled, no background line) or as an archive's list:
+    build_archive.py and train.py take the recipe from the content alike (ImageNet train only, 80k
+    iterations, ignore id 1000), print it and record it."""
+    import train
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("data/ImageNet2012/train/n01440764")
+    Image.new("RGB", (8, 8)).save("data/ImageNet2012/train/n01440764/n01440764_1.JPEG")
+    names = categories.get_categories("imagenet_s919")
+    shuffled = list(np.random.default_rng(0).permutation(names[1:]))
+    common.save_json({"index_dirs": [], "categories": names, "archive": {}}, "arc.json")
+    open("s919.txt", "w").write("\n".join(shuffled) + "\n")
+    spec = {"name": "imagenet_s919", "file": "s919.txt", "archive": None}[given]
+    with pytest.raises(common.UserError, match="missing_clip.pt"):  # stops at the model, after choosing the folders
+        build_archive.main(["--categories", spec or "s919.txt", "--arch", "missing_clip.pt", "--device", "cpu"])
+    assert "recipe: imagenet_s919 (from the category list's content); index dirs: the recipe's, " \
+           "data/ImageNet2012/train\n" in capsys.readouterr().out
+    cfg = train.make_config(train.parse_args(["--archive", "arc.json"] + (["--categories", spec] if spec else [])))
+    assert (cfg["recipe"], cfg["iters"], cfg["ignore_index"]) == ("imagenet_s919", 80000, 1000)
+    assert categories.recipe(shuffled) == categories.recipe("imagenet_s919") == \
+        {"name": "imagenet_s919", "index_dirs": ["data/ImageNet2012/train"], "iters": 80000, "ignore_index": 1000}
+
+
+def test_recipe_of_other_lists():
+    """Any other list is zero-shot transfer, a subset of ImageNet-S919 included; more than 255 classes
+    move the ignore id off the label ids."""
+    zero = {"name": "zero-shot", "index_dirs": ["data/ImageNet2012/train", "data/pass/images"], "iters": 20000,
+            "ignore_index": 255}
+    assert categories.recipe("voc") == categories.recipe(categories.VOC[1:]) == zero
+    assert categories.recipe(categories.IMAGENET_S919[:50]) == zero
+    assert categories.recipe(categories.IMAGENET_S919[:-1])["name"] == "zero-shot"
+    assert [categories.recipe([f"c{i}" for i in range(n)])["ignore_index"] for n in (254, 255, 999, 1000)] == \
+        [255, 1000, 1000, 1001]

@@ -457,7 +457,7 @@ def test_official_name_download_path(tiny_clip_path, tmp_path, monkeypatch, caps
 def test_920_classes_class_255_is_a_target_and_padding_is_ignored():
     """ImageNet-S919: 920 classes, so 255 is a real class ("pug") and the ignore id is 1000."""
     K, ign = 920, 1000
-    assert __import__("categories").recipe("imagenet_s919", K)["ignore_index"] == ign
+    assert __import__("categories").recipe("imagenet_s919")["ignore_index"] == ign
     g = torch.Generator().manual_seed(0)
     tokens = F.normalize(torch.randn(1, 4, 4, 16, generator=g), dim=-1)
     sem = torch.zeros(1, 8, 8, dtype=torch.long)

@@ -291,7 +291,7 @@ def check_recipe(argv, root):
         if flag(args, "--categories") is None:  # the archive's list
             with open(os.path.join(root, flag(args, "--archive"))) as f:
                 spec = json.load(f)["categories"]
-        want_ignore = C.recipe(spec, len(C.get_categories(spec)))["ignore_index"]
+        want_ignore = C.recipe(spec)["ignore_index"]
         if "ignore_index" not in cfg:
             return "train.py's checkpoint config has no ignore_index"
         if cfg["ignore_index"] != want_ignore:
