@@ -260,3 +260,8 @@ def resolve(T, emb, cand, kk, emax, block_size, chunk=4096):
     o = torch.from_numpy(np.lexsort((col.numpy(), -s.numpy(), r.numpy())))  # category, score desc, index
     pick = o[(torch.cumsum(cnt, 0) - cnt)[:, None] + torch.arange(kk)]
     return s[pick], col[pick], len(amb)
+
+
+if __name__ == "__main__":
+    common.library_main(__doc__, "build_archive.py ranks the index with it (python build_archive.py --help); "
+                                 "python bench.py retrieval times it.")
