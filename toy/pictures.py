@@ -76,7 +76,8 @@ def retrieval_figures(out, path_retrieval, path_masks, n=8):
 
 def training_scene_figure(out, path, n=4):
     """Copy-paste scenes that contain the category, as train.py draws them (dataset.ArchiveDataset, the
-    toy's --aug), with their targets: the semantic map (grey: padding, ignored) and one colour per instance."""
+    toy's --aug), with their targets: the semantic map (black: background, grey: padding, ignored) and
+one colour per instance."""
     ds = dataset.ArchiveDataset(os.path.join(out, "archive", "archive.json"), os.path.join(out, "masks"), crop=64,
                                 jitter=(0.4, 0.4, 0.4, 0.0), p_gray=0.0)
     k = ds.categories.index(CATEGORY)
@@ -91,10 +92,10 @@ def training_scene_figure(out, path, n=4):
         inst = np.zeros(sem.shape, np.int64)
         for j, m in enumerate(item["instance_masks"].numpy()):  # later instances lie on top
             inst[m] = j + 1
-        grey = np.where((sem == ds.ignore_index)[..., None], np.uint8(128), img)
+        pad = (sem == ds.ignore_index)[..., None]
         cols["image"].append(img)
-        cols["semantic target"].append(visualize.overlay(grey, sem, pal, ignore=ds.ignore_index))
-        cols["instance targets"].append(visualize.overlay(grey, inst, visualize.palette(64)[1:][::-1]))
+        cols["semantic target"].append(np.where(pad, np.uint8(128), pal[np.where(pad[..., 0], 0, sem)]))
+        cols["instance targets"].append(np.where(pad, np.uint8(128), visualize.palette(64)[1:][::-1][inst] * (inst > 0)[..., None]))
         if len(cols["image"]) == n:
             break
     rows = [_row([_pad(visualize.zoom(t, ZOOM)) for t in tiles], name) for name, tiles in cols.items()]
