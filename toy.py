@@ -28,4 +28,4 @@ import common
 from toy.run import main
 
 if __name__ == "__main__":
-    common.run_main(lambda: main(__doc__.split("\n")[0]))
+    common.run_main(lambda: main(__doc__))

@@ -7,6 +7,8 @@ exists is done; any other stage runs its command again, and the stage continues 
 pseudo_label.py from the masks on disk, train.py --resume from its last ckpt.pt, evaluate.py from its
 partial results). One --out_dir holds one run: a command with other settings refuses with one line.
 """
+if __name__ == "__main__":  # a library file: say what it is rather than fail on the imports below
+    raise SystemExit(print(__doc__))
 import argparse
 import os
 import subprocess
