@@ -1,5 +1,6 @@
-"""Tests of the toy world generator (toy_world.py), its VOC-layout writer, the stage cache, the floors check, and
-the boundary saliency on generated images.
+"""Tests of the toy world generator (toy/world.py), its VOC-layout writer, the toy run's rerun rule and
+side-by-side trainings (toy/run.py), the floors check, the how-it-works figures (toy/pictures.py), and the
+boundary saliency on generated images.
 
     python -m pytest -q tests/test_toy.py
 """
@@ -12,8 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import toy
-import toy_world
+import common
+from toy import pictures, run, tiny_clip
+from toy import world as toy_world
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -95,58 +100,33 @@ def test_boundary_saliency_on_generated_images():
     assert np.mean(ious) > 0.6, np.mean(ious)
 
 
-def test_stage_cache(tmp_path):
-    st, calls = toy.Stages(str(tmp_path)), []
-    out = tmp_path / "a.txt"
+def test_rerun_continues_or_refuses(tmp_path):
+    """One out_dir holds one run: the same settings continue it, other settings refuse with one line
+    naming what differs. A stage whose own final output exists is skipped and keeps its recorded time;
+    one that finds its partial output is marked as continuing a killed run."""
+    cfg = {**run.PRESETS["quick"], "seed": 0}
+    run.check_same_settings(str(tmp_path), cfg)
+    run.check_same_settings(str(tmp_path), cfg)  # the same command: fine
+    with pytest.raises(common.UserError, match=r"iters 800 -> 900"):
+        run.check_same_settings(str(tmp_path), {**cfg, "iters": 900})
 
-    def work():
-        calls.append(1)
-        out.write_text("x")
-        return {"v": len(calls)}
-    assert st.run("a", {"s": 1}, [str(out)], work) == {"v": 1}
-    assert st.run("a", {"s": 1}, [str(out)], work) == {"v": 1} and len(calls) == 1  # cached
-    assert st.run("a", {"s": 2}, [str(out)], work) == {"v": 2}  # settings changed: rerun
-    out.unlink()
-    assert st.run("a", {"s": 2}, [str(out)], work) == {"v": 3}  # output gone: rerun
-
-
-def test_interrupted_stage_resumes_or_starts_over(tmp_path):
-    """A killed resumable stage keeps its partial outputs when rerun with the same settings (the
-    script continues them; script stages get `resume_args`); with other settings, or when it is not
-    resumable, its outputs are removed first."""
-    out, part = tmp_path / "out", tmp_path / "part"
-
-    def killed():
-        part.mkdir(exist_ok=True)
-        (part / "half").write_text("x")
-        raise KeyboardInterrupt
-    for resumable, settings, kept in ((True, {"s": 1}, True), (True, {"s": 2}, False), (False, {"s": 1}, False)):
-        with pytest.raises(KeyboardInterrupt):
-            toy.Stages(str(out)).run("a", {"s": 1}, [str(part)], killed, resumable=True)
-        st = toy.Stages(str(out))
-        assert st.run("a", settings, [str(part)], lambda: sorted(os.listdir(part)) if part.exists() else [],
-                      resumable=resumable) == (["half"] if kept else [])
-        assert ("a" in st.resuming) == kept and not (out / "stages" / "a.started.json").exists()
-        (out / "stages" / "a.json").unlink()  # the next round starts from no finished run
-
-    echo = _script(tmp_path / "echo.py", "os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)\n"
-                                         "open(sys.argv[1], 'a').write(' '.join(sys.argv[2:]) + ';')\n")
-    log = tmp_path / "t" / "argv.txt"
-    log.parent.mkdir()
-    jobs = {"t": ([str(log.parent)], [echo, log, "--iters", "5"])}
-    toy.Stages(str(out)).start("t", {"s": 1})  # as if a train stage had been killed mid-run
-    log.write_text("first run;")
-    toy.Stages(str(out)).run_scripts(jobs, {"s": 1}, resume_args=["--resume"])
-    assert log.read_text() == "first run;--iters 5 --resume;"
-    st = toy.Stages(str(out))
-    st.run_scripts(jobs, {"s": 1}, resume_args=["--resume"])  # finished: cached, its time still partial
-    assert st.resumed == {"t"} and "| t | 0 (resumed: after the interruption only) |" in toy.results_table(
-        {"clip_zero_shot": 1, "clip_precision@50": 1, "archive_k": 5, "archive_precision": 1,
-         "clip_background_max_cos": 0.5, "pseudo_masks": 3, "pseudo_mask_iou": 1},
-        st.seconds, st.cpu, {"seed": 0, "quick": True}, st.group, st.resumed)
-    st = toy.Stages(str(out))
-    st.run_scripts(jobs, {"s": 2}, resume_args=["--resume"])  # new settings: from scratch
-    assert log.read_text() == "--iters 5;" and not st.resumed
+    calls, part = [], tmp_path / "part"
+    clock = run.Clock(str(tmp_path))
+    clock.stage("a", False, lambda: calls.append("a"), partial=str(part))
+    part.mkdir()  # as if a killed run of stage b had left its output folder
+    clock.stage("b", False, lambda: calls.append("b"), partial=str(part))
+    clock.stage("c", True, lambda: calls.append("c"))
+    assert calls == ["a", "b"]
+    again = run.Clock(str(tmp_path))  # a rerun reads the recorded times back
+    assert again.times.keys() == {"a", "b"} and again.times["b"]["resumed"] and not again.times["a"]["resumed"]
+    with pytest.raises(KeyboardInterrupt):  # a stage that dies records nothing
+        again.stage("d", False, lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert "d" not in run.Clock(str(tmp_path)).times
+    table = run.results_table({"clip_zero_shot": 1, "clip_precision@50": 1, "archive_k": 5, "archive_precision": 1,
+                               "clip_background_max_cos": 0.5, "pseudo_masks": 3, "pseudo_mask_iou": 1},
+                              {"a": {"wall": 10.0, "cpu": 20.0, "resumed": False},
+                               "b": {"wall": 5.0, "cpu": 4.0, "resumed": True}}, {"seed": 0, "quick": True})
+    assert "| b | 5 (continued a killed run" in table and "| total | 15 | 24 |" in table
 
 
 @pytest.mark.slow
@@ -155,43 +135,43 @@ def test_tiny_clip_pretraining_resumes_exactly(tmp_path, monkeypatch):
     interrupted (weights, optimizer and both RNGs come back), and leaves no resume file behind."""
     import torch
     kw = dict(seed=0, steps=5, batch_size=6, warmup=2, save_every=1)
-    toy.pretrain_clip(str(tmp_path / "straight.pt"), **kw)
-    calls, real = [], toy.caption_batch
+    tiny_clip.pretrain_clip(str(tmp_path / "straight.pt"), **kw)
+    calls, real = [], tiny_clip.caption_batch
 
     def dies_on_the_fourth(rng, n):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real(rng, n)
-    monkeypatch.setattr(toy, "caption_batch", dies_on_the_fourth)
+    monkeypatch.setattr(tiny_clip, "caption_batch", dies_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
-        toy.pretrain_clip(str(tmp_path / "killed.pt"), **kw)
+        tiny_clip.pretrain_clip(str(tmp_path / "killed.pt"), **kw)
     assert torch.load(tmp_path / "killed.pt.resume.pt")["step"] == 3
-    monkeypatch.setattr(toy, "caption_batch", real)
-    toy.pretrain_clip(str(tmp_path / "killed.pt"), **kw)
+    monkeypatch.setattr(tiny_clip, "caption_batch", real)
+    tiny_clip.pretrain_clip(str(tmp_path / "killed.pt"), **kw)
     a, b = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "killed.pt")
     assert all(torch.equal(a[k], b[k]) for k in a) and sorted(os.listdir(tmp_path)) == ["killed.pt", "straight.pt"]
     # a resume file left by a run of other settings is not used: the run starts over
     torch.save({"args": {"seed": 9}, "step": 4}, tmp_path / "fresh.pt.resume.pt")
-    toy.pretrain_clip(str(tmp_path / "fresh.pt"), **kw)
+    tiny_clip.pretrain_clip(str(tmp_path / "fresh.pt"), **kw)
     c = torch.load(tmp_path / "fresh.pt")
     assert all(torch.equal(a[k], c[k]) for k in a) and not (tmp_path / "fresh.pt.resume.pt").exists()
 
 
 def test_floors(tmp_path):
-    floors = toy.read_floors(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy_floors.json"))
+    floors = run.read_floors(os.path.join(ROOT, "toy", "floors.json"))
     assert floors["zutis_mIoU"] > 0 and "zutis_AP50" in floors  # the file CI checks is readable
     f = tmp_path / "floors.json"
     f.write_text('{"zutis_mIoU": 20.5, "clip_zero_shot": 32}')
-    floors = toy.read_floors(str(f))
+    floors = run.read_floors(str(f))
     assert floors == {"zutis_mIoU": 20.5, "clip_zero_shot": 32.0}
-    assert toy.check_floors({"zutis_mIoU": 25.0, "clip_zero_shot": 40.0}, floors) == []
-    bad = toy.check_floors({"zutis_mIoU": 19.0}, floors)
+    assert run.check_floors({"zutis_mIoU": 25.0, "clip_zero_shot": 40.0}, floors) == []
+    bad = run.check_floors({"zutis_mIoU": 19.0}, floors)
     assert len(bad) == 2 and "zutis_mIoU" in bad[0] and "missing" in bad[1]
     for text in ("no json", "[1, 2]", '{"a": "x"}'):
         f.write_text(text)
-        with pytest.raises(toy.common.UserError):
-            toy.read_floors(str(f))
+        with pytest.raises(common.UserError):
+            run.read_floors(str(f))
 
 
 @pytest.mark.parametrize("flags, says", [(["--iters", "-5"], "--iters must be a positive"),
@@ -199,7 +179,7 @@ def test_floors(tmp_path):
                                          (["--device", "tpu"], "--device must be"),
                                          (["--check_floors", "nope.json"], "floors file not found")])
 def test_bad_flags_fail_before_any_work(tmp_path, flags, says):
-    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy.py"),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"),
                         "--out_dir", str(tmp_path / "o"), *flags], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and says in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
@@ -207,37 +187,55 @@ def test_bad_flags_fail_before_any_work(tmp_path, flags, says):
 
 def _script(path, body):
     path.write_text("import os, sys, time\n" + body)
-    return str(path)  # absolute: run_parallel's join with the repo folder keeps it
+    return str(path)  # absolute: stage_command's join with the repo folder keeps it
 
 
-def test_parallel_stages(tmp_path):
-    """Script stages run side by side with one thread each, log to files, are cached like any stage,
-    and a failing one stops the others with one line."""
-    out = tmp_path / "out"
+def test_side_by_side(tmp_path):
+    """Trainings run side by side with one thread each and append to their logs; a failing one stops
+    the others at once, with one line naming its log."""
     ok = _script(tmp_path / "ok.py", "print('step 1', os.environ.get('OMP_NUM_THREADS', 'unset')); time.sleep(0.3)\n"
                                      "open(sys.argv[1], 'w').write('done')\n")
-    st = toy.Stages(str(out))
-    jobs = {n: ([str(tmp_path / f"{n}.txt")], [ok, tmp_path / f"{n}.txt"]) for n in ("a", "b")}
-    st.run_scripts(jobs, {"s": 1})
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_text("step 0 of a killed run\n")
+    run.run_side_by_side({n: [ok, tmp_path / f"{n}.txt"] for n in ("a", "b")}, str(logs))
     assert (tmp_path / "a.txt").read_text() == "done" and (tmp_path / "b.txt").read_text() == "done"
-    assert "step 1 1" in (out / "logs" / "a.log").read_text()  # one thread each
-    assert st.group == {"a": "a+b", "b": "a+b"}
-    sec = {"world": 10.0, "a": 100.0, "b": 110.0}  # the report counts a side-by-side group's wall once
-    table = toy.results_table({"clip_zero_shot": 1, "clip_precision@50": 1, "archive_k": 5, "archive_precision": 1,
-                               "clip_background_max_cos": 0.5, "pseudo_masks": 3, "pseudo_mask_iou": 1},
-                              sec, {}, {"seed": 0, "quick": True}, st.group)
-    assert "| total | 120 |" in table and "| a | 100 (side by side) |" in table
-    (tmp_path / "a.txt").unlink()
-    st2 = toy.Stages(str(out))
-    st2.run_scripts(jobs, {"s": 1})  # b is cached; a alone reruns
-    assert (tmp_path / "a.txt").exists() and st2.group == {"b": "a+b"}
+    assert (logs / "a.log").read_text() == "step 0 of a killed run\nstep 1 1\n"  # appended, one thread
 
     slow = _script(tmp_path / "slow.py", "time.sleep(60)\n")
     bad = _script(tmp_path / "bad.py", "sys.exit(3)\n")
-    t0 = toy.time.time()
-    with pytest.raises(toy.common.UserError, match="exit code 3"):
-        toy.run_parallel({"slow": [slow], "bad": [bad]}, str(tmp_path / "logs"))
-    assert toy.time.time() - t0 < 30  # the slow one was killed, not waited for
+    t0 = run.time.time()
+    with pytest.raises(common.UserError, match=r"bad failed with exit code 3; its log: .*bad.log"):
+        run.run_side_by_side({"slow": [slow], "bad": [bad]}, str(logs))
+    assert run.time.time() - t0 < 30  # the slow one was killed, not waited for
+
+
+def test_how_it_works_figures(tmp_path):
+    """The retrieval, pseudo-mask and training-scene figures from an archive of the world's own images:
+    the first entry is right (green frame), the last one of the category's archive is not (red frame)."""
+    toy_world.write_world(str(tmp_path / "world"), seed=0, n_index=120, n_eval=4, chunk=60)
+    hidden = json.load(open(tmp_path / "world" / "hidden" / "index_labels.json"))
+    inst = np.load(tmp_path / "world" / "hidden" / "index_instances.npy")
+    star = toy_world.CATEGORIES.index(pictures.CATEGORY)
+    by_cat = {c: [f for f, l in zip(hidden["files"], hidden["labels"]) if l == k] for k, c in enumerate(toy_world.CATEGORIES)}
+    wrong = next(f for f, l in zip(hidden["files"], hidden["labels"]) if l != star)
+    arc = {"arch": "test", "k": 8, "index_dirs": [str(tmp_path / "world" / "index")], "categories": ["background"] + toy_world.CATEGORIES,
+           "archive": {c: [{"path": f, "dir": 0, "score": 0.5} for f in (fs * 8)[:8]] for c, fs in by_cat.items()}}
+    arc["archive"][pictures.CATEGORY][-1]["path"] = wrong
+    common.save_json(arc, str(tmp_path / "archive" / "archive.json"))
+    for i, f in enumerate(hidden["files"]):
+        common.save_image((inst[i] > 0).astype(np.uint8) * 255, str(tmp_path / "masks" / "0_index" / f.replace(".jpg", ".png")))
+    figs = tmp_path / "figs"
+    pictures.retrieval_figures(str(tmp_path), str(figs / "1.jpg"), str(figs / "2.jpg"))
+    pictures.training_scene_figure(str(tmp_path), str(figs / "3.jpg"))
+    a = np.asarray(Image.open(figs / "1.jpg")).astype(int)
+    tile = 64 * pictures.ZOOM + 6  # a zoomed image and its frame
+    top, bottom = a[-2 * tile:-tile], a[-tile:]  # the rows of the first and of the last ranks
+    first, last = top[tile // 2, 121], bottom[tile // 2, 120 + 7 * tile + 1]  # frame pixels
+    assert first[1] > 120 and first[0] < 80 and last[0] > 150 and last[1] < 80, (first, last)
+    for name in ("2.jpg", "3.jpg"):
+        im = Image.open(figs / name)
+        assert im.width > 4 * 64 * pictures.ZOOM and im.height > 2 * 64 * pictures.ZOOM
 
 
 def test_proposal_recall_with_an_oracle_network(tmp_path, monkeypatch):
@@ -247,7 +245,7 @@ def test_proposal_recall_with_an_oracle_network(tmp_path, monkeypatch):
     import torch
     import evaluate
     import model
-    import toy_report
+    from toy import report as toy_report
     toy_world.write_world(str(tmp_path), seed=0, n_index=8, n_eval=10, chunk=8)
     voc = tmp_path / "VOC2012"
     names = open(voc / "ImageSets/Segmentation/trainval.txt").read().split()

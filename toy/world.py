@@ -1,4 +1,4 @@
-"""toy_world.py: the procedurally generated world of toy.py (64x64 images of ten shape categories).
+"""toy/world.py: the procedurally generated world of toy.py (64x64 images of ten shape categories).
 
 Library file, no side effects at import. Three disjoint, seeded streams (numpy, vectorised):
   (a) caption_batch  captioned images for pre-training the tiny CLIP, the way CLIP's web data is
@@ -8,8 +8,10 @@ write_world() writes (b) and (c) under a folder; toy.py drives everything. Each 
 hue 70% of the time, so the tiny CLIP learns mostly colour (a tiny ViT learns shape too slowly for a
 minutes budget).
 
-    python -c "import toy_world; print(toy_world.write_world('w', seed=0, n_index=100, n_eval=10))"
+    python -c "from toy import world; print(world.write_world('w', seed=0, n_index=100, n_eval=10))"
 """
+if __name__ == "__main__":  # a library file: say what it is rather than fail on the imports below
+    raise SystemExit(print(__doc__))
 import os
 
 import numpy as np

@@ -1,9 +1,11 @@
-"""toy_report.py: toy.py's report: metrics from the generator's hidden labels, the results table, the
+"""toy/report.py: toy.py's report: metrics from the generator's hidden labels, the results table, the
 picture grid. Library file, no side effects at import; nothing here feeds a training stage. The toy
 corner sits above every stage, so it uses evaluate.py's segmenters the way a user's script would.
 
     python toy.py            # writes toy_out/results.md, results.json and grid.png through these functions
 """
+if __name__ == "__main__":  # a library file: say what it is rather than fail on the imports below
+    raise SystemExit(print(__doc__))
 import json
 import os
 
@@ -17,7 +19,7 @@ import common
 import evaluate as E
 import model as M
 import visualize as V
-from toy_world import CATEGORIES, eval_scene_names
+from toy.world import CATEGORIES, eval_scene_names
 
 # ----------------------------------------------------------------------------- reporting (hidden labels)
 
@@ -127,7 +129,8 @@ def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
     common.save_image(np.concatenate([header, grid, legend], 0), path)
 
 
-def results_table(res, sec, cpu, cfg, group=None, resumed=()):
+def results_table(res, times, cfg):
+    """results.md: the metrics, then each stage's {"wall", "cpu", "resumed"} from `times`."""
     pct = lambda v: "-" if v is None else f"{v:.1f}"
     z, zn, zs, mc = (res.get(k, {}) for k in ("zutis", "zutis_no_nms", "zutis_no_stop_grad", "maskclip"))
     lines = [
@@ -155,14 +158,9 @@ def results_table(res, sec, cpu, cfg, group=None, resumed=()):
                   f"{pct(pr[k + '_classed'])} | {pct(pr[k + '_oracle'])} | {pct(pr[k + '_semantic'])} |"
                   for k in ("unique", "repeated")]
     lines += ["", "| stage | wall time (s) | CPU time (s) |", "|---|---|---|"]
-    group = group or {}
-    tag = lambda k: ((" (side by side)" if k in group else "")
-                     + (" (resumed: after the interruption only)" if k in resumed else ""))
-    lines += [f"| {k} | {v:.0f}{tag(k)} | {cpu.get(k, 0):.0f} |" for k, v in sec.items()]
-    # stages that ran side by side started together: their group took as long as its longest member
-    total = sum(v for k, v in sec.items() if k not in group)
-    total += sum(max(sec[k] for k in group if group[k] == g) for g in set(group.values()))
-    lines += [f"| total | {total:.0f} | {sum(cpu.values()):.0f} |", "",
+    tag = lambda t: " (continued a killed run: the part after the interruption only)" if t["resumed"] else ""
+    lines += [f"| {k} | {t['wall']:.0f}{tag(t)} | {t['cpu']:.0f} |" for k, t in times.items()]
+    lines += [f"| total | {sum(t['wall'] for t in times.values()):.0f} | {sum(t['cpu'] for t in times.values()):.0f} |", "",
               "All numbers in percent. Ground truth and hidden labels are read only here, never by a training stage."]
     return "\n".join(lines) + "\n"
 
