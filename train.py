@@ -81,8 +81,6 @@ def parse_args(argv=None):
     a("--out_dir", default=None, help="Output folder; default out/train_<CLIP name>, e.g. out/train_ViT-B-16.")
     a("--save_every", type=common.number(int, 1, what="--save_every"), default=1000, help="Save ckpt.pt every N iterations and at the end (default %(default)s).")
     a("--log_every", type=common.number(int, 1, what="--log_every"), default=50, help="Print and log the losses every N iterations (default %(default)s).")
-    # Rerunning a command resumes it; --resume is still accepted (and changes nothing) for older commands.
-    a("--resume", action="store_true", help=argparse.SUPPRESS)
     a("--init", default=None, help="Start from these weights: a ckpt.pt, an official file, or official:<name>.")
     return p.parse_args(argv)
 

@@ -134,7 +134,6 @@ def test_resume_is_exact(tiny_clip_path, data, tmp_path, monkeypatch):
     assert [r["step"] for r in mb] == [r["step"] for r in ma] == [1, 2, 3, 4]
     assert [r["loss"] for r in mb] == [r["loss"] for r in ma]
     assert train.main(tiny_argv(tiny_clip_path, data, resumed, 4)) is None  # nothing left to do
-    assert train.main(tiny_argv(tiny_clip_path, data, resumed, 4, "--resume")) is None  # older commands still run
 
 
 def test_script_writes_a_checkpoint_model_reloads(tiny_clip_path, data, tmp_path):

@@ -4,7 +4,7 @@ real command line, then the report. Library file; `python toy.py --help` lists t
 A rerun of the same command continues where the last one stopped: a stage whose own final output
 exists is done; any other stage runs its command again, and the stage continues its own partial work
 (tiny-CLIP pre-training from its last 50-step save, build_archive.py from its embedded chunks,
-pseudo_label.py from the masks on disk, train.py --resume from its last ckpt.pt, evaluate.py from its
+pseudo_label.py from the masks on disk, train.py from its last ckpt.pt, evaluate.py from its
 partial results). One --out_dir holds one run: a command with other settings refuses with one line.
 """
 if __name__ == "__main__":  # a library file: say what it is rather than fail on the imports below
@@ -243,7 +243,7 @@ def run_stages(cfg, out, args, clock):
     runs = {"train": []} if args.no_ablation else {"train": [], "train_no_stop_grad": ["--no_stop_grad"]}
     todo = {name: ["train.py", "--arch", clip_path, "--archive", arc_json, "--masks_dir", masks, "--iters", cfg["iters"],
                    "--batch_size", cfg["batch_size"], "--seed", seed, "--out_dir", os.path.join(out, name),
-                   "--save_every", SAVE_EVERY, *TRAIN_FLAGS, *extra, *dev, "--resume"]
+                   "--save_every", SAVE_EVERY, *TRAIN_FLAGS, *extra, *dev]
             for name, extra in runs.items() if not training_done(os.path.join(out, name), cfg["iters"])}
     clock.stage(" + ".join(todo) or "train", not todo, lambda: run_side_by_side(todo, os.path.join(out, "logs")),
                 partial=next((os.path.join(out, n) for n in todo if os.path.exists(os.path.join(out, n))), None))
