@@ -395,7 +395,7 @@ def bench_train(device, argv):
                 phase("backward+step", lambda: (opt.zero_grad(set_to_none=True), scaler.scale(out["loss"]).backward(),
                                                 scaler.step(opt), scaler.update()), i >= a.warmup)
                 losses.append(out["loss"].item())
-            curve = [np.mean(losses[i:i + a.window]) for i in range(0, len(losses), a.window)]
+            curve = [float(np.mean(losses[i:i + a.window])) for i in range(0, len(losses), a.window)]
             ref = ref or curve
             diff = max(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(curve, ref))
             total = sum(phases.values())
@@ -527,7 +527,7 @@ def bench_infer(device, argv):
             files = common.list_images(a.image_dir)[:a.images]
             imgs = [evaluate.image_tensor(common.load_rgb(os.path.join(a.image_dir, f))) for f in files]
         elif photos.get(sizes[0]):
-            imgs = [torch.from_numpy(photos[sizes[i % len(sizes)]][i]).permute(2, 0, 1) for i in range(a.images)]
+            imgs = [torch.from_numpy(photos[sizes[i % len(sizes)]][i].copy()).permute(2, 0, 1) for i in range(a.images)]
         else:
             imgs = [torch.randint(0, 256, (3, *sizes[i % len(sizes)]), dtype=torch.uint8, generator=gen)
                     for i in range(a.images)]
