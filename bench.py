@@ -139,7 +139,7 @@ def bench_clip(device, argv):
                     sync(device)
                     sec[name] += (clk() - t0) * (i > 0)
             cos = (out["fp32"] * out["bf16"]).sum(-1)
-            row = {"arch": os.path.basename(arch), "res": res, "fp32_img_s": args.batch * args.iters / sec["fp32"],
+            row = {"arch": os.path.basename(arch) if os.path.isfile(arch) else arch, "res": res, "fp32_img_s": args.batch * args.iters / sec["fp32"],
                    "bf16_img_s": args.batch * args.iters / sec["bf16"], "bf16_speedup": sec["fp32"] / sec["bf16"],
                    "bf16_min_cos": cos.min().item(), "inputs": "photographs" if pics else "noise"}
             xd = torch.randn(args.batch, 3, args.dense_res, args.dense_res, device=device)
@@ -349,6 +349,8 @@ def bench_train(device, argv):
     p.add_argument("--compile", default="both", choices=["off", "on", "both"], help="torch.compile settings to run.")
     p.add_argument("--model", nargs="*", default=[], help="ModelConfig KEY=VALUE (e.g. n_layers=1 on a CPU).")
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers (default %(default)s).")
+    p.add_argument("--lr", type=float, nargs=2, default=[5e-5, 5e-6], help="Learning rates of the head and the "
+                   "encoder (default %(default)s: train.py's).")
     p.add_argument("--tol", type=float, default=0.05, help="Allowed relative loss difference to fp32 eager.")
     p.add_argument("--window", type=int, default=1, help="Compare the loss curves as means over windows of this many "
                    "steps (1: step by step; long runs drift apart step by step while training alike).")
@@ -373,7 +375,7 @@ def bench_train(device, argv):
         rows, ref, clk = [], None, clock(device)
         for dtype, compiled in settings:
             net = copy.deepcopy(model0).to(device).train()  # every setting starts from the same weights and data
-            opt = train.make_optimizer(net, {"lr": 5e-5, "lr_encoder": 5e-6, "weight_decay": 0.05})
+            opt = train.make_optimizer(net, {"lr": a.lr[0], "lr_encoder": a.lr[1], "weight_decay": 0.05})
             scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
             ctx, fwd = train.autocast_ctx(torch.device(device), dtype), train.compile_model(net, device) if compiled else net
             batches, phases, losses = iter(train.make_loader({**cfg, "categories": cats}, dist, 0)), {}, []
