@@ -512,8 +512,9 @@ def bench_infer(device, argv):
     a = p.parse_args(argv)
     names = categories.get_categories(a.classes)
     sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
-    settings, note = a.settings.split(","), compiler_note()
-    if note and any(":compile" in s for s in settings):
+    settings = a.settings.split(",")
+    note = compiler_note() if any(":compile" in s for s in settings) else None
+    if note:
         print(f"torch.compile skipped: {note}")
         settings = [s for s in settings if ":compile" not in s]
     gen, rows, clk = torch.Generator().manual_seed(0), [], clock(device)
