@@ -62,6 +62,12 @@ def timed(fn, device, warmup=1, iters=3):
     return (time.perf_counter() - t0) / max(iters, 1)
 
 
+def clock(device):
+    """The clock of the interleaved dtype comparisons: this process's CPU-seconds on a CPU (on a shared
+    machine, its own work rather than the neighbours'), wall seconds on a GPU."""
+    return time.process_time if torch.device(device).type == "cpu" else time.perf_counter
+
+
 def peak_memory_mb(device):
     return torch.cuda.max_memory_allocated(device) / 2**20 if torch.device(device).type == "cuda" else float("nan")
 
@@ -90,35 +96,73 @@ def _clip(arch):
     return clip_model.random_model(arch)
 
 
-@command("clip", "CLIP encode_image img/s in fp32, official fp16 and bf16 autocast (deviation from fp32), forward_dense")
+def topk_overlap(model, files, names, k, device, image_dtype, text_dtype, batch=64):
+    """Per category, the top-k images by cosine in (image_dtype, text_dtype) -> their sets, as build_archive."""
+    pre = clip_model.preprocess_for(model.visual.input_resolution)
+    with torch.no_grad(), common.autocast(device, text_dtype):
+        text = clip_model.text_embeddings(model, names, categories.TEMPLATES)
+    emb = []
+    for i in range(0, len(files), batch):
+        x = torch.stack([pre(common.load_rgb(f)) for f in files[i:i + batch]]).to(device)
+        with torch.no_grad(), common.autocast(device, image_dtype):
+            emb.append(torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).half().float())
+    idx = (text.to(device) @ torch.cat(emb).t()).topk(min(k, len(files)), dim=1).indices
+    return [set(r.tolist()) for r in idx]
+
+
+@command("clip", "CLIP encode_image img/s in fp32, bf16 autocast and the official fp16 (GPU), their deviation from "
+         "fp32, forward_dense; with --index_dir, the retrieval top-k overlap of bf16 with fp32")
 def bench_clip(device, argv):
     p = common.ArgumentParser(prog="bench.py clip", description=COMMANDS["clip"][1])
-    p.add_argument("--archs", default="ViT-B/16,ViT-L/14@336px", help="Comma-separated CLIP names, or tiny.")
+    p.add_argument("--archs", default="ViT-B/16,ViT-L/14@336px", help="Comma-separated CLIP names or files, or tiny.")
     p.add_argument("--batch", type=common.number(int, 1, what="--batch"), default=16, help="Images per forward pass.")
-    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=3,
-                   help="Timed forward passes per measurement.")
-    p.add_argument("--dense_res", type=common.number(int, 1, what="--dense_res"), default=448,
-                   help="Input size of forward_dense (the segmenter's crop).")
+    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=3, help="Timed forward passes per measurement, fp32 and bf16 in turn.")
+    p.add_argument("--dense_res", type=common.number(int, 1, what="--dense_res"), default=448, help="Input size of forward_dense (the segmenter's crop).")
+    p.add_argument("--index_dir", default=None, help="Images to retrieve from (e.g. the toy world's index), for the "
+                   "top-k overlap of bf16 with fp32; needs a trained CLIP file in --archs.")
+    p.add_argument("--classes", default=None, help="With --index_dir: the category list (a file, name or 'a,b').")
+    p.add_argument("--k", type=common.number(int, 1, what="--k"), default=50, help="With --index_dir: images per category.")
     args = p.parse_args(argv)
-    rows = []
+    rows, bf16, clk = [], common.resolve_dtype("bfloat16", device, quiet=True), clock(device)
     for arch in args.archs.split(","):
-        model = _clip(arch).to(device)
+        model = (_clip(arch) if arch == "tiny" or arch in clip_model.MODELS else clip_model.load(arch)[0]).to(device)
         res = model.visual.input_resolution
-        x = torch.randn(args.batch, 3, res, res, device=device)
+        pics = photographs((res, res), args.batch)
+        x = (torch.stack([clip_model.preprocess_for(res)(Image.fromarray(im)) for im in pics]) if pics
+             else torch.randn(args.batch, 3, res, res)).to(device)
+        sec, out = {"fp32": 0.0, "bf16": 0.0}, {}
         with torch.no_grad():
-            ref = model.encode_image(x).float()
-            row = {"arch": arch, "res": res, "fp32_img_s": args.batch / timed(lambda: model.encode_image(x), device, 1, args.iters)}
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-                row["bf16_img_s"] = args.batch / timed(lambda: model.encode_image(x), device, 1, args.iters)
-                row["bf16_max_dev"] = (model.encode_image(x).float() - ref).abs().max().item()
+            for i in range(args.iters + 1):  # the first pass of each is the warm-up
+                for name, dt in (("fp32", None), ("bf16", bf16)):
+                    t0 = clk()
+                    with common.autocast(device, dt):
+                        out[name] = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+                    sync(device)
+                    sec[name] += (clk() - t0) * (i > 0)
+            cos = (out["fp32"] * out["bf16"]).sum(-1)
+            row = {"arch": os.path.basename(arch) if os.path.isfile(arch) else arch, "res": res, "fp32_img_s": args.batch * args.iters / sec["fp32"],
+                   "bf16_img_s": args.batch * args.iters / sec["bf16"], "bf16_speedup": sec["fp32"] / sec["bf16"],
+                   "bf16_min_cos": cos.min().item(), "inputs": "photographs" if pics else "noise"}
             xd = torch.randn(args.batch, 3, args.dense_res, args.dense_res, device=device)
             row[f"dense{args.dense_res}_img_s"] = args.batch / timed(lambda: model.visual.forward_dense(xd), device, 1, args.iters)
-            clip_model.official_fp16(model)
-            row["fp16_img_s"] = args.batch / timed(lambda: model.encode_image(x), device, 1, args.iters)
-            row["fp16_max_dev"] = (model.encode_image(x).float() - ref).abs().max().item()
+            if args.index_dir:
+                files = [os.path.join(args.index_dir, f) for f in common.list_images(args.index_dir)]
+                names = categories.get_categories(args.classes)[1:]
+                ref = topk_overlap(model, files, names, args.k, device, None, None)
+                for tag, img_dt, txt_dt in (("img", bf16, None), ("img+text", bf16, bf16)):
+                    got = topk_overlap(model, files, names, args.k, device, img_dt, txt_dt)
+                    row[f"top{args.k}_overlap_bf16_{tag}"] = np.mean([len(a & b) / len(a) for a, b in zip(ref, got)])
+            if torch.device(device).type == "cuda":
+                clip_model.official_fp16(model)
+                row["fp16_img_s"] = args.batch / timed(lambda: model.encode_image(x), device, 1, args.iters)
+                row["fp16_min_cos"] = (torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+                                       * out["fp32"]).sum(-1).min().item()
+            else:
+                print("fp16 skipped: float16 runs on CUDA only")
         rows.append(row)
         del model
-    print_table(rows, f"CLIP encode_image on {device}, {torch.get_num_threads()} threads, batch {args.batch}, random weights")
+    print_table(rows, f"CLIP encode_image on {device}, {torch.get_num_threads()} threads, batch {args.batch}, "
+                f"{'interleaved ' if args.iters else ''}fp32/bf16")
     return rows
 
 
@@ -251,50 +295,70 @@ def photo_like(rng, H, W):
     return np.clip(img + 25 * np.sin(xx / rng.uniform(4, 12))[..., None], 0, 255).astype(np.uint8)
 
 
-@command("selfmask", "SelfMask batches at the working size and the bilateral solver in worker processes")
+def mask_iou(a, b):
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = (a | b).sum()
+    return 1.0 if union == 0 else (a & b).sum() / union
+
+
+@command("selfmask", "SelfMask batches at the working size per dtype (with the pseudo-mask IoU against the first), "
+         "the bilateral solver, and pseudo_label.py's pipeline with solver processes")
 def bench_selfmask(device, argv):
     p = common.ArgumentParser(prog="bench.py selfmask", description="Random weights of the released shapes, "
-                                "generated images; the pipeline is pseudo_label.py's (network, then solver pool).")
-    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=64,
-                   help="Generated images per timing.")
-    p.add_argument("--size", type=common.number(int, 1, what="--size"), nargs=2, default=[375, 500],
-                   help="Their height and width.")
-    p.add_argument("--short_side", type=common.number(int, 1, what="--short_side"), default=selfmask.SHORT_SIDE,
-                   help="The working shorter side.")
-    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8,
-                   help="Images per forward pass.")
-    p.add_argument("--post_workers", type=common.number(int, 0, what="--post_workers"), default=8,
-                   help="Bilateral solver processes.")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast.")
+                                "generated images or photographs; the pipeline is pseudo_label.py's (network, then "
+                                "solver pool). The dtypes run in turn on each batch (interleaved), same weights.")
+    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=64, help="Generated images per timing.")
+    p.add_argument("--photos", action="store_true", help="scikit-image's real photographs instead of generated images.")
+    p.add_argument("--size", type=common.number(int, 1, what="--size"), nargs=2, default=[375, 500], help="Their height and width.")
+    p.add_argument("--short_side", type=common.number(int, 1, what="--short_side"), default=selfmask.SHORT_SIDE, help="The working shorter side.")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8, help="Images per forward pass.")
+    p.add_argument("--post_workers", type=common.number(int, 0, what="--post_workers"), default=8, help="Bilateral solver processes.")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="pseudo_label.py --dtype values; the first is the "
+                   "reference of the IoU and the last runs the pipeline.")
+    p.add_argument("--ckpt", default=None, help="A SelfMask checkpoint instead of random weights.")
     a = p.parse_args(argv)
-    rng = np.random.default_rng(0)
-    prepped = [selfmask.prepare(photo_like(rng, *a.size), a.short_side) for _ in range(a.images)]
-    model = selfmask.SelfMask().to(device).eval()
+    rng, dtypes, clk = np.random.default_rng(0), a.dtypes.split(","), clock(device)
+    rgbs = (a.photos and photographs(tuple(a.size), a.images)) or [photo_like(rng, *a.size) for _ in range(a.images)]
+    prepped = [selfmask.prepare(rgb, a.short_side) for rgb in rgbs]
+    model = (selfmask.load_selfmask(a.ckpt, device) if a.ckpt else selfmask.SelfMask()).to(device).eval()
     batches = [[x for x, _, _ in prepped[i:i + a.batch_size]] for i in range(0, a.images, a.batch_size)]
-    network = timed(lambda: [pseudo_label.run_coarse(model, b, a.amp) for b in batches], device, warmup=1, iters=1)
-    coarse = sum((pseudo_label.run_coarse(model, b, a.amp) for b in batches), [])
-    solver = timed(lambda: [selfmask.finish_mask(c, ref, size) for c, (_, ref, size) in zip(coarse, prepped)],
+    torch_dt = {d: common.resolve_dtype(d, device) for d in dtypes}
+    secs, coarse = {d: 0.0 for d in dtypes}, {d: [] for d in dtypes}
+    [pseudo_label.run_coarse(model, batches[0], torch_dt[d]) for d in dtypes]  # warm-up
+    for b in batches:
+        for d in dtypes:
+            t0 = clk()
+            coarse[d] += pseudo_label.run_coarse(model, b, torch_dt[d])
+            sync(device)
+            secs[d] += clk() - t0
+    finals = {d: [selfmask.finish_mask(c, ref, size) for c, (_, ref, size) in zip(coarse[d], prepped)] for d in dtypes}
+    ref, n = dtypes[0], a.images
+    rows = [{"part": f"network, batch {a.batch_size}, {d}", "images/s": n / secs[d], "speedup": secs[ref] / secs[d],
+             "coarse_iou": np.mean([mask_iou(x, y) for x, y in zip(coarse[ref], coarse[d])]),
+             "mask_iou": np.mean([mask_iou(x, y) for x, y in zip(finals[ref], finals[d])]),
+             "min_mask_iou": min(mask_iou(x, y) for x, y in zip(finals[ref], finals[d]))} for d in dtypes]
+    solver = timed(lambda: [selfmask.finish_mask(c, r, size) for c, (_, r, size) in zip(coarse[ref], prepped)],
                    "cpu", warmup=0, iters=1)
     with tempfile.TemporaryDirectory() as tmp, cf.ProcessPoolExecutor(
             a.post_workers, mp.get_context("spawn"), pseudo_label.die_with_parent, (os.getpid(),)) as pool:
         list(pool.map(abs, range(4 * a.post_workers)))  # start every process before the clock
         pending, waited, t0 = [], 0.0, time.perf_counter()
         for i, b in enumerate(batches):  # the loop of pseudo_label.label_shard
-            for j, c in enumerate(pseudo_label.run_coarse(model, b, a.amp)):
-                _, ref, size = prepped[i * a.batch_size + j]
-                pending.append(pool.submit(pseudo_label.write_mask, c, f"{tmp}/{i}_{j}.png", ref, size, True))
+            for j, c in enumerate(pseudo_label.run_coarse(model, b, torch_dt[dtypes[-1]])):
+                _, r, size = prepped[i * a.batch_size + j]
+                pending.append(pool.submit(pseudo_label.write_mask, c, f"{tmp}/{i}_{j}.png", r, size, True))
                 while len(pending) > 4 * a.post_workers:
                     t = time.perf_counter()
                     pending.pop(0).result()
                     waited += time.perf_counter() - t
         [f.result() for f in pending]
         pipeline = time.perf_counter() - t0
-    n = a.images
-    rows = [{"part": f"network, batch {a.batch_size}{', bf16' if a.amp else ''}", "images/s": n / network},
-            {"part": "bilateral solver + resize, 1 process", "images/s": n / solver},
-            {"part": f"pipeline, {a.post_workers} solver process(es)", "images/s": n / pipeline}]
+    rows += [{"part": "bilateral solver + resize, 1 process", "images/s": n / solver},
+             {"part": f"pipeline, {a.post_workers} solver process(es), {dtypes[-1]}", "images/s": n / pipeline}]
+    rows = [{k: r.get(k, float("nan")) for k in rows[0]} for r in rows]
     work = tuple(prepped[0][0].shape[1:])
-    print_table(rows, f"SelfMask pseudo-labels on {device}: {n} images {a.size[0]}x{a.size[1]} -> working size {work}")
+    print_table(rows, f"SelfMask pseudo-labels on {device}: {n} {'photographs' if a.photos else 'images'} "
+                f"{a.size[0]}x{a.size[1]} -> working size {work}; IoU against {ref}")
     waits = waited / pipeline
     print(f"the network waits on the solver for {100 * waits:.0f}% of the pipeline's time"
           f"{' (add --post_workers)' if waits > 0.1 else ''}")
@@ -349,50 +413,57 @@ def bench_loader(device, argv):
          "and time per phase for each dtype and torch.compile setting, and their loss curves against fp32 eager")
 def bench_train(device, argv):
     p = common.ArgumentParser(prog="bench.py train", description=COMMANDS["train"][1])
-    p.add_argument("--arch", default="ViT-B/16", help="Released CLIP shape, random weights (default %(default)s).")
-    p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384,
-                   help="Training crop (default %(default)s).")
-    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8,
-                   help="Images per step (default %(default)s).")
-    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=10,
-                   help="Timed steps per setting, after --warmup (default %(default)s).")
-    p.add_argument("--warmup", type=common.number(int, 0, what="--warmup"), default=2,
-                   help="Untimed first steps (default %(default)s).")
+    p.add_argument("--arch", default="ViT-B/16", help="Released CLIP shape (random weights) or a CLIP file, e.g. the "
+                   "toy world's tiny_clip.pt (default %(default)s).")
+    p.add_argument("--archive", default=None, help="A real archive (with --masks_dir), e.g. the toy world's, instead "
+                   "of a generated one.")
+    p.add_argument("--masks_dir", default=None, help="The pseudo-masks of --archive.")
+    p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384, help="Training crop (default %(default)s).")
+    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8, help="Images per step (default %(default)s).")
+    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=10, help="Timed steps per setting, after --warmup (default %(default)s).")
+    p.add_argument("--warmup", type=common.number(int, 0, what="--warmup"), default=2, help="Untimed first steps (default %(default)s).")
     p.add_argument("--dtypes", default="float32,bfloat16", help="Comma list of train.py --dtype values.")
     p.add_argument("--compile", default="both", choices=["off", "on", "both"], help="torch.compile settings to run.")
     p.add_argument("--model", nargs="*", default=[], help="ModelConfig KEY=VALUE (e.g. n_layers=1 on a CPU).")
-    p.add_argument("--num_workers", type=common.number(int, 0, what="--num_workers"), default=4,
-                   help="DataLoader workers (default %(default)s).")
-    p.add_argument("--tol", type=common.number(float, 0, what="--tol"), default=0.05,
-                   help="Allowed relative loss difference to fp32 eager.")
+    p.add_argument("--num_workers", type=common.number(int, 0, what="--num_workers"), default=4, help="DataLoader workers (default %(default)s).")
+    p.add_argument("--lr", type=common.number(float, 0, what="--lr"), nargs=2, default=[5e-5, 5e-6], help="Learning rates of the head and the "
+                   "encoder (default %(default)s: train.py's).")
+    p.add_argument("--tol", type=common.number(float, 0, what="--tol"), default=0.05, help="Allowed relative loss difference to fp32 eager.")
+    p.add_argument("--window", type=common.number(int, 1, what="--window"), default=1, help="Compare the loss curves as means over windows of this many "
+                   "steps (1: step by step; long runs drift apart step by step while training alike).")
     a = p.parse_args(argv)
+    note = compiler_note() if a.compile != "off" else None
+    if note:
+        print(f"torch.compile skipped: {note}")
+        a.compile = "off"
     dist = common.Dist(device)
     with tempfile.TemporaryDirectory(prefix="zutis_bench_") as tmp:
-        archive, masks = fake_archive(tmp)
+        archive, masks = (a.archive, a.masks_dir) if a.archive else fake_archive(tmp)
         cfg = {**dataset.AUG, "archive": archive, "masks_dir": masks, "categories": None, "crop": a.crop,
                "ignore_index": 255, "norm": "imagenet", "seed": 0, "iters": a.warmup + a.iters, "lambda_mask": 1.0,
                "batch_size": a.batch_size, "index_dirs": None, "num_workers": a.num_workers}
         cats = dataset.ArchiveDataset(archive, masks).categories
         torch.manual_seed(0)
-        model0 = M.ZUTIS(a.arch, cats, clip=clip_model.random_model(a.arch),
+        clip = clip_model.load(a.arch)[0] if os.path.isfile(a.arch) else clip_model.random_model(a.arch)
+        model0 = M.ZUTIS(a.arch, cats, clip=clip,
                          **train.parse_kv(a.model, dataclasses.asdict(M.ModelConfig()), "--model"))
         settings = [(dt, c) for c in {"off": [False], "on": [True], "both": [False, True]}[a.compile]
                     for dt in a.dtypes.split(",")]
-        rows, ref = [], None
+        rows, ref, clk = [], None, clock(device)
         for dtype, compiled in settings:
             net = copy.deepcopy(model0).to(device).train()  # every setting starts from the same weights and data
-            opt = train.make_optimizer(net, {"lr": 5e-5, "lr_encoder": 5e-6, "weight_decay": 0.05})
+            opt = train.make_optimizer(net, {"lr": a.lr[0], "lr_encoder": a.lr[1], "weight_decay": 0.05})
             scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == "float16")
-            ctx, fwd = train.autocast_ctx(torch.device(device), dtype), torch.compile(net) if compiled else net
+            ctx, fwd = train.autocast_ctx(torch.device(device), dtype), train.compile_model(net, device) if compiled else net
             batches, phases, losses = iter(train.make_loader({**cfg, "categories": cats}, dist, 0)), {}, []
 
             def phase(name, fn, timed_step):
                 sync(device)
-                t0 = time.perf_counter()
+                t0 = clk()
                 out = fn()
                 sync(device)
                 if timed_step:
-                    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+                    phases[name] = phases.get(name, 0.0) + clk() - t0
                 return out
 
             for i in range(a.warmup + a.iters):
@@ -403,15 +474,16 @@ def bench_train(device, argv):
                 phase("backward+step", lambda: (opt.zero_grad(set_to_none=True), scaler.scale(out["loss"]).backward(),
                                                 scaler.step(opt), scaler.update()), i >= a.warmup)
                 losses.append(out["loss"].item())
-            ref = ref or losses
-            diff = max(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(losses, ref))
+            curve = [float(np.mean(losses[i:i + a.window])) for i in range(0, len(losses), a.window)]
+            ref = ref or curve
+            diff = max(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(curve, ref))
             total = sum(phases.values())
             rows.append({"dtype": dtype, "compile": compiled, "it_s": a.iters / total,
                          "peak_MiB": peak_memory_mb(device), **{f"{k}_%": 100 * v / total for k, v in phases.items()},
                          "first_loss": losses[0], "last_loss": losses[-1], "max_rel_diff": diff, "agrees": diff <= a.tol})
             del net, fwd, opt
-    print_table(rows, f"{a.arch} random weights, crop {a.crop}, batch {a.batch_size}, {device}; {a.iters} timed "
-                f"steps after {a.warmup}; loss curves vs the first row, tolerance {a.tol}")
+    print_table(rows, f"{os.path.basename(a.arch)}, crop {a.crop}, batch {a.batch_size}, {device}; {a.iters} timed "
+                f"steps after {a.warmup}; loss curves (means over {a.window} steps) vs the first row, tolerance {a.tol}")
     return rows
 
 
@@ -421,49 +493,149 @@ def bench_train(device, argv):
 PAPER_IMG_PER_S = {"ViT-B/16": 43.5, "ViT-B/32": 76.9}  # paper Table 5
 
 
-@command("infer", "Full inference img/s at batch 1 (evaluate.infer: encoder, decoder, argmax, instances with NMS).")
+def photographs(size, n):
+    """Real photographs from scikit-image (a test-only dependency), resized to `size` (H, W) and cycled
+    to n: a list of uint8 [H, W, 3], or [] with a printed note when scikit-image is missing."""
+    try:
+        import skimage.data
+    except ImportError:
+        print("real photographs: scikit-image is not installed, so generated images only")
+        return []
+    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"]
+    pics = [Image.fromarray(getattr(skimage.data, k)()[..., :3]).resize(size[::-1], Image.BILINEAR) for k in names]
+    return [np.asarray(pics[i % len(pics)]) for i in range(n)]
+
+
+def compiler_note():
+    """None when torch.compile can run on a CPU here, else the one-line reason."""
+    try:
+        train.compile_model(torch.nn.Identity(), "cpu")
+    except common.UserError as e:
+        return str(e)
+
+
+class _EncoderIn(torch.nn.Module):
+    """A CLIP visual encoder whose dense forward runs under autocast and returns float32, so that the
+    decoder, the projections and the mask logits after it stay float32."""
+    def __init__(self, encoder, dtype):
+        super().__init__()
+        self.inner, self.dtype, self.proj, self.patch_size = encoder, dtype, encoder.proj, encoder.patch_size
+
+    def forward_dense(self, x, **kw):
+        with common.autocast(x.device, self.dtype):
+            return self.inner.forward_dense(x, **kw).float()
+
+
+class _Autocast:
+    """A ZUTIS model whose forward runs under autocast; the post-processing after it stays float32, as
+    evaluate.py's segmenters do with a dtype. Every other attribute is the model's."""
+    def __init__(self, model, dtype):
+        self.model, self.dtype = model, dtype
+
+    def __call__(self, x):
+        with common.autocast(x.device, self.dtype):
+            return self.model(x)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def segmenter(model, setting, device):
+    """evaluate.ZutisSegmenter for a setting 'DTYPE[:encoder][:compile]': the whole network in DTYPE,
+    or (':encoder') only the CLIP encoder; ':compile' wraps it in torch.compile."""
+    dtype, parts = common.resolve_dtype(setting.split(":")[0], device, quiet=True), setting.split(":")[1:]
+    net = model
+    if "encoder" in parts:
+        net = copy.deepcopy(model)
+        net.encoder, dtype = _EncoderIn(net.encoder, dtype), None
+    seg = evaluate.ZutisSegmenter(net)
+    seg.model = _Autocast(train.compile_model(net, device) if "compile" in parts else net, dtype)
+    return seg
+
+
+def agreement(ref, out, iou=0.9):
+    """(share of semantic pixels equal, share of ref's instances that out has too: same label, mask IoU >= iou)."""
+    sem = (ref["semantic"] == out["semantic"]).double().mean().item()
+    a, b = ref["masks"].flatten(1).float(), out["masks"].flatten(1).float()
+    if len(a) == 0:
+        return sem, 1.0 if len(b) == 0 else 0.0
+    inter = a @ b.t()
+    ious = inter / (a.sum(1)[:, None] + b.sum(1)[None] - inter).clamp(min=1)
+    same = ref["labels"][:, None] == out["labels"][None]
+    return sem, ((ious >= iou) & same).any(1).double().mean().item()
+
+
+@command("infer", "Full inference img/s at batch 1 (evaluate.infer: encoder, decoder, argmax, instances with NMS) "
+         "per dtype and torch.compile setting, with each setting's agreement with the first")
 def bench_infer(device, argv):
-    """The protocol: batch 1, fp32, each image at its native size (resized only above --max_size, as for
+    """The protocol: batch 1, each image at its native size (resized only above --max_size, as for
     ImageNet-S), decoded in memory beforehand; timed per image from the host uint8 tensor to the results back
     on the host, normalisation, semantic argmax at full size and instance post-processing with NMS included,
-    the accelerator synchronised after each image. Random weights of the real shapes: speed, not accuracy."""
+    the accelerator synchronised after each image. The settings run in turn on each image (interleaved), on
+    the same weights: random ones of the real shapes (speed; agreement on untrained weights) or --ckpt.
+    Agreement with the first setting: semantic pixels equal, and instances matched (same label, IoU >= 0.9)."""
     p = common.ArgumentParser(prog="bench.py infer", description=bench_infer.__doc__)
     p.add_argument("--archs", default="ViT-B/16,ViT-B/32", help="CLIP shapes (random weights) or CLIP files, comma-separated.")
+    p.add_argument("--ckpt", default=None, help="A trained checkpoint (e.g. the toy world's ckpt.pt) instead of --archs.")
     p.add_argument("--sizes", default="375x500,500x375", help="Image sizes HxW, used in turn.")
     p.add_argument("--classes", default="imagenet_s919", help="The category list; its length sets the post-processing cost.")
     p.add_argument("--images", type=common.number(int, 1, what="--images"), default=50, help="Timed images per arch.")
-    p.add_argument("--warmup", type=common.number(int, 0, what="--warmup"), default=10,
-                   help="Untimed images before the clock starts.")
-    p.add_argument("--max_size", type=common.number(int, 1, what="--max_size"), default=1024,
-                   help="Longer side above which an image is resized.")
+    p.add_argument("--image_dir", default=None, help="Images to use (at their own size) instead of generated ones.")
+    p.add_argument("--photos", action="store_true", help="scikit-image's real photographs instead of generated images.")
+    p.add_argument("--warmup", type=common.number(int, 0, what="--warmup"), default=10, help="Untimed images before the clock starts.")
+    p.add_argument("--max_size", type=common.number(int, 1, what="--max_size"), default=1024, help="Longer side above which an image is resized.")
+    p.add_argument("--settings", default="float32", help="Comma list of DTYPE[:encoder][:compile] (':encoder': only the "
+                   "CLIP encoder in DTYPE; ':compile': torch.compile); the first is the reference.")
     a = p.parse_args(argv)
     names = categories.get_categories(a.classes)
     sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",")]
-    rows = []
-    for arch in a.archs.split(","):
-        clip = (clip_model.random_model(arch) if arch in PAPER_IMG_PER_S else clip_model.load(arch)[0]).to(device)
-        seg = evaluate.ZutisSegmenter(M.ZUTIS(arch, names, clip=clip).to(device).eval())
-        gen = torch.Generator().manual_seed(0)
-        imgs = [torch.randint(0, 256, (3, *sizes[i % len(sizes)]), dtype=torch.uint8, generator=gen)
-                for i in range(a.images)]
+    settings = a.settings.split(",")
+    note = compiler_note() if any(":compile" in s for s in settings) else None
+    if note:
+        print(f"torch.compile skipped: {note}")
+        settings = [s for s in settings if ":compile" not in s]
+    gen, rows, clk = torch.Generator().manual_seed(0), [], clock(device)
+    photos = {hw: photographs(hw, a.images) for hw in sizes} if a.photos else {}
+    for arch in [a.ckpt] if a.ckpt else a.archs.split(","):
+        if a.ckpt:
+            model = M.load_checkpoint(a.ckpt, device=device)
+        else:
+            clip = (clip_model.random_model(arch) if arch in PAPER_IMG_PER_S else clip_model.load(arch)[0]).to(device)
+            model = M.ZUTIS(arch, names, clip=clip).to(device).eval()
+        segs = {s: segmenter(model, s, device) for s in settings}
+        if a.image_dir:
+            files = common.list_images(a.image_dir)[:a.images]
+            imgs = [evaluate.image_tensor(common.load_rgb(os.path.join(a.image_dir, f))) for f in files]
+        elif photos.get(sizes[0]):
+            imgs = [torch.from_numpy(photos[sizes[i % len(sizes)]][i].copy()).permute(2, 0, 1) for i in range(a.images)]
+        else:
+            imgs = [torch.randint(0, 256, (3, *sizes[i % len(sizes)]), dtype=torch.uint8, generator=gen)
+                    for i in range(a.images)]
+        lat, agree = {s: [] for s in settings}, {s: [] for s in settings}
         with torch.no_grad():
             for i in range(a.warmup):
-                evaluate.infer(seg, imgs[i % len(imgs)], a.max_size)
+                [evaluate.infer(seg, imgs[i % len(imgs)], a.max_size) for seg in segs.values()]
             sync(device)
-            lat = []
             for im in imgs:
-                t0 = time.perf_counter()
-                evaluate.infer(seg, im, a.max_size)
-                sync(device)
-                lat.append(time.perf_counter() - t0)
-        lat = sorted(lat)
-        rows.append({"arch": os.path.basename(arch), "img_per_s": len(lat) / sum(lat), "median_ms": lat[len(lat) // 2] * 1e3,
-                     "paper_img_per_s": PAPER_IMG_PER_S.get(arch, float("nan")), "classes": len(names),
-                     "sizes": a.sizes, "images": len(lat), "peak_mb": peak_memory_mb(device)})
+                outs = {}
+                for s, seg in segs.items():
+                    t0 = clk()
+                    outs[s] = evaluate.infer(seg, im, a.max_size)
+                    sync(device)
+                    lat[s].append(clk() - t0)
+                    agree[s].append(agreement(outs[settings[0]], outs[s]))
+        for s in settings:
+            sem, inst = np.mean(agree[s], 0)
+            rows.append({"arch": a.ckpt or (os.path.basename(arch) if os.path.isfile(arch) else arch), "setting": s, "img_per_s": len(imgs) / sum(lat[s]),
+                         "median_ms": sorted(lat[s])[len(lat[s]) // 2] * 1e3,
+                         "speedup": sum(lat[settings[0]]) / sum(lat[s]), "sem_equal_%": 100 * sem,
+                         "inst_matched_%": 100 * inst, "min_sem_equal_%": 100 * min(x for x, _ in agree[s]),
+                         "paper_img_per_s": PAPER_IMG_PER_S.get(arch, float("nan")), "classes": len(model.categories),
+                         "images": len(imgs), "peak_mb": peak_memory_mb(device)})
     cuda = torch.device(device).type == "cuda"
     device_name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print_table(rows, f"full inference at batch 1, fp32, on {device_name}")
-    return {"device": device_name, "protocol": bench_infer.__doc__, "rows": rows}
+    print_table(rows, f"full inference at batch 1 on {device_name}; agreement with {settings[0]}")
+    return {"device": device_name, "protocol": bench_infer.__doc__, "rows": rows, "compile_note": note}
 
 
 
@@ -515,14 +687,16 @@ SMOKE = [
      ["--archs", "tiny", "--batch", "2", "--iters", "1", "--dense_res", "64"]),
     ("retrieval", ["--arch", "ViT-L/14@336px", "--images", "256", "--n", "1000000"],
      ["--arch", "tiny", "--images", "8", "--n", "20000", "--workers", "0"]),
-    ("selfmask", ["--images", "32", "--post_workers", "8"],
+    ("selfmask", ["--images", "32", "--post_workers", "8", "--dtypes", "float32,bfloat16,float16"],
      ["--images", "2", "--size", "48", "64", "--short_side", "48", "--batch_size", "2", "--post_workers", "1"]),
     ("loader", ["--scenes", "50"], ["--crop", "64", "--scenes", "4"]),
-    ("train", ["--arch", "ViT-B/16", "--crop", "384", "--batch_size", "8", "--iters", "50", "--compile", "both"],
+    ("train", ["--arch", "ViT-B/16", "--crop", "384", "--batch_size", "8", "--iters", "50", "--compile", "both",
+               "--dtypes", "float32,bfloat16,float16"],
      ["--arch", "ViT-B/32", "--crop", "64", "--batch_size", "2", "--iters", "2", "--warmup", "1", "--compile", "off",
       "--num_workers", "0", "--model", "n_layers=1", "n_queries=10"]),
-    ("infer", ["--archs", "ViT-B/16,ViT-B/32", "--images", "50"],
-     ["--archs", "ViT-B/32", "--sizes", "64x96", "--classes", "voc", "--images", "2", "--warmup", "1"]),
+    ("infer", ["--archs", "ViT-B/16,ViT-B/32", "--images", "50", "--settings", "float32,bfloat16,float16,bfloat16:compile"],
+     ["--archs", "ViT-B/32", "--sizes", "64x96", "--classes", "voc", "--images", "2", "--warmup", "1",
+      "--settings", "float32,bfloat16"]),
     ("ddp", ["--arch", "ViT-B/16", "--iters", "5"], ["--arch", "tiny", "--iters", "2", "--crop", "64", "--images", "2"]),
 ]
 
@@ -588,6 +762,9 @@ def main(argv=None):
         raise common.UserError(f"--json {args.json!r} is a folder: give a file path such as out/bench.json")
     if device == "cpu":
         common.set_cpu_threads()
+        flags = common.cpu_bf16_flags()
+        print(f"CPU bfloat16 instructions: {', '.join(sorted(flags)) or 'none (bfloat16 is emulated: slow)'}"
+              if flags is not None else "CPU bfloat16 instructions: unknown (no /proc/cpuinfo)")
     results = fn(device, rest)  # a subcommand's own --help prints its flags and exits here
     path = args.json or os.path.join("out", f"bench_{args.name}.json")
     common.save_json({"name": args.name, "device": device, "torch": torch.__version__, "results": results}, path)

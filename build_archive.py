@@ -19,7 +19,6 @@ import re
 import shutil
 import time
 from collections import Counter
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -46,8 +45,9 @@ def get_args_parser():
     p.add_argument("--arch", default="ViT-L/14@336px", help="The CLIP model name or checkpoint file (default %(default)s).")
     p.add_argument("--k", type=common.number(int, 1, what="--k"), default=500,
                    help="Images per category (default %(default)s).")
-    p.add_argument("--precision", choices=["official", "fp32", "bf16"], default="official", help="CLIP arithmetic: "
-                   "'official' (the default) is OpenAI's fp16 model on CUDA and fp32 on CPU; 'bf16' is autocast.")
+    p.add_argument("--dtype", choices=["auto", *common.DTYPES], default="auto", help="CLIP arithmetic: auto (the "
+                   "default) is the official float16 on CUDA (OpenAI's fp16 model, as clip.load gives) and float32 on a "
+                   "CPU; bfloat16 is autocast (fast on GPUs and CPUs with AMX or AVX512-BF16); float16 is CUDA only.")
     p.add_argument("--out_dir", default="out", help="The output folder (default %(default)s).")
     p.add_argument("--device", default="auto", help="Where to run: auto (the default), cpu or cuda.")
     p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=128,
@@ -185,7 +185,10 @@ def embed_chunks(model, preprocess, files, todo, store, args, device, amp):
     bar.close()
 
 
-def embed_index(args, dist, model, preprocess, dirs, store, precision, amp):
+LEGACY_PRECISION = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}  # stores that name it "precision"
+
+
+def embed_index(args, dist, model, preprocess, dirs, store, dtype, amp):
     """Make sure `store` is complete for `dirs`: list, embed the missing chunks (rank r: chunks r, r+world, ...),
     merge. Returns the number of images embedded by this run."""
     meta = read_meta(store)
@@ -194,11 +197,12 @@ def embed_index(args, dist, model, preprocess, dirs, store, precision, amp):
         return 0
     if dist.is_main:
         paths = list_index(dirs)
-        if meta is not None and (meta["paths"] != paths or meta.get("precision") != precision):
-            raise UserError(f"{store} holds embeddings of another image list or precision ({len(meta['paths'])} images, "
-                            f"{meta.get('precision')}): delete that folder to re-embed, or use another --out_dir")
+        stored = meta and (meta.get("dtype") or LEGACY_PRECISION.get(meta.get("precision")))
+        if meta is not None and (meta["paths"] != paths or stored != dtype):
+            raise UserError(f"{store} holds embeddings of another image list or dtype ({len(meta['paths'])} images, "
+                            f"{stored}; this run: {dtype}): delete that folder to re-embed, or use another --out_dir")
         if meta is None:  # the ordered list first: chunks refer to its rows
-            common.save_json({"arch": args.arch, "precision": precision, "source": "embed", "chunk_size": args.chunk_size,
+            common.save_json({"arch": args.arch, "dtype": dtype, "source": "embed", "chunk_size": args.chunk_size,
                               "index_dirs": dirs, "paths": paths}, os.path.join(store, "paths.json"), indent=None)
     dist.barrier()
     meta = read_meta(store)
@@ -210,7 +214,7 @@ def embed_index(args, dist, model, preprocess, dirs, store, precision, amp):
     todo = [c for c in range(n_chunks) if not os.path.isfile(chunk_file(store, c))]
     n_new = sum(min(n, (c + 1) * cs) - c * cs for c in todo)
     dist.print0(f"embeddings: {n} images in {n_chunks} chunks of {cs}; {n_new} images to embed ({n_chunks - len(todo)} "
-                f"of {n_chunks} chunks on disk; {dist.world} process(es), {precision})")
+                f"of {n_chunks} chunks on disk; {dist.world} process(es), {dtype})")
     files = [os.path.join(dirs[d], r) for d, r in meta["paths"]]
     embed_chunks(model, preprocess, files, [c for c in todo if c % dist.world == dist.rank], store, args, dist.device, amp)
     dist.barrier()
@@ -359,9 +363,10 @@ def main(argv=None):
     dirs = resolve_index_dirs(args.index_dirs, recipe)
     if dist.device.type == "cpu":
         common.set_cpu_threads()
-    precision = {"official": "fp16" if dist.device.type == "cuda" else "fp32"}.get(args.precision, args.precision)
+    dtype = ("float16" if dist.device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
+    common.resolve_dtype(dtype, dist.device)  # float16 on a CPU is refused before anything is read
     config = {**{k: v for k, v in vars(args).items() if k != "is_main"}, "categories": spec, "recipe": recipe["name"],
-              "index_dirs": dirs, "precision": precision, **common.git_info()}
+              "index_dirs": dirs, "dtype": dtype, **common.git_info()}
     store = os.path.join(args.out_dir, "embeddings", clip_model.arch_tag(args.arch))
     if dist.is_main:
         common.print_config(config)
@@ -370,13 +375,13 @@ def main(argv=None):
         for d, recursive in ((store, True), (os.path.join(args.out_dir, "contact_sheets"), True), (args.out_dir, False)):
             common.remove_stale_tmp(d, recursive)  # temp files of atomic writes that a killed run left
     model, preprocess = clip_model.load(args.arch, device=dist.device)
-    if precision == "fp16":
+    if dtype == "float16":  # the official numerics on CUDA: OpenAI's fp16 weights, not autocast
         clip_model.official_fp16(model)
-    amp = torch.autocast(dist.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    amp = common.autocast(dist.device, torch.bfloat16 if dtype == "bfloat16" else None)
     t0 = time.time()
     if args.import_embeddings and dist.is_main:
         import_embeddings(args, dirs, store)
-    n_new = 0 if args.import_embeddings else embed_index(args, dist, model, preprocess, dirs, store, precision, amp)
+    n_new = 0 if args.import_embeddings else embed_index(args, dist, model, preprocess, dirs, store, dtype, amp)
     t_embed = time.time() - t0
     if not dist.is_main:  # retrieval and outputs are rank 0's
         return dist.close()

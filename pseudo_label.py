@@ -55,7 +55,8 @@ def get_args_parser():
                    help="Processes running the bilateral solver and the "
                    "PNG writes, so that a GPU does not wait on them (0 = the main process; about 8 suit one GPU).")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
-    p.add_argument("--amp", action="store_true", help="Run SelfMask under bf16 autocast (the official code uses fp32).")
+    p.add_argument("--dtype", default="float32", choices=common.DTYPES, help=f"SelfMask's {common.DTYPE_HELP}; the "
+                   "upsampling, the 0.5 threshold and the bilateral solver stay in float32/float64 (default %(default)s).")
     p.add_argument("--contact_sheet", type=common.number(int, 0, what="--contact_sheet"), default=32,
                    help="Random images shown on the contact sheet (0 = none).")
     return p
@@ -203,17 +204,18 @@ class Jobs(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- labelling
 
-def run_coarse(model, xs, amp=False):
-    """coarse_masks on a same-sized batch; on CUDA out-of-memory one by one, then on the CPU (the
-    official code also moves a failing image to the CPU)."""
+def run_coarse(model, xs, dtype=None):
+    """coarse_masks on a same-sized batch, the network under autocast(dtype) (None: float32); on CUDA
+    out-of-memory one by one, then on the CPU in float32 (the official code also moves a failing image
+    to the CPU)."""
     dev = next(model.parameters()).device
     try:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        with common.autocast(dev, dtype):
             return list(selfmask.coarse_masks(model, torch.stack(xs).to(dev)).cpu().numpy())
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         if len(xs) > 1:
-            return sum((run_coarse(model, [x], amp) for x in xs), [])
+            return sum((run_coarse(model, [x], dtype) for x in xs), [])
         print("CUDA out of memory on one image: running it on the CPU")
         out = list(selfmask.coarse_masks(model.cpu(), xs[0][None]).numpy())
         model.to(dev)
@@ -235,6 +237,7 @@ def label_shard(jobs, args, model, dist):
     pool = args.post_workers and cf.ProcessPoolExecutor(args.post_workers, mp.get_context("spawn"),
                                                         die_with_parent, (os.getpid(),))
     res, pending, buckets = {"done": [], "written": [], "skipped": []}, [], {}
+    dtype = common.resolve_dtype(args.dtype, dist.device, quiet=True)  # main has warned already
     loader = torch.utils.data.DataLoader(Jobs(jobs, args), batch_size=None, num_workers=args.num_workers,
                                          worker_init_fn=functools.partial(die_with_parent, os.getpid()))
 
@@ -247,7 +250,7 @@ def label_shard(jobs, args, model, dist):
 
     def flush(key):
         items = buckets.pop(key)
-        for it, coarse in zip(items, run_coarse(model, [it["x"] for it in items], args.amp)):
+        for it, coarse in zip(items, run_coarse(model, [it["x"] for it in items], dtype)):
             submit(coarse, it["mask_path"], it["ref"].numpy(), it["size"], args.bilateral)
 
     t0 = time.time()
@@ -330,6 +333,7 @@ def main():
     dist = common.Dist(args.device)
     if dist.device.type == "cpu":
         common.set_cpu_threads()
+    common.resolve_dtype(args.dtype, dist.device, quiet=not dist.is_main)  # float16 on a CPU: refused here
     arc = common.load_archive(args.archive, args.index_dirs)
     jobs = [(common.image_path(arc, e), os.path.join(args.out_dir, common.mask_relpath(arc, e)))
             for e in common.unique_entries(arc)]

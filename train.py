@@ -22,8 +22,8 @@ import json
 import math
 import os
 import random
+import shutil
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -72,9 +72,10 @@ def parse_args(argv=None):
       help="AdamW weight decay on every parameter (default %(default)s).")
     a("--min_lr", type=common.number(float, 0, what="--min_lr"), default=1e-6,
       help="Floor of the poly schedule, both groups; at most --lr and --lr_encoder (default %(default)s).")
-    a("--dtype", default="float32", choices=["float32", "tf32", "bfloat16", "float16"],
-      help="Autocast dtype (losses stay fp32); tf32 = float32 with TF32 matmuls (default %(default)s).")
-    a("--compile", action="store_true", help="torch.compile the model.")
+    a("--dtype", default="float32", choices=common.DTYPES, help=f"The model's {common.DTYPE_HELP}; float16 is "
+      "loss-scaled; the losses and the matcher stay float32 (default %(default)s).")
+    a("--compile", action="store_true", help="torch.compile the model (inductor; on a CPU it needs a C++ compiler). "
+      "Off by default: measured in docs/speed.md.")
     a("--device", default="auto", help="auto, cpu or cuda (default %(default)s).")
     a("--num_workers", type=common.number(int, 0, what="--num_workers"), default=8, help="DataLoader workers per rank; 0: none (default %(default)s).")
     a("--seed", type=common.number(int, 0, what="--seed"), default=0, help="Seed of the model init and of the data stream (default %(default)s).")
@@ -240,12 +241,21 @@ def build_model(cfg, init, device, print0, ck=None):
 
 
 def autocast_ctx(device, dtype):
-    if dtype in ("float32", "tf32"):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
-        return nullcontext()
-    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bfloat16: use --dtype float16 (loss-scaled) or float32")
-    return torch.autocast(device.type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+    """The forward's autocast for a --dtype name (float32: none); float16 on a CPU is refused."""
+    return common.autocast(device, common.resolve_dtype(dtype, device))
+
+
+def compile_model(model, device):
+    """torch.compile with inductor, which builds C++ on a CPU: a missing compiler is one clear line
+    instead of an error deep inside the first forward."""
+    if torch.device(device).type == "cpu":
+        import torch._inductor.config as inductor
+        cxx = inductor.cpp.cxx if isinstance(inductor.cpp.cxx, (list, tuple)) else (inductor.cpp.cxx,)
+        names = [c for c in cxx if c]
+        if not any(shutil.which(c) for c in names):
+            raise UserError(f"--compile on a CPU needs the C++ compiler inductor uses ({' or '.join(names)}; set CXX "
+                            "to choose another) and none is on PATH: install one or run without --compile")
+    return torch.compile(model)
 
 
 def compute_losses(net, batch, ctx, cfg):
@@ -426,7 +436,7 @@ def train(args, dist):
         del ck
     n_enc, n_all = sum(p.numel() for p in raw_model.encoder.parameters()), sum(p.numel() for p in raw_model.parameters())
     dist.print0(f"parameters: {n_all / 1e6:.2f}M ({n_enc / 1e6:.2f}M CLIP visual encoder)")
-    net = torch.compile(raw_model) if cfg["compile"] else raw_model
+    net = compile_model(raw_model, device) if cfg["compile"] else raw_model
     if dist.ddp:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     ctx = autocast_ctx(device, cfg["dtype"])

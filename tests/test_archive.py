@@ -194,12 +194,12 @@ def test_build_skip_and_kill_resume(tiny_clip_path, tmp_path, capsys, monkeypatc
         key = [(-e["score"], paths.index(e["path"])) for e in entries]
         assert key == sorted(key)  # descending score, ties by lower index (the two identical images)
         assert (out_b / "contact_sheets" / f"{build_archive.safe_name(name)}.jpg").exists()
-    # a second run reuses the finished store; another precision does not mix into it
+    # a second run reuses the finished store; another dtype does not mix into it
     run_build(tiny_clip_path, imgs, out_b)
     assert "already embedded" in capsys.readouterr().out
     assert open(out_b / "archive.json", "rb").read() == a
-    with pytest.raises(common.UserError, match="another image list or precision"):
-        run_build(tiny_clip_path, imgs, out_b, "--precision", "bf16")
+    with pytest.raises(common.UserError, match="another image list or dtype"):
+        run_build(tiny_clip_path, imgs, out_b, "--dtype", "bfloat16")
 
 
 def test_scores_match_clip(tiny_clip_path, tmp_path):
@@ -214,6 +214,23 @@ def test_scores_match_clip(tiny_clip_path, tmp_path):
         img = torch.nn.functional.normalize(model.encode_image(pre(common.load_rgb(common.image_path(arc, e)))[None]), dim=-1)
     txt = clip_model.text_embeddings(model, ["dog"], categories.TEMPLATES)
     assert abs(float(img @ txt.t()) - e["score"]) < 2e-3  # float16 storage of the image embedding
+
+
+def test_dtype_bfloat16_agrees_and_float16_is_cuda_only(tiny_clip_path, tmp_path):
+    """--dtype bfloat16 embeds under autocast and records its dtype; its archive is nearly the fp32 one
+    (loosely here: bench.py measures the agreement at real sizes). float16 on a CPU is a one-line error."""
+    imgs = tmp_path / "imgs"
+    make_images(str(imgs), n=12)
+    run_build(tiny_clip_path, imgs, tmp_path / "f32")
+    run_build(tiny_clip_path, imgs, tmp_path / "bf16", "--dtype", "bfloat16")
+    assert json.load(open(tmp_path / "bf16/embeddings/tiny_clip/paths.json"))["dtype"] == "bfloat16"
+    a, b = (common.load_archive(str(tmp_path / d / "archive.json"))["archive"] for d in ("f32", "bf16"))
+    for name in a:
+        sa, sb = ({e["path"]: e["score"] for e in x[name]} for x in (a, b))
+        assert len(sa.keys() & sb.keys()) >= 3  # of 4
+        assert all(abs(sa[p] - sb[p]) < 0.02 for p in sa.keys() & sb.keys())
+    with pytest.raises(common.UserError, match="float16 runs on CUDA only"):
+        run_build(tiny_clip_path, imgs, tmp_path / "f16", "--dtype", "float16")
 
 
 @pytest.mark.slow

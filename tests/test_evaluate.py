@@ -573,9 +573,11 @@ def test_images_demo(tiny_ckpt, tmp_path, monkeypatch, capsys):
 
 def test_bench_infer_cpu(tiny_clip_path, tmp_path):
     r = bench.main(["infer", "--device", "cpu", "--archs", tiny_clip_path, "--sizes", "32x48,40x24", "--images", "2",
-                    "--warmup", "1", "--classes", "cat,dog", "--json", str(tmp_path / "b.json")])
+                    "--warmup", "1", "--classes", "cat,dog", "--settings", "float32,bfloat16", "--json", str(tmp_path / "b.json")])
     rows = json.load(open(tmp_path / "b.json"))["results"]["rows"]
     assert r is None and rows[0]["img_per_s"] > 0 and rows[0]["images"] == 2 and rows[0]["classes"] == 3
+    assert [x["setting"] for x in rows] == ["float32", "bfloat16"] and rows[0]["sem_equal_%"] == 100
+    assert rows[1]["sem_equal_%"] > 50 and rows[1]["img_per_s"] > 0  # loose: the real figures are bench.py's
 
 
 # ----------------------------------------------------------------------------- checkpoints that travel

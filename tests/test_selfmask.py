@@ -393,11 +393,19 @@ def test_pseudo_label_selfmask_path_and_missing_checkpoint(tmp_path, monkeypatch
     arc_path, truths = make_archive(str(tmp_path), n=7, sizes=((48, 64), (40, 56), (48, 64), (64, 40)))
     out = str(tmp_path / "masks")
     # The released architecture with random weights, at a tiny working size so it runs in a second.
-    run_pseudo_label(monkeypatch, "--archive", arc_path, "--out_dir", out, "--selfmask", released_files[1],
-                     "--short_side", "24", "--batch_size", "2", "--amp")  # bf16 autocast works on the CPU too
+    for dtype in ("float32", "bfloat16"):  # bf16 autocast runs on the CPU too
+        run_pseudo_label(monkeypatch, "--archive", arc_path, "--out_dir", f"{out}_{dtype}", "--selfmask",
+                         released_files[1], "--short_side", "24", "--batch_size", "2", "--dtype", dtype)
+    ious = []
     for rel, truth in truths.items():
-        m = Image.open(os.path.join(out, "0_imgs", os.path.splitext(rel)[0] + ".png"))
-        assert m.mode == "L" and m.size == truth.shape[::-1]
+        m32, m16 = (Image.open(os.path.join(f"{out}_{d}", "0_imgs", os.path.splitext(rel)[0] + ".png"))
+                    for d in ("float32", "bfloat16"))
+        assert m16.mode == "L" and m16.size == truth.shape[::-1]
+        a, b = np.asarray(m32) > 127, np.asarray(m16) > 127
+        ious.append((a & b).sum() / max((a | b).sum(), 1))
+    assert np.mean(ious) > 0.8, ious  # loose: bench.py measures the agreement at the working size
+    with pytest.raises(common.UserError, match="float16 runs on CUDA only"):
+        run_pseudo_label(monkeypatch, "--archive", arc_path, "--out_dir", out, "--dtype", "float16")
     with pytest.raises(common.UserError, match="--saliency boundary"):
         run_pseudo_label(monkeypatch, "--archive", arc_path, "--out_dir", out + "2", "--selfmask",
                          str(tmp_path / "missing.pt"))

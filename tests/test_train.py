@@ -136,6 +136,22 @@ def test_resume_is_exact(tiny_clip_path, data, tmp_path, monkeypatch):
     assert train.main(tiny_argv(tiny_clip_path, data, resumed, 4)) is None  # nothing left to do
 
 
+def test_bfloat16_loss_curve_follows_float32_and_float16_is_cuda_only(tiny_clip_path, data, tmp_path, monkeypatch):
+    """Same weights and data: the bf16 autocast losses follow the fp32 ones (loosely at this size; bench.py
+    train --tol measures it at real ones). float16 on a CPU and --compile without a compiler are one line."""
+    curves = []
+    for dtype in ("float32", "bfloat16"):
+        train.main(tiny_argv(tiny_clip_path, data, tmp_path / dtype, 3, "--dtype", dtype))
+        curves.append([json.loads(ln)["loss"] for ln in open(tmp_path / dtype / "metrics.jsonl")])
+    assert len(curves[0]) == 3 and curves[0] != curves[1]  # bf16 really ran
+    assert all(abs(a - b) <= 0.1 * abs(a) for a, b in zip(*curves)), curves
+    with pytest.raises(common.UserError, match="float16 runs on CUDA only"):
+        train.main(tiny_argv(tiny_clip_path, data, tmp_path / "f16", 1, "--dtype", "float16"))
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    with pytest.raises(common.UserError, match="needs the C.. compiler inductor uses"):
+        train.compile_model(torch.nn.Linear(2, 2), torch.device("cpu"))
+
+
 def test_script_writes_a_checkpoint_model_reloads(tiny_clip_path, data, tmp_path):
     out = tmp_path / "run"
     r = run_script(tiny_argv(tiny_clip_path, data, out, 2, "--dtype", "bfloat16"))
