@@ -155,7 +155,7 @@ CASES = [
     ("build_archive.py", ["--import_archive", "notes.txt", "--remap", "nothing"], "OLD_PREFIX=NEW_PREFIX"),
     ("build_archive.py", ["--import_embeddings", "notes.txt", "notes.txt", "--index_dirs", "imgs"],
      "one pickle per index dir"),
-    ("build_archive.py", ["--precision", "fp64"], "invalid choice"),
+    ("build_archive.py", ["--dtype", "fp64"], "invalid choice"),
     ("build_archive.py", ["--index_dirs", "imgs", "notes.txt"], "is a file, not a folder"),
     ("pseudo_label.py", ["--batch_size", "0"], ">= 1"),
     ("pseudo_label.py", ["--short_side", "4"], ">= 8"),
