@@ -328,8 +328,27 @@ def check_args(args, given):
     return args
 
 
+MASK_SETTINGS = ("saliency", "selfmask", "bilateral", "short_side", "dtype")  # what a finished mask depends on
+
+
+def check_rerun(args, defaults):
+    """A rerun continues the masks in --out_dir; one whose mask settings differ from theirs is refused,
+    naming each difference, so that no folder holds masks of two settings."""
+    path = os.path.join(args.out_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    old = common.load_json(path, "pseudo-mask settings")
+    changed = [f"--{k} {getattr(args, k)} (masks: {old.get(k, defaults[k])})" for k in MASK_SETTINGS
+               if old.get(k, defaults[k]) != getattr(args, k)]
+    if changed:
+        raise common.UserError(f"{args.out_dir} holds masks made with other settings: {'; '.join(changed)}. Rerun "
+                               "with their settings to continue, or choose another --out_dir")
+
+
 def main():
-    args = check_args(*common.parse_args(get_args_parser()))
+    parser = get_args_parser()
+    args = check_args(*common.parse_args(parser))
+    check_rerun(args, vars(parser.parse_args([])))
     dist = common.Dist(args.device)
     if dist.device.type == "cpu":
         common.set_cpu_threads()

@@ -387,6 +387,11 @@ def test_pseudo_label_writes_resumes_and_redoes_broken_masks(tmp_path, monkeypat
     redone = {r for r, p in paths.items() if os.path.getmtime(p) > 1}
     assert redone == set(names[:3])
     assert Image.open(paths[names[1]]).size == truths[names[1]].shape[::-1]
+    # A rerun with another mask setting would mix two kinds of masks in one folder: refused, nothing written.
+    before = {p: os.path.getmtime(p) for p in paths.values()}
+    with pytest.raises(common.UserError, match=r"other settings: --bilateral False \(masks: True\)"):
+        run_pseudo_label(monkeypatch, "--archive", arc_path, "--out_dir", out, "--saliency", "boundary", "--no-bilateral")
+    assert {p: os.path.getmtime(p) for p in paths.values()} == before
 
 
 def test_pseudo_label_selfmask_path_and_missing_checkpoint(tmp_path, monkeypatch, released_files):
