@@ -16,7 +16,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
 import common
@@ -191,15 +190,15 @@ def training_done(run_dir, iters):
 
 def get_args_parser(description):
     # --- CLI ---
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="toy_out", help="everything goes here; rerun the same command to continue")
     p.add_argument("--quick", action="store_true", help="the CI run: fewer images and steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the world and of every stage")
+    p.add_argument("--seed", type=common.number(int, 0, what="--seed"), default=0, help="seed of the world and of every stage")
     p.add_argument("--device", default="cpu", help="device for the stages: cpu, cuda or auto")
-    p.add_argument("--clip_steps", type=int, default=None, help="tiny-CLIP pre-training steps (default: preset)")
-    p.add_argument("--iters", type=int, default=None, help="segmenter training iterations (default: preset)")
-    p.add_argument("--n_index", type=int, default=None, help="index pool size (default: preset)")
-    p.add_argument("--n_eval", type=int, default=None, help="evaluation scenes (default: preset)")
+    p.add_argument("--clip_steps", type=common.number(int, 1, what="--clip_steps"), default=None, help="tiny-CLIP pre-training steps (default: preset)")
+    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=None, help="segmenter training iterations (default: preset)")
+    p.add_argument("--n_index", type=common.number(int, 1, what="--n_index"), default=None, help="index pool size (default: preset)")
+    p.add_argument("--n_eval", type=common.number(int, 1, what="--n_eval"), default=None, help="evaluation scenes (default: preset)")
     p.add_argument("--no_ablation", action="store_true", help="skip the no-stop-gradient training run")
     p.add_argument("--check_floors", default=None, help="a JSON file {metric: floor} such as toy/floors.json: "
                                                           "exit 1 if a metric is below its floor")
@@ -208,18 +207,10 @@ def get_args_parser(description):
 
 def check_args(args):
     """Every flag is checked before any work: a bad value fails now, not half an hour in."""
-    for k in ("clip_steps", "iters", "n_index", "n_eval"):
-        v = getattr(args, k)
-        if v is not None and v < 1:
-            raise common.UserError(f"--{k} must be a positive number, got {v}")
     if args.n_index is not None and args.n_index < 10 * len(CATEGORIES):
         raise common.UserError(f"--n_index must be at least {10 * len(CATEGORIES)} (ten images per category)")
-    if args.device not in ("cpu", "cuda", "auto") and not args.device.startswith("cuda:"):
-        raise common.UserError(f"--device must be cpu, cuda, cuda:N or auto, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise common.UserError("--device cuda asked for, but torch sees no CUDA device")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise common.UserError(f"--out_dir {args.out_dir!r} is a file")
+    common.check_device(args.device)
+    common.check_out_dir(args.out_dir)
     return read_floors(args.check_floors) if args.check_floors else None
 
 
