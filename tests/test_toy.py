@@ -174,9 +174,9 @@ def test_floors(tmp_path):
             run.read_floors(str(f))
 
 
-@pytest.mark.parametrize("flags, says", [(["--iters", "-5"], "--iters must be a positive"),
+@pytest.mark.parametrize("flags, says", [(["--iters", "-5"], "--iters must be >= 1"),
                                          (["--n_index", "20"], "--n_index must be at least"),
-                                         (["--device", "tpu"], "--device must be"),
+                                         (["--device", "tpu"], "is not a device"),
                                          (["--check_floors", "nope.json"], "floors file not found")])
 def test_bad_flags_fail_before_any_work(tmp_path, flags, says):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"),
