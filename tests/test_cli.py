@@ -251,3 +251,24 @@ def test_unicode_and_trailing_comma_names(files):
     assert C.get_categories(str(files / "unicode.txt")) == ["background", "猫", "chien rouge", "Éléphant"]
     assert C.get_categories("bird,") == ["background", "bird"]  # a class named like a list
     assert C.get_categories("cat,dog,") == ["background", "cat", "dog"]
+
+
+def test_dtype_rules_and_the_slow_bf16_warning(monkeypatch, capsys):
+    """One --dtype vocabulary: float32 is no autocast, float16 is refused on a CPU, and bfloat16 on a CPU
+    without bf16 instructions runs but says it is emulated; with them (or flags unknown) it says nothing."""
+    import torch
+    import common
+    assert common.resolve_dtype("float32", "cpu") is None
+    with pytest.raises(common.UserError, match="CUDA only"):
+        common.resolve_dtype("float16", "cpu")
+    with pytest.raises(common.UserError, match="is not one of"):
+        common.resolve_dtype("fp16", "cpu")
+    for flags, warned in ((set(), True), ({"avx512_bf16"}, False), ({"amx_bf16", "avx512_bf16"}, False), (None, False)):
+        monkeypatch.setattr(common, "cpu_bf16_flags", lambda: flags)
+        assert common.resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+        err = capsys.readouterr().err
+        assert ("emulated and slower than float32" in err) == warned and err.count("\n") == int(warned), (flags, err)
+    with common.autocast("cpu", torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with common.autocast("cpu", None):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
