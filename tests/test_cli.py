@@ -256,7 +256,6 @@ def test_unicode_and_trailing_comma_names(files):
 def test_dtype_rules_and_the_slow_bf16_warning(monkeypatch, capsys):
     """One --dtype vocabulary: float32 is no autocast, float16 is refused on a CPU, and bfloat16 on a CPU
     without bf16 instructions runs but says it is emulated; with them (or flags unknown) it says nothing."""
-    import torch
     import common
     assert common.resolve_dtype("float32", "cpu") is None
     with pytest.raises(common.UserError, match="CUDA only"):
