@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import skimage.data as skdata  # real photographs (a test dependency: requirements-test.txt)
 import torch
 from PIL import Image, ImageOps
 
@@ -19,7 +20,6 @@ from test_evaluate import cli_error, run_main, tiny_ckpt  # noqa: F401 (a fixtur
 from test_model import tiny_official_sd
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-skdata = pytest.importorskip("skimage.data")
 
 
 def python_blocks():
