@@ -43,7 +43,7 @@ MODEL_DEFAULTS = {k: v for k, v in dataclasses.asdict(model.ModelConfig()).items
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), usage="%(prog)s [options]",
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), usage="%(prog)s [options]",
                                 formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30, width=120))
     a = p.add_argument
     a("--arch", default="ViT-B/16", help="CLIP name or path to CLIP weights (default %(default)s).")

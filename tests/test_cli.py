@@ -186,6 +186,9 @@ CASES = [
     ("bench.py", ["smoke", "--timeout", "0"], "> 0"),
     ("bench.py", ["selfmask", "--size", "0", "5"], ">= 1"),
     ("selfmask.py", ["--foo"], "unrecognized arguments"),
+    ("train.py", ["--lr", "-1"], "must be >= 0"),
+    ("train.py", ["--dtype", "fp8"], "invalid choice"),
+    ("train.py", ["--iters", "0"], ">= 1"),
     ("common.py", ["extra"], "unrecognized arguments"),
 ]
 
