@@ -29,7 +29,7 @@ import clip_model
 import common
 import dataset
 import evaluate
-import model as M
+import model
 import pseudo_label
 import selfmask
 import topk
@@ -445,8 +445,8 @@ def bench_train(device, argv):
         cats = dataset.ArchiveDataset(archive, masks).categories
         torch.manual_seed(0)
         clip = clip_model.load(a.arch)[0] if os.path.isfile(a.arch) else clip_model.random_model(a.arch)
-        model0 = M.ZUTIS(a.arch, cats, clip=clip,
-                         **train.parse_kv(a.model, dataclasses.asdict(M.ModelConfig()), "--model"))
+        model0 = model.ZUTIS(a.arch, cats, clip=clip,
+                         **train.parse_kv(a.model, dataclasses.asdict(model.ModelConfig()), "--model"))
         settings = [(dt, c) for c in {"off": [False], "on": [True], "both": [False, True]}[a.compile]
                     for dt in a.dtypes.split(",")]
         rows, ref, clk = [], None, clock(device)
@@ -598,11 +598,11 @@ def bench_infer(device, argv):
     photos = {hw: photographs(hw, a.images) for hw in sizes} if a.photos else {}
     for arch in [a.ckpt] if a.ckpt else a.archs.split(","):
         if a.ckpt:
-            model = M.load_checkpoint(a.ckpt, device=device)
+            net = model.load_checkpoint(a.ckpt, device=device)
         else:
             clip = (clip_model.random_model(arch) if arch in PAPER_IMG_PER_S else clip_model.load(arch)[0]).to(device)
-            model = M.ZUTIS(arch, names, clip=clip).to(device).eval()
-        segs = {s: segmenter(model, s, device) for s in settings}
+            net = model.ZUTIS(arch, names, clip=clip).to(device).eval()
+        segs = {s: segmenter(net, s, device) for s in settings}
         if a.image_dir:
             files = common.list_images(a.image_dir)[:a.images]
             imgs = [evaluate.image_tensor(common.load_rgb(os.path.join(a.image_dir, f))) for f in files]
@@ -630,7 +630,7 @@ def bench_infer(device, argv):
                          "median_ms": sorted(lat[s])[len(lat[s]) // 2] * 1e3,
                          "speedup": sum(lat[settings[0]]) / sum(lat[s]), "sem_equal_%": 100 * sem,
                          "inst_matched_%": 100 * inst, "min_sem_equal_%": 100 * min(x for x, _ in agree[s]),
-                         "paper_img_per_s": PAPER_IMG_PER_S.get(arch, float("nan")), "classes": len(model.categories),
+                         "paper_img_per_s": PAPER_IMG_PER_S.get(arch, float("nan")), "classes": len(net.categories),
                          "images": len(imgs), "peak_mb": peak_memory_mb(device)})
     cuda = torch.device(device).type == "cuda"
     device_name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import benchmarks as B
-import categories as C
+import benchmarks
+import categories
 import clip_model
 import common
-import model as M
+import model
 from common import UserError
 from visualize import panels, render_instances, render_semantic, save_vis
 
@@ -43,7 +43,7 @@ CHOICES = {"model": ("zutis", "maskclip"), "nms": ("hard", "none"), "class_prob"
 
 def get_args_parser():
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", default="voc", help=f"The benchmark: {', '.join(B.BENCHES)}.")
+    p.add_argument("--bench", default="voc", help=f"The benchmark: {', '.join(benchmarks.BENCHES)}.")
     p.add_argument("--data_root", default=None, help="Its folder, or a parent of its standard tree (default data/<folder>).")
     p.add_argument("--split", default=None, help="voc: trainval, train or val; imagenet_s919: val or test; cub: test or train.")
     p.add_argument("--model", default="zutis", help="zutis (a checkpoint) or maskclip (the training-free baseline).")
@@ -123,13 +123,14 @@ def name_proposals(seg, proposals, tokens, text, class_prob, own=None):
     ay, ax = (F.interpolate(torch.eye(n, device=dev)[None], size=size, mode="linear", align_corners=False)[0]
               for n, size in ((gh, masks.shape[-2]), (gw, masks.shape[-1])))  # [gh, H], [gw, W]
     w = torch.cat([ay @ m.to(dev).float() @ ax.t() for m in masks.split(16)]) if len(masks) else ay.new_zeros(0, gh, gw)
-    prob, labels = class_prob(M.mean_token_cos(w.flatten(1), tokens.flatten(0, 1).float(), text.float())).max(-1)
+    prob, labels = class_prob(model.mean_token_cos(w.flatten(1), tokens.flatten(0, 1).float(), text.float())).max(-1)
     scores = {"product": scores.to(dev) * prob, "class": prob, "proposal": scores.to(dev).float()}[seg.proposal_score]
     parts = [{"masks": masks.to(dev), "labels": labels, "scores": scores}] + ([own] if seg.with_decoder else [])
     masks, labels, scores = (torch.cat([q[k].to(dev) for q in parts]) for k in ("masks", "labels", "scores"))
     ok = (labels != 0) & masks.flatten(1).any(1)
     masks, labels, scores = masks[ok], labels[ok], scores[ok]
-    keep = M.mask_nms(masks, scores, labels, seg.nms_iou) if seg.nms == "hard" else torch.argsort(scores, descending=True, stable=True)
+    keep = model.mask_nms(masks, scores, labels, seg.nms_iou) if seg.nms == "hard" else \
+        torch.argsort(scores, descending=True, stable=True)
     return {"masks": masks[keep].cpu(), "labels": labels[keep].cpu(), "scores": scores[keep].cpu()}
 
 
@@ -168,13 +169,13 @@ class ZutisSegmenter(Segmenter):
         with common.autocast(self.device, self.dtype):
             out = self.model(x)
         out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
-        res = {"semantic": M.semantic_from_outputs(out, out_size).cpu()}
+        res = {"semantic": model.semantic_from_outputs(out, out_size).cpu()}
         if not instances:
             return res
-        own = M.instances_from_outputs(out, out_size, **self.kw) if proposals is None or self.with_decoder else None
+        own = model.instances_from_outputs(out, out_size, **self.kw) if proposals is None or self.with_decoder else None
         if proposals is None:
             return {**res, **{k: v.cpu() for k, v in own.items()}}
-        prob = functools.partial(M.class_probability, rule=self.kw["class_prob"], logit_scale=out["logit_scale"])
+        prob = functools.partial(model.class_probability, rule=self.kw["class_prob"], logit_scale=out["logit_scale"])
         return {**res, **name_proposals(self, proposals, out["patch_tokens"][0], out["text_emb"], prob, own)}
 
 
@@ -197,7 +198,7 @@ class MaskCLIPSegmenter(Segmenter):
     def set_categories(self, names):
         key = tuple(names)
         if key not in self._cache:  # CUB breed mode switches names per image: each list is embedded a single time
-            self._cache[key] = clip_model.text_embeddings(self.clip, list(names), C.TEMPLATES)
+            self._cache[key] = clip_model.text_embeddings(self.clip, list(names), categories.TEMPLATES)
         self.text, self.categories = self._cache[key], list(names)
 
     @torch.no_grad()
@@ -219,7 +220,7 @@ class MaskCLIPSegmenter(Segmenter):
         comps = component_instances(sem, lambda c: torch.exp(logits[c] * self.scale - lse).cpu().numpy(), self.max_instances)
         if proposals is None:
             return {**out, **comps}
-        prob = functools.partial(M.class_probability, rule="softmax", logit_scale=self.scale)
+        prob = functools.partial(model.class_probability, rule="softmax", logit_scale=self.scale)
         return {**out, **name_proposals(self, proposals, f, self.text.to(f), prob, comps)}
 
 
@@ -257,19 +258,19 @@ def checkpoint_config(spec):
     return dict(ck["config"]) if isinstance(ck, dict) and isinstance(ck.get("config"), dict) else {}
 
 
-def build_segmenter(args, categories, device):
-    """--model zutis|maskclip -> a segmenter with `categories` (None: the checkpoint's own)."""
+def build_segmenter(args, classes, device):
+    """--model zutis|maskclip -> a segmenter with `classes` (None: the checkpoint's own)."""
     kw = dict(nms=args.nms, nms_iou=args.nms_iou, proposal_score=args.proposal_score, with_decoder=args.with_decoder,
               dtype=args.dtype)
     if args.model == "maskclip":
         clip, _ = clip_model.load(args.arch or "ViT-B/16", device=device)
-        return MaskCLIPSegmenter(clip, categories or list(C.VOC), **kw)
+        return MaskCLIPSegmenter(clip, classes or list(categories.VOC), **kw)
     spec = args.ckpt or newest_checkpoint()
     cfg = checkpoint_config(spec)  # also turns a missing or unreadable file into a one-line error
     names = list(clip_model.MODELS)
     if args.arch in names and cfg.get("arch") in names and args.arch != cfg["arch"]:  # before any download
         raise UserError(f"{spec} is a {cfg['arch']} checkpoint, not --arch {args.arch}")
-    net = M.load_checkpoint(spec, categories=categories, device=device, arch=args.arch)
+    net = model.load_checkpoint(spec, categories=classes, device=device, arch=args.arch)
     norm = cfg.get("norm", "imagenet")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"loaded {spec} ({getattr(net, 'arch', '?')}, input norm {norm})")
@@ -296,7 +297,8 @@ def load(spec, classes=None, device="auto", dtype="float32", **rules):
     vars(args).update({"model": "maskclip" if maskclip else "zutis", "ckpt": None if maskclip else spec, "dtype": dtype,
                        "arch": spec.partition(":")[2] or None if maskclip else None, **rules})
     check_choices(args)
-    seg = build_segmenter(args, None if classes is None else C.get_categories(classes), common.check_device(device))
+    names = None if classes is None else categories.get_categories(classes)
+    seg = build_segmenter(args, names, common.check_device(device))
     seg.max_size = args.max_size or Segmenter.max_size
     return seg
 
@@ -384,7 +386,7 @@ def decode_proposals(entries, hw):
 def bench_categories(classes, bench):
     """--classes replacing the benchmark's names. Label ids stay positional, so the count must match, except
     where the ground truth's values index any list (bench.any_classes); no id may equal its ignore value."""
-    names = list(bench.categories) if classes is None else C.get_categories(classes)
+    names = list(bench.categories) if classes is None else categories.get_categories(classes)
     if len(names) != len(bench.categories) and not bench.any_classes:
         raise UserError(f"--classes has {len(names)} names with background; {bench.name} needs {len(bench.categories)} "
                         "(label ids are positional: --classes renames the benchmark's classes)")
@@ -435,7 +437,7 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
     samples = bench.samples[:max_images] if max_images else bench.samples
     names = list(bench.categories if bench.sample_categories else seg.categories)
     max_size = max_size or bench.max_size
-    scorers = B.scorers(bench, names, out_dir)
+    scorers = benchmarks.scorers(bench, names, out_dir)
     with_instances = proposals is not None or any(scorer.needs_instances for scorer in scorers)
     found, unmatched = read_proposals(proposals, samples) if proposals else ({}, 0)
     mine = samples[dist.rank::dist.world]
@@ -502,7 +504,8 @@ def run_benchmark(model, bench, data_root, out_dir=None, split=None, max_images=
     """The Python entry point (a script, a notebook): evaluate `model` (a ZUTIS module or a segmenter) on `bench`.
     kw: classes (default: the model's own), norm, t, nms, nms_iou, class_prob, unseen, cub_text, max_size,
     save_vis. Returns the metrics dict (empty off rank 0)."""
-    b = B.read_bench(bench, data_root, split, unseen=kw.get("unseen", False), cub_text=kw.get("cub_text", "bird"))
+    b = benchmarks.read_bench(bench, data_root, split, unseen=kw.get("unseen", False),
+                              cub_text=kw.get("cub_text", "bird"))
     rules = {k: kw[k] for k in ("t", "nms", "nms_iou", "class_prob") if k in kw}
     seg = model if hasattr(model, "kind") else ZutisSegmenter(model, kw.get("norm", "imagenet"), **rules)
     seg.set_categories(b.categories if b.sample_categories else bench_categories(kw.get("classes") or seg.categories, b))
@@ -540,8 +543,8 @@ def run_images(seg, src, out_dir, max_size=1024, proposals=None):
         common.save_image(sem.astype(np.uint8 if len(names) <= 256 else np.uint16), stem + "_labels.png")
         coco["images"].append({"id": s["id"], "file_name": rel, "height": hw[0], "width": hw[1]})
         for m, lab, sc in zip(p["masks"].numpy(), p["labels"].tolist(), p["scores"].tolist()):  # background already dropped
-            coco["annotations"].append({**B.gt_annotation(m, lab, s["id"], len(coco["annotations"]) + 1), "score": sc,
-                                        "category_name": names[lab]})
+            ann = benchmarks.gt_annotation(m, lab, s["id"], len(coco["annotations"]) + 1)
+            coco["annotations"].append({**ann, "score": sc, "category_name": names[lab]})
     write_skipped(skipped, out_dir)
     if not coco["images"]:
         raise UserError(f"none of the {len(rels)} images could be segmented (reasons above and in {out_dir}/skipped.txt)")
@@ -562,8 +565,8 @@ def check_choices(args):
 def check_args(args, given):
     """Every flag checked before any work (files, names, conflicts); returns args."""
     check_choices(args)
-    if args.images is None and args.bench not in B.BENCHES:
-        raise UserError(f"unknown benchmark {args.bench!r}: use one of {', '.join(B.BENCHES)}")
+    if args.images is None and args.bench not in benchmarks.BENCHES:
+        raise UserError(f"unknown benchmark {args.bench!r}: use one of {', '.join(benchmarks.BENCHES)}")
     if args.images is not None and not os.path.exists(args.images):
         raise UserError(f"--images not found: {args.images!r}")
     if args.images is not None:
@@ -581,7 +584,7 @@ def check_args(args, given):
             raise UserError(f"--{flag} {path!r} is a folder, not a file" if os.path.isdir(path) else
                             f"--{flag} file not found: {path!r}")
     if args.classes is not None:
-        C.get_categories(args.classes)  # an empty list or a blank name stops here, not after loading a model
+        categories.get_categories(args.classes)  # an empty list or a blank name stops here, not after loading a model
     common.check_device(args.device)
     default_out = "out/demo" if args.images else f"out/eval_{args.bench}_{args.model}"
     common.check_out_dir(args.out_dir if args.out_dir is not None else default_out)
@@ -603,19 +606,19 @@ def main():
     if dist.is_main:
         common.remove_stale_tmp(out_dir)
     if args.images is not None:
-        names = C.get_categories(args.classes) if args.classes else None
+        names = categories.get_categories(args.classes) if args.classes else None
         if names is None and args.model == "maskclip":
             raise UserError("--images with --model maskclip needs --classes")
         run_images(build_segmenter(args, names, dist.device), args.images, out_dir, args.max_size or 1024, args.proposals)
         return dist.close()
-    bench = B.read_bench(args.bench, args.data_root, args.split, unseen=args.unseen, cub_text=args.cub_text)
+    bench = benchmarks.read_bench(args.bench, args.data_root, args.split, unseen=args.unseen, cub_text=args.cub_text)
     names = bench_categories(args.classes, bench)
     seg = build_segmenter(args, names, dist.device)
     seg.set_categories(bench.categories if bench.sample_categories else names)
     dist.print0(f"{bench.name}: {len(bench.samples)} images, {len(names)} classes" + "".join(f"; {n}" for n in bench.notes))
     m = evaluate_bench(seg, bench, out_dir, dist, args.max_images, args.save_vis, args.max_size,
                        {**vars(args), **common.git_info()}, proposals=args.proposals)
-    keys = [k for name in bench.metrics for k in B.SCORERS[name].headline]
+    keys = [k for name in bench.metrics for k in benchmarks.SCORERS[name].headline]
     dist.print0(" ".join(f"{k} {m[k]:.2f}" for k in keys if m.get(k) is not None) + f" ({m.get('n_images')} images"
                 + "".join(f", {n} proposals {k}" for k, n in m.get("proposals", {}).items() if k != "file") + f") -> {out_dir}")
     dist.close()
