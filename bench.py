@@ -432,9 +432,7 @@ def bench_train(device, argv):
     p.add_argument("--window", type=common.number(int, 1, what="--window"), default=1, help="Compare the loss curves as means over windows of this many "
                    "steps (1: step by step; long runs drift apart step by step while training alike).")
     a = p.parse_args(argv)
-    note = compiler_note() if a.compile != "off" else None
-    if note:
-        print(f"torch.compile skipped: {note}")
+    if a.compile != "off" and compiler_note():
         a.compile = "off"
     dist = common.Dist(device)
     with tempfile.TemporaryDirectory(prefix="zutis_bench_") as tmp:
@@ -507,10 +505,11 @@ def photographs(size, n):
 
 
 def compiler_note():
-    """None when torch.compile can run on a CPU here, else the one-line reason."""
+    """None when torch.compile can run on a CPU here, else the one-line reason, printed."""
     try:
         train.compile_model(torch.nn.Identity(), "cpu")
     except common.UserError as e:
+        print(f"torch.compile skipped: {e}")
         return str(e)
 
 
@@ -592,7 +591,6 @@ def bench_infer(device, argv):
     settings = a.settings.split(",")
     note = compiler_note() if any(":compile" in s for s in settings) else None
     if note:
-        print(f"torch.compile skipped: {note}")
         settings = [s for s in settings if ":compile" not in s]
     gen, rows, clk = torch.Generator().manual_seed(0), [], clock(device)
     photos = {hw: photographs(hw, a.images) for hw in sizes} if a.photos else {}
@@ -636,7 +634,6 @@ def bench_infer(device, argv):
     device_name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     print_table(rows, f"full inference at batch 1 on {device_name}; agreement with {settings[0]}")
     return {"device": device_name, "protocol": bench_infer.__doc__, "rows": rows, "compile_note": note}
-
 
 
 # ----------------------------------------------------------------------------- smoke: every accelerator path once

@@ -69,8 +69,7 @@ def get_args_parser():
                    help="The threshold of the decoder's mask probabilities.")
     g.add_argument("--class_prob", default="sigmoid", help="sigmoid (sigmoid(5 cos), official) or softmax (paper Eq. 4).")
     g.add_argument("--max_size", type=common.number(int, 1, what="a side in pixels"), default=None,
-                   help="Resize a longer side above this (default 1024 for "
-                   "imagenet_s919 and --images).")
+                   help="Resize a longer side above this (default 1024 for imagenet_s919 and --images).")
     g.add_argument("--proposal_score", default="product", help="A named proposal's score: product (its score x class "
                    "probability), class or proposal.")
     g.add_argument("--with_decoder", action="store_true", help="With --proposals, keep the model's own masks too.")
@@ -420,13 +419,6 @@ def _load(bench, sample):
     return image, {"sample": sample, "size": size, "gt": gt, "objs": objs}
 
 
-def _accumulate(state, scorers, item, pred):
-    """Add one image's prediction to the state of every scorer."""
-    state["done"].append(item["sample"]["id"])
-    for scorer, scores in zip(scorers, state["scores"]):
-        scorer.add(scores, item, pred)
-
-
 def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8, max_size=None, config=None,
                    save_every=500, proposals=None):
     """Run `seg` over the benchmark's images (sharded by rank), score them with the benchmark's scorers, gather,
@@ -460,7 +452,9 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
             seg.set_categories(bench.sample_categories(sample))
         masks = decode_proposals(found.get(sample["id"], []), item["size"]) if proposals else None
         pred = infer(seg, image_tensor(image), max_size, instances=with_instances, proposals=masks)
-        _accumulate(state, scorers, item, pred)
+        state["done"].append(sample["id"])
+        for scorer, scores in zip(scorers, state["scores"]):
+            scorer.add(scores, item, pred)
         if dist.is_main and out_dir and i < n_vis:
             save_vis(os.path.join(out_dir, "vis", sample["name"].replace("/", "__") + ".png"), np.asarray(image),
                      item["gt"], pred, list(seg.categories), bench.ignore_index)
@@ -480,9 +474,7 @@ def _summary(states, bench, scorers, out_dir, config, world, proposals):
     metrics = {"bench": bench.name, "n_images": len(done), "n_skipped": len(skipped)}
     for n, scorer in enumerate(scorers):
         metrics.update(scorer.summary([state["scores"][n] for state in states]))
-    if proposals:
-        metrics["proposals"] = proposals
-    metrics["notes"] = bench.notes
+    metrics.update({"proposals": proposals} if proposals else {}, notes=bench.notes)
     if out_dir:
         common.save_json({**metrics, "config": config or {}, **common.git_info()}, os.path.join(out_dir, "metrics.json"))
         write_skipped(skipped, out_dir)

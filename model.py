@@ -461,8 +461,7 @@ def load_official(path_or_state_dict, categories, arch=None, clip=None, **overri
     file holds no category names and no text tower: the text embeddings come from `categories` and the
     released CLIP of the same arch (ViT-B/16 or ViT-B/32, told by the patch size) or `arch`."""
     sd = path_or_state_dict
-    if isinstance(sd, (str, os.PathLike)):
-        sd = common.torch_load(sd, "official ZUTIS checkpoint")
+    sd = common.torch_load(sd, "official ZUTIS checkpoint") if isinstance(sd, (str, os.PathLike)) else sd
     if not isinstance(sd, dict) or "encoder.conv1.weight" not in sd or "config" in sd:
         raise UserError("not an official ZUTIS state dict (no encoder.conv1.weight; train.py checkpoints "
                         "load with load_checkpoint)")
@@ -528,9 +527,8 @@ def load_checkpoint(spec, categories=None, device="cpu", arch=None, **overrides)
     spec = str(spec)
     if spec.startswith("official:"):
         name = spec.split(":", 1)[1]
-        path = download_official(name)
-        model = load_official(path, cats or get_categories(OFFICIAL[name][3]), arch=arch or OFFICIAL[name][2],
-                              **overrides)
+        model = load_official(download_official(name), cats or get_categories(OFFICIAL[name][3]),
+                              arch=arch or OFFICIAL[name][2], **overrides)
     else:
         obj = common.torch_load(spec, f"checkpoint (a file, or official:<name> with a name in {sorted(OFFICIAL)})")
         if isinstance(obj, dict) and "model" in obj and "config" in obj:
