@@ -12,8 +12,7 @@ results), vis/ (image | ground truth | semantic | instances) and skipped.txt; do
     python evaluate.py --bench coco20k --proposals cutler_coco20k.json --ckpt official:coco_vit_b_16
     torchrun --nproc_per_node 4 evaluate.py --bench coco2017 --ckpt CKPT  # images sharded by rank
 
-From Python: seg = evaluate.load("official:coco_vit_b_16", classes=["cat", "dog"]); out = seg.segment("photo.jpg");
-seg.draw("photo.jpg", out).save("overlay.png")  (load's docstring; "maskclip:ViT-B/16" for the baseline).
+From Python: evaluate.load (its docstring), seg.segment and seg.draw.
 
 References: paper section 4; official networks/zutis.py `predict`, trainer.py `evaluate`; MaskCLIP (Zhou et al. 2022).
 """
