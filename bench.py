@@ -29,7 +29,7 @@ import clip_model
 import common
 import dataset
 import evaluate
-import model as M
+import model
 import pseudo_label
 import selfmask
 import topk
@@ -43,6 +43,11 @@ def command(name, help):
         COMMANDS[name] = (fn, help)
         return fn
     return register
+
+
+def int_flag(parser, flag, lo, **kw):
+    """A whole-number flag >= lo, range-checked by common.number under the flag's own name."""
+    parser.add_argument(flag, type=common.number(int, lo, what=flag), **kw)
 
 
 def sync(device):
@@ -115,13 +120,13 @@ def topk_overlap(model, files, names, k, device, image_dtype, text_dtype, batch=
 def bench_clip(device, argv):
     p = common.ArgumentParser(prog="bench.py clip", description=COMMANDS["clip"][1])
     p.add_argument("--archs", default="ViT-B/16,ViT-L/14@336px", help="Comma-separated CLIP names or files, or tiny.")
-    p.add_argument("--batch", type=common.number(int, 1, what="--batch"), default=16, help="Images per forward pass.")
-    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=3, help="Timed forward passes per measurement, fp32 and bf16 in turn.")
-    p.add_argument("--dense_res", type=common.number(int, 1, what="--dense_res"), default=448, help="Input size of forward_dense (the segmenter's crop).")
+    int_flag(p, "--batch", 1, default=16, help="Images per forward pass.")
+    int_flag(p, "--iters", 1, default=3, help="Timed forward passes per measurement, fp32 and bf16 in turn.")
+    int_flag(p, "--dense_res", 1, default=448, help="Input size of forward_dense (the segmenter's crop).")
     p.add_argument("--index_dir", default=None, help="Images to retrieve from (e.g. the toy world's index), for the "
                    "top-k overlap of bf16 with fp32; needs a trained CLIP file in --archs.")
     p.add_argument("--classes", default=None, help="With --index_dir: the category list (a file, name or 'a,b').")
-    p.add_argument("--k", type=common.number(int, 1, what="--k"), default=50, help="With --index_dir: images per category.")
+    int_flag(p, "--k", 1, default=50, help="With --index_dir: images per category.")
     args = p.parse_args(argv)
     rows, bf16, clk = [], common.resolve_dtype("bfloat16", device, quiet=True), clock(device)
     for arch in args.archs.split(","):
@@ -198,22 +203,19 @@ def _cpu_clock(fn):
 def bench_retrieval(device, argv):
     p = common.ArgumentParser(prog="bench.py retrieval", description=COMMANDS["retrieval"][1])
     p.add_argument("--arch", default="ViT-L/14@336px", help="CLIP for the embedding part (random weights), or tiny.")
-    p.add_argument("--images", type=common.number(int, 0, what="--images"), default=256,
-                   help="Generated 500x375 JPEGs to embed; 0 skips this part.")
-    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=128, help="Images per forward pass.")
-    p.add_argument("--workers", type=common.number(int, 0, what="--workers"), default=min(8, os.cpu_count() or 1),
-                   help="DataLoader workers.")
-    p.add_argument("--n", type=common.number(int, 1, what="--n"), default=2_700_000, help="Index size for top-k (ImageNet train + PASS).")
-    p.add_argument("--dim", type=common.number(int, 1, what="--dim"), default=768, help="Embedding size.")
-    p.add_argument("--categories", type=common.number(int, 1, what="--categories"), default=919,
-                   help="Categories (ImageNet-S919 without background).")
-    p.add_argument("--k", type=common.number(int, 1, what="--k"), default=500, help="Images per category.")
-    p.add_argument("--block_size", type=common.number(int, 1, what="--block_size"), default=16384, help="Embeddings per retrieval block.")
+    int_flag(p, "--images", 0, default=256, help="Generated 500x375 JPEGs to embed; 0 skips this part.")
+    int_flag(p, "--batch_size", 1, default=128, help="Images per forward pass.")
+    int_flag(p, "--workers", 0, default=min(8, os.cpu_count() or 1), help="DataLoader workers.")
+    int_flag(p, "--n", 1, default=2_700_000, help="Index size for top-k (ImageNet train + PASS).")
+    int_flag(p, "--dim", 1, default=768, help="Embedding size.")
+    int_flag(p, "--categories", 1, default=919, help="Categories (ImageNet-S919 without background).")
+    int_flag(p, "--k", 1, default=500, help="Images per category.")
+    int_flag(p, "--block_size", 1, default=16384, help="Embeddings per retrieval block.")
     p.add_argument("--prefilters", default="float32,bfloat16", help="Prefilter dtypes to time, comma-separated.")
     p.add_argument("--threads", default="1,2", help="CPU thread counts to time at --n, comma-separated.")
-    p.add_argument("--ab_n", type=common.number(int, 0, what="--ab_n"), default=262144, help="Index size of the A/B (previous top-k, "
+    int_flag(p, "--ab_n", 0, default=262144, help="Index size of the A/B (previous top-k, "
                    "each prefilter, interleaved, one thread) and of the check against the brute force; 0 skips it.")
-    p.add_argument("--ab_reps", type=common.number(int, 1, what="--ab_reps"), default=2, help="Rounds of the interleaved A/B.")
+    int_flag(p, "--ab_reps", 1, default=2, help="Rounds of the interleaved A/B.")
     args = p.parse_args(argv)
     dev, rows, ab = torch.device(device), [], []
     print(f"load average (1, 5, 15 min): {os.getloadavg()}; CPU bf16 instructions: {common.cpu_bf16_flags()}")
@@ -307,12 +309,12 @@ def bench_selfmask(device, argv):
     p = common.ArgumentParser(prog="bench.py selfmask", description="Random weights of the released shapes, "
                                 "generated images or photographs; the pipeline is pseudo_label.py's (network, then "
                                 "solver pool). The dtypes run in turn on each batch (interleaved), same weights.")
-    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=64, help="Generated images per timing.")
+    int_flag(p, "--images", 1, default=64, help="Generated images per timing.")
     p.add_argument("--photos", action="store_true", help="scikit-image's real photographs instead of generated images.")
-    p.add_argument("--size", type=common.number(int, 1, what="--size"), nargs=2, default=[375, 500], help="Their height and width.")
-    p.add_argument("--short_side", type=common.number(int, 1, what="--short_side"), default=selfmask.SHORT_SIDE, help="The working shorter side.")
-    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8, help="Images per forward pass.")
-    p.add_argument("--post_workers", type=common.number(int, 0, what="--post_workers"), default=8, help="Bilateral solver processes.")
+    int_flag(p, "--size", 1, nargs=2, default=[375, 500], help="Their height and width.")
+    int_flag(p, "--short_side", 1, default=selfmask.SHORT_SIDE, help="The working shorter side.")
+    int_flag(p, "--batch_size", 1, default=8, help="Images per forward pass.")
+    int_flag(p, "--post_workers", 0, default=8, help="Bilateral solver processes.")
     p.add_argument("--dtypes", default="float32,bfloat16", help="pseudo_label.py --dtype values; the first is the "
                    "reference of the IoU and the last runs the pipeline.")
     p.add_argument("--ckpt", default=None, help="A SelfMask checkpoint instead of random weights.")
@@ -391,10 +393,8 @@ def fake_archive(root, n_categories=3, per_category=20, size=(500, 375), seed=0)
 @command("loader", "copy-paste scenes per second of dataset.py on generated 500x375 JPEGs, in one process")
 def bench_loader(device, argv):
     p = common.ArgumentParser(prog="bench.py loader", description=COMMANDS["loader"][1])
-    p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384,
-                   help="Scene size in pixels (default %(default)s).")
-    p.add_argument("--scenes", type=common.number(int, 1, what="--scenes"), default=50,
-                   help="Scenes to time (default %(default)s).")
+    int_flag(p, "--crop", 1, default=384, help="Scene size in pixels (default %(default)s).")
+    int_flag(p, "--scenes", 1, default=50, help="Scenes to time (default %(default)s).")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="zutis_bench_") as tmp:
         ds = dataset.ArchiveDataset(*fake_archive(tmp), crop=a.crop)
@@ -418,23 +418,21 @@ def bench_train(device, argv):
     p.add_argument("--archive", default=None, help="A real archive (with --masks_dir), e.g. the toy world's, instead "
                    "of a generated one.")
     p.add_argument("--masks_dir", default=None, help="The pseudo-masks of --archive.")
-    p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384, help="Training crop (default %(default)s).")
-    p.add_argument("--batch_size", type=common.number(int, 1, what="--batch_size"), default=8, help="Images per step (default %(default)s).")
-    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=10, help="Timed steps per setting, after --warmup (default %(default)s).")
-    p.add_argument("--warmup", type=common.number(int, 0, what="--warmup"), default=2, help="Untimed first steps (default %(default)s).")
+    int_flag(p, "--crop", 1, default=384, help="Training crop (default %(default)s).")
+    int_flag(p, "--batch_size", 1, default=8, help="Images per step (default %(default)s).")
+    int_flag(p, "--iters", 1, default=10, help="Timed steps per setting, after --warmup (default %(default)s).")
+    int_flag(p, "--warmup", 0, default=2, help="Untimed first steps (default %(default)s).")
     p.add_argument("--dtypes", default="float32,bfloat16", help="Comma list of train.py --dtype values.")
     p.add_argument("--compile", default="both", choices=["off", "on", "both"], help="torch.compile settings to run.")
     p.add_argument("--model", nargs="*", default=[], help="ModelConfig KEY=VALUE (e.g. n_layers=1 on a CPU).")
-    p.add_argument("--num_workers", type=common.number(int, 0, what="--num_workers"), default=4, help="DataLoader workers (default %(default)s).")
+    int_flag(p, "--num_workers", 0, default=4, help="DataLoader workers (default %(default)s).")
     p.add_argument("--lr", type=common.number(float, 0, what="--lr"), nargs=2, default=[5e-5, 5e-6], help="Learning rates of the head and the "
                    "encoder (default %(default)s: train.py's).")
     p.add_argument("--tol", type=common.number(float, 0, what="--tol"), default=0.05, help="Allowed relative loss difference to fp32 eager.")
-    p.add_argument("--window", type=common.number(int, 1, what="--window"), default=1, help="Compare the loss curves as means over windows of this many "
+    int_flag(p, "--window", 1, default=1, help="Compare the loss curves as means over windows of this many "
                    "steps (1: step by step; long runs drift apart step by step while training alike).")
     a = p.parse_args(argv)
-    note = compiler_note() if a.compile != "off" else None
-    if note:
-        print(f"torch.compile skipped: {note}")
+    if a.compile != "off" and compiler_note():
         a.compile = "off"
     dist = common.Dist(device)
     with tempfile.TemporaryDirectory(prefix="zutis_bench_") as tmp:
@@ -445,8 +443,8 @@ def bench_train(device, argv):
         cats = dataset.ArchiveDataset(archive, masks).categories
         torch.manual_seed(0)
         clip = clip_model.load(a.arch)[0] if os.path.isfile(a.arch) else clip_model.random_model(a.arch)
-        model0 = M.ZUTIS(a.arch, cats, clip=clip,
-                         **train.parse_kv(a.model, dataclasses.asdict(M.ModelConfig()), "--model"))
+        model0 = model.ZUTIS(a.arch, cats, clip=clip,
+                         **train.parse_kv(a.model, dataclasses.asdict(model.ModelConfig()), "--model"))
         settings = [(dt, c) for c in {"off": [False], "on": [True], "both": [False, True]}[a.compile]
                     for dt in a.dtypes.split(",")]
         rows, ref, clk = [], None, clock(device)
@@ -507,10 +505,11 @@ def photographs(size, n):
 
 
 def compiler_note():
-    """None when torch.compile can run on a CPU here, else the one-line reason."""
+    """None when torch.compile can run on a CPU here, else the one-line reason, printed."""
     try:
         train.compile_model(torch.nn.Identity(), "cpu")
     except common.UserError as e:
+        print(f"torch.compile skipped: {e}")
         return str(e)
 
 
@@ -579,11 +578,11 @@ def bench_infer(device, argv):
     p.add_argument("--ckpt", default=None, help="A trained checkpoint (e.g. the toy world's ckpt.pt) instead of --archs.")
     p.add_argument("--sizes", default="375x500,500x375", help="Image sizes HxW, used in turn.")
     p.add_argument("--classes", default="imagenet_s919", help="The category list; its length sets the post-processing cost.")
-    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=50, help="Timed images per arch.")
+    int_flag(p, "--images", 1, default=50, help="Timed images per arch.")
     p.add_argument("--image_dir", default=None, help="Images to use (at their own size) instead of generated ones.")
     p.add_argument("--photos", action="store_true", help="scikit-image's real photographs instead of generated images.")
-    p.add_argument("--warmup", type=common.number(int, 0, what="--warmup"), default=10, help="Untimed images before the clock starts.")
-    p.add_argument("--max_size", type=common.number(int, 1, what="--max_size"), default=1024, help="Longer side above which an image is resized.")
+    int_flag(p, "--warmup", 0, default=10, help="Untimed images before the clock starts.")
+    int_flag(p, "--max_size", 1, default=1024, help="Longer side above which an image is resized.")
     p.add_argument("--settings", default="float32", help="Comma list of DTYPE[:encoder][:compile] (':encoder': only the "
                    "CLIP encoder in DTYPE; ':compile': torch.compile); the first is the reference.")
     a = p.parse_args(argv)
@@ -592,17 +591,16 @@ def bench_infer(device, argv):
     settings = a.settings.split(",")
     note = compiler_note() if any(":compile" in s for s in settings) else None
     if note:
-        print(f"torch.compile skipped: {note}")
         settings = [s for s in settings if ":compile" not in s]
     gen, rows, clk = torch.Generator().manual_seed(0), [], clock(device)
     photos = {hw: photographs(hw, a.images) for hw in sizes} if a.photos else {}
     for arch in [a.ckpt] if a.ckpt else a.archs.split(","):
         if a.ckpt:
-            model = M.load_checkpoint(a.ckpt, device=device)
+            net = model.load_checkpoint(a.ckpt, device=device)
         else:
             clip = (clip_model.random_model(arch) if arch in PAPER_IMG_PER_S else clip_model.load(arch)[0]).to(device)
-            model = M.ZUTIS(arch, names, clip=clip).to(device).eval()
-        segs = {s: segmenter(model, s, device) for s in settings}
+            net = model.ZUTIS(arch, names, clip=clip).to(device).eval()
+        segs = {s: segmenter(net, s, device) for s in settings}
         if a.image_dir:
             files = common.list_images(a.image_dir)[:a.images]
             imgs = [evaluate.image_tensor(common.load_rgb(os.path.join(a.image_dir, f))) for f in files]
@@ -630,13 +628,12 @@ def bench_infer(device, argv):
                          "median_ms": sorted(lat[s])[len(lat[s]) // 2] * 1e3,
                          "speedup": sum(lat[settings[0]]) / sum(lat[s]), "sem_equal_%": 100 * sem,
                          "inst_matched_%": 100 * inst, "min_sem_equal_%": 100 * min(x for x, _ in agree[s]),
-                         "paper_img_per_s": PAPER_IMG_PER_S.get(arch, float("nan")), "classes": len(model.categories),
+                         "paper_img_per_s": PAPER_IMG_PER_S.get(arch, float("nan")), "classes": len(net.categories),
                          "images": len(imgs), "peak_mb": peak_memory_mb(device)})
     cuda = torch.device(device).type == "cuda"
     device_name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     print_table(rows, f"full inference at batch 1 on {device_name}; agreement with {settings[0]}")
     return {"device": device_name, "protocol": bench_infer.__doc__, "rows": rows, "compile_note": note}
-
 
 
 # ----------------------------------------------------------------------------- smoke: every accelerator path once
@@ -645,12 +642,10 @@ def bench_infer(device, argv):
 def bench_ddp(device, argv):
     p = common.ArgumentParser(prog="bench.py ddp", description=COMMANDS["ddp"][1])
     p.add_argument("--arch", default="ViT-B/16", help="Released CLIP shape (random weights), or tiny.")
-    p.add_argument("--nproc", type=common.number(int, 1, what="--nproc"), default=1,
-                   help="Processes (each takes one GPU on CUDA).")
-    p.add_argument("--iters", type=common.number(int, 1, what="--iters"), default=5, help="Training steps.")
-    p.add_argument("--crop", type=common.number(int, 1, what="--crop"), default=384, help="Training crop.")
-    p.add_argument("--images", type=common.number(int, 1, what="--images"), default=4,
-                   help="Generated images to segment.")
+    int_flag(p, "--nproc", 1, default=1, help="Processes (each takes one GPU on CUDA).")
+    int_flag(p, "--iters", 1, default=5, help="Training steps.")
+    int_flag(p, "--crop", 1, default=384, help="Training crop.")
+    int_flag(p, "--images", 1, default=4, help="Generated images to segment.")
     a = p.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc)]

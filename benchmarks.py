@@ -377,9 +377,9 @@ def read_png(path):
         return np.array(im if im.mode in ("P", "L", "I", "I;16") else im.convert("RGB")).astype(np.int64)
 
 
-def _split_lines(path):  # the first word of each non-empty line
+def _split_lines(path):  # the words of each non-empty line
     with open(path, encoding="utf-8") as f:
-        return [line.split()[0] for line in f if line.strip()]
+        return [line.split() for line in f if line.strip()]
 
 
 # ----------------------------------------------------------------------------- VOC2012
@@ -396,7 +396,7 @@ def read_voc(data_root, split=None, **_):
         p = os.path.join(root, "ImageSets/Segmentation", f"{s}.txt")
         if not os.path.isfile(p):
             raise UserError(f"missing {p}. Expected layout: {BENCHES['voc'].layout}")
-        names.update(_split_lines(p))
+        names.update(words[0] for words in _split_lines(p))
     has_obj = os.path.isdir(os.path.join(root, "SegmentationObject"))
     samples = [{"id": i, "name": n, "image": os.path.join(root, "JPEGImages", n + ".jpg"),
                 "gt": os.path.join(root, "SegmentationClass", n + ".png"),
@@ -457,7 +457,7 @@ def read_coco2017(data_root, split=None, **_):
 
 def coco20k_ids(list_path):
     """LOST's list has lines like 'train2014/COCO_train2014_000000000009.jpg' -> image id 9."""
-    return [int(os.path.splitext(os.path.basename(n))[0].split("_")[-1]) for n in _split_lines(list_path)]
+    return [int(os.path.splitext(os.path.basename(n))[0].split("_")[-1]) for n, *_ in _split_lines(list_path)]
 
 
 def build_sel20k(all_json, ids, out_path):
@@ -571,10 +571,8 @@ def read_cub(data_root, split=None, cub_text="bird", **_):
                  if os.path.isdir(d)), None)
     if segs is None:
         raise UserError(f"CUB segmentations/ not found in or beside {root!r} (segmentations.tgz of CUB-200-2011)")
-    with open(os.path.join(root, "images.txt"), encoding="utf-8") as f:
-        paths = dict(line.split() for line in f if line.strip())
-    with open(os.path.join(root, "train_test_split.txt"), encoding="utf-8") as f:
-        is_train = dict(line.split() for line in f if line.strip())
+    paths = dict(_split_lines(os.path.join(root, "images.txt")))
+    is_train = dict(_split_lines(os.path.join(root, "train_test_split.txt")))
     want = "0" if split == "test" else "1"
     samples = [{"id": int(k), "name": os.path.splitext(paths[k])[0], "image": os.path.join(root, "images", paths[k]),
                 "gt": os.path.join(segs, os.path.splitext(paths[k])[0] + ".png"),

@@ -502,13 +502,11 @@ def image_path(archive, entry):
 def unique_entries(archive):
     """Each (dir, path) once, in archive order: an image retrieved for several categories
     needs one mask."""
-    seen, out = set(), []
-    for cat in archive["archive"]:
-        for e in archive["archive"][cat]:
-            if (e["dir"], e["path"]) not in seen:
-                seen.add((e["dir"], e["path"]))
-                out.append(e)
-    return out
+    out = {}
+    for entries in archive["archive"].values():
+        for e in entries:
+            out.setdefault((e["dir"], e["path"]), e)
+    return list(out.values())
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -12,8 +12,7 @@ results), vis/ (image | ground truth | semantic | instances) and skipped.txt; do
     python evaluate.py --bench coco20k --proposals cutler_coco20k.json --ckpt official:coco_vit_b_16
     torchrun --nproc_per_node 4 evaluate.py --bench coco2017 --ckpt CKPT  # images sharded by rank
 
-From Python: seg = evaluate.load("official:coco_vit_b_16", classes=["cat", "dog"]); out = seg.segment("photo.jpg");
-seg.draw("photo.jpg", out).save("overlay.png")  (load's docstring; "maskclip:ViT-B/16" for the baseline).
+From Python: evaluate.load (its docstring), seg.segment and seg.draw.
 
 References: paper section 4; official networks/zutis.py `predict`, trainer.py `evaluate`; MaskCLIP (Zhou et al. 2022).
 """
@@ -29,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import benchmarks as B
-import categories as C
+import benchmarks
+import categories
 import clip_model
 import common
-import model as M
+import model
 from common import UserError
 from visualize import panels, render_instances, render_semantic, save_vis
 
@@ -43,7 +42,7 @@ CHOICES = {"model": ("zutis", "maskclip"), "nms": ("hard", "none"), "class_prob"
 
 def get_args_parser():
     p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bench", default="voc", help=f"The benchmark: {', '.join(B.BENCHES)}.")
+    p.add_argument("--bench", default="voc", help=f"The benchmark: {', '.join(benchmarks.BENCHES)}.")
     p.add_argument("--data_root", default=None, help="Its folder, or a parent of its standard tree (default data/<folder>).")
     p.add_argument("--split", default=None, help="voc: trainval, train or val; imagenet_s919: val or test; cub: test or train.")
     p.add_argument("--model", default="zutis", help="zutis (a checkpoint) or maskclip (the training-free baseline).")
@@ -69,8 +68,7 @@ def get_args_parser():
                    help="The threshold of the decoder's mask probabilities.")
     g.add_argument("--class_prob", default="sigmoid", help="sigmoid (sigmoid(5 cos), official) or softmax (paper Eq. 4).")
     g.add_argument("--max_size", type=common.number(int, 1, what="a side in pixels"), default=None,
-                   help="Resize a longer side above this (default 1024 for "
-                   "imagenet_s919 and --images).")
+                   help="Resize a longer side above this (default 1024 for imagenet_s919 and --images).")
     g.add_argument("--proposal_score", default="product", help="A named proposal's score: product (its score x class "
                    "probability), class or proposal.")
     g.add_argument("--with_decoder", action="store_true", help="With --proposals, keep the model's own masks too.")
@@ -123,13 +121,14 @@ def name_proposals(seg, proposals, tokens, text, class_prob, own=None):
     ay, ax = (F.interpolate(torch.eye(n, device=dev)[None], size=size, mode="linear", align_corners=False)[0]
               for n, size in ((gh, masks.shape[-2]), (gw, masks.shape[-1])))  # [gh, H], [gw, W]
     w = torch.cat([ay @ m.to(dev).float() @ ax.t() for m in masks.split(16)]) if len(masks) else ay.new_zeros(0, gh, gw)
-    prob, labels = class_prob(M.mean_token_cos(w.flatten(1), tokens.flatten(0, 1).float(), text.float())).max(-1)
+    prob, labels = class_prob(model.mean_token_cos(w.flatten(1), tokens.flatten(0, 1).float(), text.float())).max(-1)
     scores = {"product": scores.to(dev) * prob, "class": prob, "proposal": scores.to(dev).float()}[seg.proposal_score]
     parts = [{"masks": masks.to(dev), "labels": labels, "scores": scores}] + ([own] if seg.with_decoder else [])
     masks, labels, scores = (torch.cat([q[k].to(dev) for q in parts]) for k in ("masks", "labels", "scores"))
     ok = (labels != 0) & masks.flatten(1).any(1)
     masks, labels, scores = masks[ok], labels[ok], scores[ok]
-    keep = M.mask_nms(masks, scores, labels, seg.nms_iou) if seg.nms == "hard" else torch.argsort(scores, descending=True, stable=True)
+    keep = model.mask_nms(masks, scores, labels, seg.nms_iou) if seg.nms == "hard" else \
+        torch.argsort(scores, descending=True, stable=True)
     return {"masks": masks[keep].cpu(), "labels": labels[keep].cpu(), "scores": scores[keep].cpu()}
 
 
@@ -168,13 +167,13 @@ class ZutisSegmenter(Segmenter):
         with common.autocast(self.device, self.dtype):
             out = self.model(x)
         out = {k: v.float() if torch.is_tensor(v) else v for k, v in out.items()}
-        res = {"semantic": M.semantic_from_outputs(out, out_size).cpu()}
+        res = {"semantic": model.semantic_from_outputs(out, out_size).cpu()}
         if not instances:
             return res
-        own = M.instances_from_outputs(out, out_size, **self.kw) if proposals is None or self.with_decoder else None
+        own = model.instances_from_outputs(out, out_size, **self.kw) if proposals is None or self.with_decoder else None
         if proposals is None:
             return {**res, **{k: v.cpu() for k, v in own.items()}}
-        prob = functools.partial(M.class_probability, rule=self.kw["class_prob"], logit_scale=out["logit_scale"])
+        prob = functools.partial(model.class_probability, rule=self.kw["class_prob"], logit_scale=out["logit_scale"])
         return {**res, **name_proposals(self, proposals, out["patch_tokens"][0], out["text_emb"], prob, own)}
 
 
@@ -197,7 +196,7 @@ class MaskCLIPSegmenter(Segmenter):
     def set_categories(self, names):
         key = tuple(names)
         if key not in self._cache:  # CUB breed mode switches names per image: each list is embedded a single time
-            self._cache[key] = clip_model.text_embeddings(self.clip, list(names), C.TEMPLATES)
+            self._cache[key] = clip_model.text_embeddings(self.clip, list(names), categories.TEMPLATES)
         self.text, self.categories = self._cache[key], list(names)
 
     @torch.no_grad()
@@ -219,7 +218,7 @@ class MaskCLIPSegmenter(Segmenter):
         comps = component_instances(sem, lambda c: torch.exp(logits[c] * self.scale - lse).cpu().numpy(), self.max_instances)
         if proposals is None:
             return {**out, **comps}
-        prob = functools.partial(M.class_probability, rule="softmax", logit_scale=self.scale)
+        prob = functools.partial(model.class_probability, rule="softmax", logit_scale=self.scale)
         return {**out, **name_proposals(self, proposals, f, self.text.to(f), prob, comps)}
 
 
@@ -257,19 +256,19 @@ def checkpoint_config(spec):
     return dict(ck["config"]) if isinstance(ck, dict) and isinstance(ck.get("config"), dict) else {}
 
 
-def build_segmenter(args, categories, device):
-    """--model zutis|maskclip -> a segmenter with `categories` (None: the checkpoint's own)."""
+def build_segmenter(args, classes, device):
+    """--model zutis|maskclip -> a segmenter with `classes` (None: the checkpoint's own)."""
     kw = dict(nms=args.nms, nms_iou=args.nms_iou, proposal_score=args.proposal_score, with_decoder=args.with_decoder,
               dtype=args.dtype)
     if args.model == "maskclip":
         clip, _ = clip_model.load(args.arch or "ViT-B/16", device=device)
-        return MaskCLIPSegmenter(clip, categories or list(C.VOC), **kw)
+        return MaskCLIPSegmenter(clip, classes or list(categories.VOC), **kw)
     spec = args.ckpt or newest_checkpoint()
     cfg = checkpoint_config(spec)  # also turns a missing or unreadable file into a one-line error
     names = list(clip_model.MODELS)
     if args.arch in names and cfg.get("arch") in names and args.arch != cfg["arch"]:  # before any download
         raise UserError(f"{spec} is a {cfg['arch']} checkpoint, not --arch {args.arch}")
-    net = M.load_checkpoint(spec, categories=categories, device=device, arch=args.arch)
+    net = model.load_checkpoint(spec, categories=classes, device=device, arch=args.arch)
     norm = cfg.get("norm", "imagenet")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"loaded {spec} ({getattr(net, 'arch', '?')}, input norm {norm})")
@@ -296,7 +295,8 @@ def load(spec, classes=None, device="auto", dtype="float32", **rules):
     vars(args).update({"model": "maskclip" if maskclip else "zutis", "ckpt": None if maskclip else spec, "dtype": dtype,
                        "arch": spec.partition(":")[2] or None if maskclip else None, **rules})
     check_choices(args)
-    seg = build_segmenter(args, None if classes is None else C.get_categories(classes), common.check_device(device))
+    names = None if classes is None else categories.get_categories(classes)
+    seg = build_segmenter(args, names, common.check_device(device))
     seg.max_size = args.max_size or Segmenter.max_size
     return seg
 
@@ -384,7 +384,7 @@ def decode_proposals(entries, hw):
 def bench_categories(classes, bench):
     """--classes replacing the benchmark's names. Label ids stay positional, so the count must match, except
     where the ground truth's values index any list (bench.any_classes); no id may equal its ignore value."""
-    names = list(bench.categories) if classes is None else C.get_categories(classes)
+    names = list(bench.categories) if classes is None else categories.get_categories(classes)
     if len(names) != len(bench.categories) and not bench.any_classes:
         raise UserError(f"--classes has {len(names)} names with background; {bench.name} needs {len(bench.categories)} "
                         "(label ids are positional: --classes renames the benchmark's classes)")
@@ -418,13 +418,6 @@ def _load(bench, sample):
     return image, {"sample": sample, "size": size, "gt": gt, "objs": objs}
 
 
-def _accumulate(state, scorers, item, pred):
-    """Add one image's prediction to the state of every scorer."""
-    state["done"].append(item["sample"]["id"])
-    for scorer, scores in zip(scorers, state["scores"]):
-        scorer.add(scores, item, pred)
-
-
 def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8, max_size=None, config=None,
                    save_every=500, proposals=None):
     """Run `seg` over the benchmark's images (sharded by rank), score them with the benchmark's scorers, gather,
@@ -435,7 +428,7 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
     samples = bench.samples[:max_images] if max_images else bench.samples
     names = list(bench.categories if bench.sample_categories else seg.categories)
     max_size = max_size or bench.max_size
-    scorers = B.scorers(bench, names, out_dir)
+    scorers = benchmarks.scorers(bench, names, out_dir)
     with_instances = proposals is not None or any(scorer.needs_instances for scorer in scorers)
     found, unmatched = read_proposals(proposals, samples) if proposals else ({}, 0)
     mine = samples[dist.rank::dist.world]
@@ -458,7 +451,9 @@ def evaluate_bench(seg, bench, out_dir=None, dist=None, max_images=None, n_vis=8
             seg.set_categories(bench.sample_categories(sample))
         masks = decode_proposals(found.get(sample["id"], []), item["size"]) if proposals else None
         pred = infer(seg, image_tensor(image), max_size, instances=with_instances, proposals=masks)
-        _accumulate(state, scorers, item, pred)
+        state["done"].append(sample["id"])
+        for scorer, scores in zip(scorers, state["scores"]):
+            scorer.add(scores, item, pred)
         if dist.is_main and out_dir and i < n_vis:
             save_vis(os.path.join(out_dir, "vis", sample["name"].replace("/", "__") + ".png"), np.asarray(image),
                      item["gt"], pred, list(seg.categories), bench.ignore_index)
@@ -478,9 +473,7 @@ def _summary(states, bench, scorers, out_dir, config, world, proposals):
     metrics = {"bench": bench.name, "n_images": len(done), "n_skipped": len(skipped)}
     for n, scorer in enumerate(scorers):
         metrics.update(scorer.summary([state["scores"][n] for state in states]))
-    if proposals:
-        metrics["proposals"] = proposals
-    metrics["notes"] = bench.notes
+    metrics.update({"proposals": proposals} if proposals else {}, notes=bench.notes)
     if out_dir:
         common.save_json({**metrics, "config": config or {}, **common.git_info()}, os.path.join(out_dir, "metrics.json"))
         write_skipped(skipped, out_dir)
@@ -502,7 +495,8 @@ def run_benchmark(model, bench, data_root, out_dir=None, split=None, max_images=
     """The Python entry point (a script, a notebook): evaluate `model` (a ZUTIS module or a segmenter) on `bench`.
     kw: classes (default: the model's own), norm, t, nms, nms_iou, class_prob, unseen, cub_text, max_size,
     save_vis. Returns the metrics dict (empty off rank 0)."""
-    b = B.read_bench(bench, data_root, split, unseen=kw.get("unseen", False), cub_text=kw.get("cub_text", "bird"))
+    b = benchmarks.read_bench(bench, data_root, split, unseen=kw.get("unseen", False),
+                              cub_text=kw.get("cub_text", "bird"))
     rules = {k: kw[k] for k in ("t", "nms", "nms_iou", "class_prob") if k in kw}
     seg = model if hasattr(model, "kind") else ZutisSegmenter(model, kw.get("norm", "imagenet"), **rules)
     seg.set_categories(b.categories if b.sample_categories else bench_categories(kw.get("classes") or seg.categories, b))
@@ -540,8 +534,8 @@ def run_images(seg, src, out_dir, max_size=1024, proposals=None):
         common.save_image(sem.astype(np.uint8 if len(names) <= 256 else np.uint16), stem + "_labels.png")
         coco["images"].append({"id": s["id"], "file_name": rel, "height": hw[0], "width": hw[1]})
         for m, lab, sc in zip(p["masks"].numpy(), p["labels"].tolist(), p["scores"].tolist()):  # background already dropped
-            coco["annotations"].append({**B.gt_annotation(m, lab, s["id"], len(coco["annotations"]) + 1), "score": sc,
-                                        "category_name": names[lab]})
+            ann = benchmarks.gt_annotation(m, lab, s["id"], len(coco["annotations"]) + 1)
+            coco["annotations"].append({**ann, "score": sc, "category_name": names[lab]})
     write_skipped(skipped, out_dir)
     if not coco["images"]:
         raise UserError(f"none of the {len(rels)} images could be segmented (reasons above and in {out_dir}/skipped.txt)")
@@ -562,8 +556,8 @@ def check_choices(args):
 def check_args(args, given):
     """Every flag checked before any work (files, names, conflicts); returns args."""
     check_choices(args)
-    if args.images is None and args.bench not in B.BENCHES:
-        raise UserError(f"unknown benchmark {args.bench!r}: use one of {', '.join(B.BENCHES)}")
+    if args.images is None and args.bench not in benchmarks.BENCHES:
+        raise UserError(f"unknown benchmark {args.bench!r}: use one of {', '.join(benchmarks.BENCHES)}")
     if args.images is not None and not os.path.exists(args.images):
         raise UserError(f"--images not found: {args.images!r}")
     if args.images is not None:
@@ -581,7 +575,7 @@ def check_args(args, given):
             raise UserError(f"--{flag} {path!r} is a folder, not a file" if os.path.isdir(path) else
                             f"--{flag} file not found: {path!r}")
     if args.classes is not None:
-        C.get_categories(args.classes)  # an empty list or a blank name stops here, not after loading a model
+        categories.get_categories(args.classes)  # an empty list or a blank name stops here, not after loading a model
     common.check_device(args.device)
     default_out = "out/demo" if args.images else f"out/eval_{args.bench}_{args.model}"
     common.check_out_dir(args.out_dir if args.out_dir is not None else default_out)
@@ -603,19 +597,19 @@ def main():
     if dist.is_main:
         common.remove_stale_tmp(out_dir)
     if args.images is not None:
-        names = C.get_categories(args.classes) if args.classes else None
+        names = categories.get_categories(args.classes) if args.classes else None
         if names is None and args.model == "maskclip":
             raise UserError("--images with --model maskclip needs --classes")
         run_images(build_segmenter(args, names, dist.device), args.images, out_dir, args.max_size or 1024, args.proposals)
         return dist.close()
-    bench = B.read_bench(args.bench, args.data_root, args.split, unseen=args.unseen, cub_text=args.cub_text)
+    bench = benchmarks.read_bench(args.bench, args.data_root, args.split, unseen=args.unseen, cub_text=args.cub_text)
     names = bench_categories(args.classes, bench)
     seg = build_segmenter(args, names, dist.device)
     seg.set_categories(bench.categories if bench.sample_categories else names)
     dist.print0(f"{bench.name}: {len(bench.samples)} images, {len(names)} classes" + "".join(f"; {n}" for n in bench.notes))
     m = evaluate_bench(seg, bench, out_dir, dist, args.max_images, args.save_vis, args.max_size,
                        {**vars(args), **common.git_info()}, proposals=args.proposals)
-    keys = [k for name in bench.metrics for k in B.SCORERS[name].headline]
+    keys = [k for name in bench.metrics for k in benchmarks.SCORERS[name].headline]
     dist.print0(" ".join(f"{k} {m[k]:.2f}" for k in keys if m.get(k) is not None) + f" ({m.get('n_images')} images"
                 + "".join(f", {n} proposals {k}" for k, n in m.get("proposals", {}).items() if k != "file") + f") -> {out_dir}")
     dist.close()

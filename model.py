@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-import categories as C
+from categories import TEMPLATES, get_categories
 import clip_model
 import common
 import downloads
@@ -140,7 +140,7 @@ class Decoder(nn.Module):
 def text_embeddings(clip, names, config):
     """Class-name embeddings of the CLIP text tower -> unit-norm fp32 [K, C_t] on the CPU. On CUDA in fp16
     as the official `clip.load(..., device="cuda")` (unless text_fp32), on a copy: `clip` stays fp32."""
-    templates = C.TEMPLATES if config.text_templates == "85" else None
+    templates = TEMPLATES if config.text_templates == "85" else None
     if torch.cuda.is_available():
         clip = copy.deepcopy(clip).cuda()
         if not config.text_fp32:
@@ -461,8 +461,7 @@ def load_official(path_or_state_dict, categories, arch=None, clip=None, **overri
     file holds no category names and no text tower: the text embeddings come from `categories` and the
     released CLIP of the same arch (ViT-B/16 or ViT-B/32, told by the patch size) or `arch`."""
     sd = path_or_state_dict
-    if isinstance(sd, (str, os.PathLike)):
-        sd = common.torch_load(sd, "official ZUTIS checkpoint")
+    sd = common.torch_load(sd, "official ZUTIS checkpoint") if isinstance(sd, (str, os.PathLike)) else sd
     if not isinstance(sd, dict) or "encoder.conv1.weight" not in sd or "config" in sd:
         raise UserError("not an official ZUTIS state dict (no encoder.conv1.weight; train.py checkpoints "
                         "load with load_checkpoint)")
@@ -524,13 +523,12 @@ def load_checkpoint(spec, categories=None, device="cpu", arch=None, **overrides)
     "official:<name>" (see OFFICIAL; downloaded on first use) -> ZUTIS in eval mode on `device`.
     `categories` (a built-in name, file, comma list or list) replaces the stored / default list;
     `arch` (a CLIP name or file) replaces the stored one; `overrides` are ModelConfig fields."""
-    cats = None if categories is None else C.get_categories(categories)
+    cats = None if categories is None else get_categories(categories)
     spec = str(spec)
     if spec.startswith("official:"):
         name = spec.split(":", 1)[1]
-        path = download_official(name)
-        model = load_official(path, cats or C.get_categories(OFFICIAL[name][3]), arch=arch or OFFICIAL[name][2],
-                              **overrides)
+        model = load_official(download_official(name), cats or get_categories(OFFICIAL[name][3]),
+                              arch=arch or OFFICIAL[name][2], **overrides)
     else:
         obj = common.torch_load(spec, f"checkpoint (a file, or official:<name> with a name in {sorted(OFFICIAL)})")
         if isinstance(obj, dict) and "model" in obj and "config" in obj:

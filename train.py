@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-import categories as C
+import categories
 import clip_model
 import common
 import dataset
@@ -207,9 +207,9 @@ def check_masks(data, out_dir, is_main):
 def make_config(args):
     """The one run config: model fields, data, recipe and optimisation settings (plain types). It goes
     into config.json and ckpt.pt; evaluation reads categories, ignore_index and norm from it."""
-    cats = C.get_categories(args.categories) if args.categories is not None else \
+    cats = categories.get_categories(args.categories) if args.categories is not None else \
         common.load_archive(args.archive, args.index_dirs)["categories"]
-    recipe = C.recipe(cats)  # from the list's content, as build_archive.py decides it
+    recipe = categories.recipe(cats)  # from the list's content, as build_archive.py decides it
     ignore = recipe["ignore_index"] if args.ignore_index is None else args.ignore_index
     model.check_ignore_index(ignore, len(cats))
     mcfg = model.ModelConfig.from_dict({}, arch=args.arch, stop_grad=not args.no_stop_grad, text_fp32=args.text_fp32,

@@ -13,8 +13,8 @@ import torch
 from PIL import Image, ImageOps
 
 import common
-import evaluate as E
-import model as M
+import evaluate
+import model
 from common import UserError
 from test_evaluate import cli_error, run_main, tiny_ckpt  # noqa: F401 (a fixture)
 from test_model import tiny_official_sd
@@ -38,8 +38,8 @@ def test_python_entry_as_documented(tiny_clip_path, tmp_path, monkeypatch):
     assert blocks and all(b == blocks[0] for b in blocks)  # README and docs show the same lines
     path = tmp_path / "tiny_official.pt"
     torch.save(tiny_official_sd(), path)
-    monkeypatch.setattr(M.downloads, "download", lambda url, root, **kw: str(path))
-    monkeypatch.setitem(M.OFFICIAL, "coco_vit_b_16", ("https://example.invalid/x.pt", round(path.stat().st_size / 1e6, 1),
+    monkeypatch.setattr(model.downloads, "download", lambda url, root, **kw: str(path))
+    monkeypatch.setitem(model.OFFICIAL, "coco_vit_b_16", ("https://example.invalid/x.pt", round(path.stat().st_size / 1e6, 1),
                                                       tiny_clip_path, "coco"))
     Image.fromarray(skdata.chelsea()).save(tmp_path / "photo.jpg", quality=95)  # a real cat, 300 x 451
     monkeypatch.chdir(tmp_path)
@@ -57,7 +57,7 @@ def test_python_entry_as_documented(tiny_clip_path, tmp_path, monkeypatch):
 
 
 def test_python_entry_maskclip_and_inputs(tiny_clip_path, tiny_ckpt):  # noqa: F811
-    seg = E.load(f"maskclip:{tiny_clip_path}", classes="person,coffee cup", device="cpu")
+    seg = evaluate.load(f"maskclip:{tiny_clip_path}", classes="person,coffee cup", device="cpu")
     photo = skdata.coffee()[::2, ::2].copy()  # 200 x 300 uint8
     a, b = seg.segment(photo), seg.segment(Image.fromarray(photo))
     assert a["names"] == ["background", "person", "coffee cup"] and torch.equal(a["semantic"], b["semantic"])
@@ -70,10 +70,10 @@ def test_python_entry_maskclip_and_inputs(tiny_clip_path, tiny_ckpt):  # noqa: F
     with pytest.raises(ValueError, match="uint8"):
         seg.segment(photo.astype(np.float32))
     with pytest.raises(TypeError, match="not temperature"):
-        E.load(tiny_ckpt, device="cpu", temperature=2)
+        evaluate.load(tiny_ckpt, device="cpu", temperature=2)
     with pytest.raises(UserError, match="--nms must be one of"):
-        E.load(tiny_ckpt, device="cpu", nms="soft")
-    z = E.load(tiny_ckpt, device="cpu", nms="none", max_size=128)
+        evaluate.load(tiny_ckpt, device="cpu", nms="soft")
+    z = evaluate.load(tiny_ckpt, device="cpu", nms="none", max_size=128)
     assert z.kw["nms"] == "none" and z.max_size == 128 and z.categories == ["background", "person", "dog"]
     assert z.segment(photo)["semantic"].shape == (200, 300)  # resized to 128 for the network, labels at full size
 
@@ -82,7 +82,7 @@ def test_python_entry_maskclip_and_inputs(tiny_clip_path, tiny_ckpt):  # noqa: F
 
 def test_bfloat16_runs_the_networks_only_and_agrees(tiny_ckpt, tiny_clip_path, monkeypatch, capsys):  # noqa: F811
     photo = skdata.astronaut()[::4, ::4].copy()  # 128 x 128
-    f32, b16 = E.load(tiny_ckpt, device="cpu"), E.load(tiny_ckpt, device="cpu", dtype="bfloat16")
+    f32, b16 = evaluate.load(tiny_ckpt, device="cpu"), evaluate.load(tiny_ckpt, device="cpu", dtype="bfloat16")
     seen = []
     for part in (b16.model.encoder.conv1, b16.model.ffn1):  # the encoder's patch conv, the decoder's input MLP
         part.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
@@ -90,10 +90,10 @@ def test_bfloat16_runs_the_networks_only_and_agrees(tiny_ckpt, tiny_clip_path, m
     assert seen == [torch.bfloat16] * 2  # the networks ran in bf16 ...
     assert p16["semantic"].dtype == torch.long and p16["scores"].dtype == torch.float32  # ... the rules in fp32
     assert (p16["semantic"] == p32["semantic"]).float().mean() > 0.8  # loosely; bench.py measures the real figures
-    m32, m16 = (E.load(f"maskclip:{tiny_clip_path}", classes="person,rocket", device="cpu", dtype=d) for d in ("float32", "bfloat16"))
+    m32, m16 = (evaluate.load(f"maskclip:{tiny_clip_path}", classes="person,rocket", device="cpu", dtype=d) for d in ("float32", "bfloat16"))
     assert (m16.segment(photo)["semantic"] == m32.segment(photo)["semantic"]).float().mean() > 0.8
     with pytest.raises(UserError, match="CUDA only"):
-        E.load(tiny_ckpt, device="cpu", dtype="float16")
+        evaluate.load(tiny_ckpt, device="cpu", dtype="float16")
     assert "--dtype must be one of float32, bfloat16, float16" in cli_error(monkeypatch, capsys, "--dtype", "half")
     assert "float16 runs on CUDA only" in cli_error(monkeypatch, capsys, "--dtype", "float16", "--images", HERE)
 
@@ -179,12 +179,12 @@ def test_images_folder_as_people_have_it(tiny_ckpt, tmp_path, monkeypatch, capsy
     photo is segmented and drawn as a viewer shows it."""
     src = tmp_path / "photos"
     expect = write_photo_folder(src)
-    seen, orig = [], E.infer
+    seen, orig = [], evaluate.infer
 
     def recording(seg, img, *a, **k):
         seen.append(img)
         return orig(seg, img, *a, **k)
-    monkeypatch.setattr(E, "infer", recording)
+    monkeypatch.setattr(evaluate, "infer", recording)
     run_main(monkeypatch, "--images", str(src), "--classes", "cat,dog", "--ckpt", tiny_ckpt, "--out_dir", str(src / "out"))
     coco = json.load(open(src / "out" / "predictions.json"))
     segmented = sorted(im["file_name"] for im in coco["images"])
@@ -210,12 +210,12 @@ def test_images_folder_as_people_have_it(tiny_ckpt, tmp_path, monkeypatch, capsy
 
 def test_proposals_for_a_rotated_photo_are_in_its_displayed_orientation(tiny_ckpt, tmp_path, monkeypatch, capsys):  # noqa: F811
     """Proposers read photos as displayed (detectron2's read_image, OpenCV's imread): so do --images' checks."""
-    import benchmarks as B
+    import benchmarks
     exif_rotated_jpeg(tmp_path / "rot.jpg", np.random.default_rng(2).integers(0, 256, (24, 40, 3), dtype=np.uint8))
     for (h, w), ok in (((40, 24), True), ((24, 40), False)):
         m = np.zeros((h, w), bool)
         m[4:20, 4:20] = True
-        (tmp_path / "p.json").write_text(json.dumps([{"file_name": "rot.jpg", "segmentation": B.mask_to_rle(m), "score": 0.9}]))
+        (tmp_path / "p.json").write_text(json.dumps([{"file_name": "rot.jpg", "segmentation": benchmarks.mask_to_rle(m), "score": 0.9}]))
         args = ("--images", str(tmp_path / "rot.jpg"), "--classes", "cat", "--ckpt", tiny_ckpt, "--proposals",
                 str(tmp_path / "p.json"), "--out_dir", str(tmp_path / "o"))
         if ok:

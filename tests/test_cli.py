@@ -250,10 +250,10 @@ def test_first_sentence_never_cuts():
 
 
 def test_unicode_and_trailing_comma_names(files):
-    import categories as C
-    assert C.get_categories(str(files / "unicode.txt")) == ["background", "猫", "chien rouge", "Éléphant"]
-    assert C.get_categories("bird,") == ["background", "bird"]  # a class named like a list
-    assert C.get_categories("cat,dog,") == ["background", "cat", "dog"]
+    import categories
+    assert categories.get_categories(str(files / "unicode.txt")) == ["background", "猫", "chien rouge", "Éléphant"]
+    assert categories.get_categories("bird,") == ["background", "bird"]  # a class named like a list
+    assert categories.get_categories("cat,dog,") == ["background", "cat", "dog"]
 
 
 def test_dtype_rules_and_the_slow_bf16_warning(monkeypatch, capsys):

@@ -17,7 +17,7 @@ import torch
 import clip_model
 import common
 import downloads
-import model as M
+import model
 import selfmask
 from conftest import TINY, make_tiny_clip
 
@@ -301,12 +301,12 @@ def test_official_checkpoint_comes_from_the_mirror(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "tiny_official.pt").write_bytes(payload(200_000))
     monkeypatch.setenv(downloads.MIRROR_ENV, str(folder))
-    monkeypatch.setitem(M.OFFICIAL, "tiny", ("https://example.invalid/x/tiny_official.pt", 0.2, "ViT-B/16", "voc"))
-    path = M.download_official("tiny", root=str(tmp_path / "zutis"))
+    monkeypatch.setitem(model.OFFICIAL, "tiny", ("https://example.invalid/x/tiny_official.pt", 0.2, "ViT-B/16", "voc"))
+    path = model.download_official("tiny", root=str(tmp_path / "zutis"))
     assert open(path, "rb").read() == (folder / "tiny_official.pt").read_bytes()
-    monkeypatch.setitem(M.OFFICIAL, "tiny", ("https://example.invalid/x/tiny_official.pt", 0.3, "ViT-B/16", "voc"))
+    monkeypatch.setitem(model.OFFICIAL, "tiny", ("https://example.invalid/x/tiny_official.pt", 0.3, "ViT-B/16", "voc"))
     with pytest.raises(common.UserError, match="README says ~0.3 MB, so it was deleted"):
-        M.download_official("tiny", root=str(tmp_path / "zutis"))
+        model.download_official("tiny", root=str(tmp_path / "zutis"))
     assert os.listdir(tmp_path / "zutis") == []
 
 

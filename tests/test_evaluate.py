@@ -15,11 +15,11 @@ from PIL import Image
 
 import bench
 import conftest
-import benchmarks as B
-import categories as C
+import benchmarks
+import categories
 import common
-import evaluate as E
-import visualize as V
+import evaluate
+import visualize
 from common import UserError
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,11 +62,11 @@ def voc_root(tmp_path_factory):
 # ----------------------------------------------------------------------------- readers
 
 def test_voc_reader(voc_root):
-    b = B.read_bench("voc", voc_root)
-    assert len(b.samples) == 4 and b.categories == C.VOC and b.ignore_index == 255
-    assert len(B.read_bench("voc", voc_root, split="val").samples) == 2
+    b = benchmarks.read_bench("voc", voc_root)
+    assert len(b.samples) == 4 and b.categories == categories.VOC and b.ignore_index == 255
+    assert len(benchmarks.read_bench("voc", voc_root, split="val").samples) == 2
     parent = os.path.dirname(os.path.dirname(voc_root))  # the folder holding VOCdevkit/VOC2012
-    assert [s["name"] for s in B.read_bench("voc", parent, split="train").samples] == ["2007_000000", "2007_000001"]
+    assert [s["name"] for s in benchmarks.read_bench("voc", parent, split="train").samples] == ["2007_000000", "2007_000001"]
     s = b.samples[0]
     sem = b.load_semantic(s)
     assert sem.shape == (32, 48) and set(np.unique(sem)) == {0, 12, 15, 255}
@@ -85,18 +85,18 @@ def test_coco2017_reader(tmp_path):
     m[15:18] = 89    # toothbrush (COCO id 90) -> 80
     os.makedirs(f"{root}/stuffthingmaps_trainval2017/val2017")
     Image.fromarray(m).save(f"{root}/stuffthingmaps_trainval2017/val2017/000000000139.png")
-    b = B.read_bench("coco2017", str(tmp_path))
+    b = benchmarks.read_bench("coco2017", str(tmp_path))
     assert len(b.samples) == 1 and b.samples[0]["id"] == 139 and b.coco_gt is None
     sem = b.load_semantic(b.samples[0])
     assert (sem[:5] == 1).all() and (sem[5:10] == 12).all() and (sem[10:15] == 0).all() and (sem[15:18] == 80).all()
-    assert (sem[18:] == 255).all() and C.COCO[12] == "stop sign" and C.COCO[80] == "toothbrush"
-    assert b.cat_ids[C.COCO.index("dog")] == 18
+    assert (sem[18:] == 255).all() and categories.COCO[12] == "stop sign" and categories.COCO[80] == "toothbrush"
+    assert b.cat_ids[categories.COCO.index("dog")] == 18
 
 
 def test_coco20k_reader(tmp_path, monkeypatch):
     root = tmp_path / "coco"
     ims = [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 8, "width": 8} for i in (9, 25, 30)]
-    rle = B.mask_to_rle(np.ones((8, 8), bool))
+    rle = benchmarks.mask_to_rle(np.ones((8, 8), bool))
     anns = [{"id": k, "image_id": i, "category_id": c, "segmentation": rle, "area": 64, "bbox": [0, 0, 8, 8], "iscrowd": 0}
             for k, (i, c) in enumerate([(9, 1), (25, 17), (30, 1)], 1)]  # 17 = cat, an unseen class
     os.makedirs(f"{root}/annotations")
@@ -105,11 +105,11 @@ def test_coco20k_reader(tmp_path, monkeypatch):
     with open(f"{root}/coco_20k_filenames.txt", "w") as f:
         f.write("train2014/COCO_train2014_000000000009.jpg\ntrain2014/COCO_train2014_000000000025.jpg\n")
     os.makedirs(f"{root}/train2014")
-    b = B.read_bench("coco20k", str(tmp_path))
+    b = benchmarks.read_bench("coco20k", str(tmp_path))
     assert [s["id"] for s in b.samples] == [9, 25] and len(b.coco_gt["annotations"]) == 2
     assert os.path.isfile(f"{root}/annotations/instances_train2014_sel20k.json")
-    monkeypatch.setattr(B, "build_sel20k", lambda *a: pytest.fail("sel20k rebuilt"))
-    u = B.read_bench("coco20k", str(root), unseen=True)  # built by the first read: read back, not rebuilt
+    monkeypatch.setattr(benchmarks, "build_sel20k", lambda *a: pytest.fail("sel20k rebuilt"))
+    u = benchmarks.read_bench("coco20k", str(root), unseen=True)  # built by the first read: read back, not rebuilt
     assert len(u.categories) == 16 and "cat" in u.categories and "person" not in u.categories
     assert [s["id"] for s in u.samples] == [25] and 17 in u.eval_cat_ids
 
@@ -123,20 +123,20 @@ def test_coca_reader(tmp_path, capsys):
             m[2:6, 3:9] = 255
             os.makedirs(f"{root}/binary/{cat}", exist_ok=True)
             Image.fromarray(m).save(f"{root}/binary/{cat}/{i}.png")
-    b = B.read_bench("coca", str(tmp_path))
+    b = benchmarks.read_bench("coca", str(tmp_path))
     assert len(b.samples) == 3 and len(b.categories) == 81
     sem = b.load_semantic(b.samples[2])
-    assert set(np.unique(sem)) == {0, C.COCA.index("Yellow duck")} and (sem > 0).sum() == 24
+    assert set(np.unique(sem)) == {0, categories.COCA.index("Yellow duck")} and (sem > 0).sum() == 24
     assert "warning" not in capsys.readouterr().err
     m = np.zeros((10, 12), np.uint8)  # the official rule: 255 -> the category, other values kept as they are
     m[0, :4], m[1, :2] = 255, 7
     Image.fromarray(m).save(f"{root}/binary/Accordion/0.png")
     sem = b.load_semantic(b.samples[0])
-    assert (sem[0, :4] == C.COCA.index("Accordion")).all() and (sem[1, :2] == 7).all() and sem.sum() == 4 * sem[0, 0] + 14
+    assert (sem[0, :4] == categories.COCA.index("Accordion")).all() and (sem[1, :2] == 7).all() and sem.sum() == 4 * sem[0, 0] + 14
     assert "Accordion/0.png has values other than 0 and 255" in capsys.readouterr().err
     os.makedirs(f"{root}/image/not a class")
     with pytest.raises(UserError, match="not a CoCA category"):
-        B.read_bench("coca", str(root))
+        benchmarks.read_bench("coca", str(root))
 
 
 def test_imagenet_s_reader(tmp_path):
@@ -148,12 +148,12 @@ def test_imagenet_s_reader(tmp_path):
     rgb[8:, :, 0], rgb[8:, :, 1] = 1000 % 256, 1000 // 256    # ignore
     os.makedirs(f"{root}/validation-segmentation/n01440764")
     Image.fromarray(rgb).save(f"{root}/validation-segmentation/n01440764/ILSVRC2012_val_00000293.png")
-    b = B.read_bench("imagenet_s919", str(tmp_path))
+    b = benchmarks.read_bench("imagenet_s919", str(tmp_path))
     assert len(b.samples) == 1 and b.ignore_index == 1000 and b.max_size == 1024 and len(b.categories) == 920
     assert b.metrics == ("imagenet_s",)
     sem = b.load_semantic(b.samples[0])
     assert (sem[:4] == 600).all() and (sem[4:8] == 0).all() and (sem[8:] == 1000).all()
-    t = B.read_bench("imagenet_s919", str(root), split="test")
+    t = benchmarks.read_bench("imagenet_s919", str(root), split="test")
     assert len(t.samples) == 1 and t.load_semantic is None and t.metrics == ("server_pngs",)
 
 
@@ -170,21 +170,21 @@ def test_cub_reader(tmp_path):
         f.write("".join(f"{i + 1} {r}\n" for i, r in enumerate(rels)))
     with open(f"{root}/train_test_split.txt", "w") as f:
         f.write("1 0\n2 1\n3 0\n")
-    b = B.read_bench("cub", str(tmp_path), cub_text="breed")
+    b = benchmarks.read_bench("cub", str(tmp_path), cub_text="breed")
     assert [s["id"] for s in b.samples] == [1, 3] and b.sample_categories is not None
     assert b.samples[1]["text"] == "Laysan Albatross" and b.categories == ["background", "bird"]
     sem = b.load_semantic(b.samples[0])
     assert sem.sum() == 36 and sem[0, 0] == 0
-    assert len(B.read_bench("cub", str(root), split="train").samples) == 1
+    assert len(benchmarks.read_bench("cub", str(root), split="train").samples) == 1
 
 
 def test_reader_errors(tmp_path):
     with pytest.raises(UserError, match="unknown benchmark"):
-        B.read_bench("kitti", str(tmp_path))
+        benchmarks.read_bench("kitti", str(tmp_path))
     with pytest.raises(UserError, match="data root not found.*JPEGImages"):
-        B.read_bench("voc", str(tmp_path / "nope"))
+        benchmarks.read_bench("voc", str(tmp_path / "nope"))
     with pytest.raises(UserError, match="voc data not found"):
-        B.read_bench("voc", str(tmp_path))
+        benchmarks.read_bench("voc", str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -193,17 +193,17 @@ def test_miou_hand_computed():
     """Official running_score: ignored pixels dropped on both sides, mean over present classes."""
     gt = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 3, 3]])
-    conf = B.confusion(gt, pred, 5)
+    conf = benchmarks.confusion(gt, pred, 5)
     assert conf[:5].sum() == 6 and conf[5].tolist() == [0, 0, 0, 2, 0]  # the last row: predictions on ignore
     # class 0: tp 1, gt 2, pred 2 -> 1/3; class 1: tp 2, gt 2, pred 3 -> 2/3; class 2: tp 1, gt 2, pred 1 -> 1/2
     # class 3 is predicted only on ignored pixels and class 4 never appears: both absent -> excluded
-    m = B.semantic_metrics(conf, ["a", "b", "c", "d", "e"])
+    m = benchmarks.semantic_metrics(conf, ["a", "b", "c", "d", "e"])
     assert m["mIoU"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 1 / 2) / 3)
     assert m["pixel_acc"] == pytest.approx(100 * 4 / 6)
     assert m["per_class_iou"]["d"] is None and m["per_class_iou"]["e"] is None
-    conf2 = B.confusion(np.array([0, 0]), np.array([0, 1]), 2)  # predicted but absent from GT: IoU 0
-    assert B.semantic_metrics(conf2, ["a", "b"])["mIoU"] == pytest.approx(100 * (0.5 + 0) / 2)
-    assert B.confusion(np.array([0, 3]), np.array([0, 0]), 5, ignore=3)[5, 0] == 1  # the ignore value itself
+    conf2 = benchmarks.confusion(np.array([0, 0]), np.array([0, 1]), 2)  # predicted but absent from GT: IoU 0
+    assert benchmarks.semantic_metrics(conf2, ["a", "b"])["mIoU"] == pytest.approx(100 * (0.5 + 0) / 2)
+    assert benchmarks.confusion(np.array([0, 3]), np.array([0, 0]), 5, ignore=3)[5, 0] == 1  # the ignore value itself
 
 
 def imagenet_s_case():
@@ -221,44 +221,44 @@ def test_imagenet_s_official_metric():
     """LUSSeg/ImageNet-S evaluator.py: T counts predictions on ignored pixels, IoU = TP / (T + P - TP), mean
     over all classes (absent ones count 0)."""
     gt, pred = imagenet_s_case()
-    conf = B.confusion(gt, pred, 5, ignore=1000)
+    conf = benchmarks.confusion(gt, pred, 5, ignore=1000)
     # class 0: TP 76, T 78, P 76; class 1: TP 10, T 10 + 50, P 10; class 2: TP 10, T 10, P 12; class 3: 52/52/52
-    m = B.semantic_metrics(conf, list("abcde"), official_imagenet_s=True)
+    m = benchmarks.semantic_metrics(conf, list("abcde"), official_imagenet_s=True)
     assert m["mIoU"] == pytest.approx(100 * (76 / 78 + 10 / 60 + 10 / 12 + 1 + 0) / 5)
     # the running_score rule drops the ignored pixels on both sides and class 4 (absent)
-    assert B.semantic_metrics(conf, list("abcde"))["mIoU"] == pytest.approx(100 * (76 / 78 + 1 + 10 / 12 + 1) / 4)
+    assert benchmarks.semantic_metrics(conf, list("abcde"))["mIoU"] == pytest.approx(100 * (76 / 78 + 1 + 10 / 12 + 1) / 4)
 
 
 def test_imagenet_s_size_buckets():
     gt, pred = imagenet_s_case()
-    bk = B.size_buckets(gt, pred, 4, 1000)
+    bk = benchmarks.size_buckets(gt, pred, 4, 1000)
     # S: background + class 1, both perfect; MS: background + class 2 + the ignore region (its pixels
     # predicted as class 1 count in T of class 1, which has no GT here and is skipped); ML: background +
     # class 3, perfect; L: empty
     assert bk[0][:4].sum(1).tolist() == [76, 10, 0, 0] and bk[0][4].sum() == 0
     assert bk[1][:4].sum(1).tolist() == [76, 0, 12, 0] and bk[1][4].tolist() == [0, 50, 0, 0]
     assert bk[2][:4].sum(1).tolist() == [76, 0, 0, 52] and bk[3].sum() == 0
-    assert [B.bucket_miou(c) for c in bk] == [pytest.approx(100), pytest.approx(100 * (76 / 78 + 10 / 12) / 2),
+    assert [benchmarks.bucket_miou(c) for c in bk] == [pytest.approx(100), pytest.approx(100 * (76 / 78 + 10 / 12) / 2),
                                               pytest.approx(100), None]
     half = np.zeros((10, 10), np.int64)
     half[:5], half[5:] = 1, 2  # 50% each: ML, its upper edge
-    assert B.size_buckets(half, half, 3, 1000)[2][:3].sum(1).tolist() == [0, 50, 50]
+    assert benchmarks.size_buckets(half, half, 3, 1000)[2][:3].sum(1).tolist() == [0, 50, 50]
     half.ravel()[50] = 1  # 51%: L
-    assert B.size_buckets(half, half, 3, 1000)[3][:3].sum(1).tolist() == [0, 51, 0]
+    assert benchmarks.size_buckets(half, half, 3, 1000)[3][:3].sum(1).tolist() == [0, 51, 0]
 
 
 def test_imagenet_s_image_scores():
     """evaluator.py's image-level Acc and F-measure (beta^2 = 0.3, the ignore value counts as foreground)."""
     gt, pred = np.array([[0, 1], [1000, 2]]), np.array([[1, 1], [2, 0]])
-    acc, f = B.image_scores(gt, pred, 3)  # largest predicted class 1 is in the GT; P = R = 2/3
+    acc, f = benchmarks.image_scores(gt, pred, 3)  # largest predicted class 1 is in the GT; P = R = 2/3
     assert acc == 1.0 and f == pytest.approx(2 / 3)
-    assert B.image_scores(gt, np.array([[0, 0], [2, 2]]), 3)[0] == 1.0
-    assert B.image_scores(np.array([[0, 1]]), np.array([[2, 2]]), 3)[0] == 0.0
+    assert benchmarks.image_scores(gt, np.array([[0, 0], [2, 2]]), 3)[0] == 1.0
+    assert benchmarks.image_scores(np.array([[0, 1]]), np.array([[2, 2]]), 3)[0] == 0.0
 
 
 def coco_gt_from(masks, labels, h, w):
     return {"images": [{"id": 1, "height": h, "width": w}],
-            "annotations": [B.gt_annotation(m, l, 1, k + 1) for k, (m, l) in enumerate(zip(masks, labels))],
+            "annotations": [benchmarks.gt_annotation(m, l, 1, k + 1) for k, (m, l) in enumerate(zip(masks, labels))],
             "categories": [{"id": c, "name": str(c)} for c in range(1, 6)]}
 
 
@@ -270,12 +270,12 @@ def test_ap_perfect_and_shuffled():
         masks.append(m)
     labels = [1, 2, 3, 4, 5]
     gt = coco_gt_from(masks, labels, 40, 40)
-    dets = [{"image_id": 1, "category_id": l, "segmentation": B.mask_to_rle(m), "score": 0.9} for m, l in zip(masks, labels)]
-    assert B.coco_segm_ap(gt, dets, [1]) == [pytest.approx(100.0)] * 3
+    dets = [{"image_id": 1, "category_id": l, "segmentation": benchmarks.mask_to_rle(m), "score": 0.9} for m, l in zip(masks, labels)]
+    assert benchmarks.coco_segm_ap(gt, dets, [1]) == [pytest.approx(100.0)] * 3
     wrong = [{**d, "category_id": labels[(k + 1) % 5]} for k, d in enumerate(dets)]
-    assert B.coco_segm_ap(gt, wrong, [1])[0] == pytest.approx(0.0)
-    assert B.coco_segm_ap(gt, wrong, [1], use_cats=False) == [pytest.approx(100.0)] * 3  # class-agnostic
-    assert B.coco_segm_ap(gt, [], [1]) == [0.0] * 3
+    assert benchmarks.coco_segm_ap(gt, wrong, [1])[0] == pytest.approx(0.0)
+    assert benchmarks.coco_segm_ap(gt, wrong, [1], use_cats=False) == [pytest.approx(100.0)] * 3  # class-agnostic
+    assert benchmarks.coco_segm_ap(gt, [], [1]) == [0.0] * 3
 
 
 def test_ap_on_unrounded_scores():
@@ -283,24 +283,24 @@ def test_ap_on_unrounded_scores():
     a true positive of image 2, and COCOeval breaks ties by image order."""
     box = lambda y: torch.from_numpy(np.pad(np.ones((4, 4), bool), ((y, 12 - y), (2, 10))))  # noqa: E731
     gt = {"images": [{"id": 1, "height": 16, "width": 16}, {"id": 2, "height": 16, "width": 16}],
-          "annotations": [B.gt_annotation(box(0).numpy(), 1, i, i) for i in (1, 2)], "categories": [{"id": 1, "name": "a"}]}
+          "annotations": [benchmarks.gt_annotation(box(0).numpy(), 1, i, i) for i in (1, 2)], "categories": [{"id": 1, "name": "a"}]}
     pred = lambda masks, scores: {"masks": torch.stack(masks), "labels": torch.ones(len(masks), dtype=torch.long),  # noqa: E731
                                   "scores": torch.tensor(scores, dtype=torch.float64)}
-    dets = B.detections(pred([box(8), box(0)], [0.500001, 0.3]), 1, [0, 1]) + B.detections(pred([box(0)], [0.500003]), 2, [0, 1])
+    dets = benchmarks.detections(pred([box(8), box(0)], [0.500001, 0.3]), 1, [0, 1]) + benchmarks.detections(pred([box(0)], [0.500003]), 2, [0, 1])
     assert [d["score"] for d in dets] == [0.500001, 0.3, 0.500003]
-    raw = B.coco_segm_ap(gt, dets, [1, 2])
-    rounded = B.coco_segm_ap(gt, [{**d, "score": round(d["score"], 5)} for d in dets], [1, 2])
+    raw = benchmarks.coco_segm_ap(gt, dets, [1, 2])
+    rounded = benchmarks.coco_segm_ap(gt, [{**d, "score": round(d["score"], 5)} for d in dets], [1, 2])
     assert raw[1] > rounded[1]  # TP first on the raw scores: precision 1 at recall 0.5
 
 
 def test_mask_nms_in_the_zutis_path():
     """The zutis path (ZutisSegmenter -> model.instances_from_outputs) drops duplicates with model.mask_nms."""
-    import model as M
+    import model
     a = torch.zeros(4, 10, 10, dtype=torch.bool)
     a[0, :5] = a[1, :5] = a[2, :5] = True  # 0 and 1 duplicates of class 3; 2 the same mask but class 4
     a[1, 5] = True
     a[3, 6:] = True
-    keep = M.mask_nms(a, torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([3, 3, 4, 3]), iou=0.3)
+    keep = model.mask_nms(a, torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([3, 3, 4, 3]), iou=0.3)
     assert sorted(keep.tolist()) == [0, 2, 3]
 
 
@@ -310,7 +310,7 @@ def test_maskclip_components():
     sem[4:6, 5:8] = 1  # a second component of class 1
     sem[3, 0] = 2
     prob = {1: np.full((6, 8), 0.7), 2: np.full((6, 8), 0.2)}
-    r = E.component_instances(sem, lambda c: prob[c])
+    r = evaluate.component_instances(sem, lambda c: prob[c])
     assert r["labels"].tolist() == [1, 1, 2] and r["masks"].sum((1, 2)).tolist() in ([4, 6, 1], [6, 4, 1])
     assert r["scores"].tolist() == pytest.approx([0.7, 0.7, 0.2])
 
@@ -326,7 +326,7 @@ class Oracle:
         self.categories, self.perm, self.table = list(bench.categories), perm, {}
         for s in bench.samples:
             sem = bench.load_semantic(s)
-            img = E.image_tensor(Image.open(s["image"]).convert("RGB"))
+            img = evaluate.image_tensor(Image.open(s["image"]).convert("RGB"))
             self.table[img.float().sum().item()] = (sem, bench.load_instances(s, sem))
 
     def set_categories(self, names):
@@ -341,22 +341,22 @@ class Oracle:
 
 
 def test_oracle_gives_100_and_shuffled_low(voc_root, tmp_path, monkeypatch):
-    b = B.read_bench("voc", voc_root)
-    orig = E.infer
-    monkeypatch.setattr(E, "infer", lambda seg, img, *a, **k: (setattr(seg, "key", img.float().sum().item()), orig(seg, img, *a, **k))[1])
-    m = E.evaluate_bench(Oracle(b), b, str(tmp_path / "o"), n_vis=1)
+    b = benchmarks.read_bench("voc", voc_root)
+    orig = evaluate.infer
+    monkeypatch.setattr(evaluate, "infer", lambda seg, img, *a, **k: (setattr(seg, "key", img.float().sum().item()), orig(seg, img, *a, **k))[1])
+    m = evaluate.evaluate_bench(Oracle(b), b, str(tmp_path / "o"), n_vis=1)
     assert m["mIoU"] == pytest.approx(100) and m["AP"] == pytest.approx(100) and m["AP50_agn"] == pytest.approx(100)
     assert m["n_images"] == 4 and m["n_gt_instances"] == 6
     assert os.listdir(tmp_path / "o" / "vis") and json.load(open(tmp_path / "o" / "metrics.json"))["mIoU"] == pytest.approx(100)
     own = str(tmp_path / "VOC2012")  # a private copy: the module's dataset stays intact
     write_voc(own)
-    b2 = B.read_bench("voc", own)
+    b2 = benchmarks.read_bench("voc", own)
     oracle = Oracle(b2)
     os.remove(b2.samples[1]["obj"])  # a missing ground-truth file: skipped and listed, the rest scored
-    m = E.evaluate_bench(oracle, b2, str(tmp_path / "s"))
+    m = evaluate.evaluate_bench(oracle, b2, str(tmp_path / "s"))
     assert m["n_images"] == 3 and m["n_skipped"] == 1 and "2007_000001" in open(tmp_path / "s" / "skipped.txt").read()
     perm = {0: 0, 12: 15, 15: 12}
-    m = E.evaluate_bench(Oracle(b, perm), b, None)
+    m = evaluate.evaluate_bench(Oracle(b, perm), b, None)
     assert m["mIoU"] < 50 and m["AP"] == pytest.approx(0) and m["AP_agn"] == pytest.approx(100)
 
 
@@ -380,19 +380,19 @@ def test_resize_the_official_way():
     """Longer side above max_size: the uint8 image resized with PIL bilinear (antialiased), the short side
     truncated, then normalised; smaller images pass untouched."""
     img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 4096, 64), dtype=np.uint8))
-    x = E.to_input(img, "imagenet", "cpu", max_size=1024)
+    x = evaluate.to_input(img, "imagenet", "cpu", max_size=1024)
     assert x.shape == (1, 3, 1024, 16)
     ref = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((16, 1024), Image.BILINEAR)
     mean, std = (torch.tensor(v)[:, None, None] for v in common.NORMS["imagenet"])
-    assert torch.allclose(x[0], (E.image_tensor(ref).float() / 255 - mean) / std)
+    assert torch.allclose(x[0], (evaluate.image_tensor(ref).float() / 255 - mean) / std)
     assert (x[0] * std + mean).std() < 0.12  # averaged over ~4x4 pixels (noise std 0.29); plain bilinear: 2x2
-    assert E.to_input(img[:, :100], "imagenet", "cpu", max_size=1024).shape == (1, 3, 100, 64)
+    assert evaluate.to_input(img[:, :100], "imagenet", "cpu", max_size=1024).shape == (1, 3, 100, 64)
 
 
 def test_imagenet_s_test_split_writes_server_pngs(tmp_path):
     root = tmp_path / "ImageNetS919"
     save_jpg(f"{root}/test/n01440764/ILSVRC2012_test_00000001.JPEG", 1100, 20)  # longer side capped at 1024
-    m = E.run_benchmark(Constant(C.IMAGENET_S919, 600), "imagenet_s919", str(root), out_dir=str(tmp_path / "o"), split="test")
+    m = evaluate.run_benchmark(Constant(categories.IMAGENET_S919, 600), "imagenet_s919", str(root), out_dir=str(tmp_path / "o"), split="test")
     png = np.array(Image.open(tmp_path / "o" / "test" / "n01440764" / "ILSVRC2012_test_00000001.png"))
     assert png.shape == (1100, 20, 3) and (png[..., 0] == 600 % 256).all() and (png[..., 1] == 2).all() and m["n_images"] == 1
 
@@ -421,7 +421,7 @@ def test_imagenet_s_val_scored_both_ways(tmp_path):
     os.makedirs(f"{root}/validation-segmentation/n01440764")
     Image.fromarray(np.stack([gt % 256, gt // 256, 0 * gt], -1).astype(np.uint8)).save(
         f"{root}/validation-segmentation/n01440764/ILSVRC2012_val_00000293.png")
-    m = E.run_benchmark(Fixed(C.IMAGENET_S919, {(10, 20): pred}), "imagenet_s919", str(root), out_dir=str(tmp_path / "o"))
+    m = evaluate.run_benchmark(Fixed(categories.IMAGENET_S919, {(10, 20): pred}), "imagenet_s919", str(root), out_dir=str(tmp_path / "o"))
     # evaluator: class 1 has T = 10 + 50 (the ignored pixels predicted as 1), the mean is over all 920 classes
     assert m["mIoU"] == pytest.approx(100 * (76 / 78 + 10 / 60 + 10 / 12 + 1) / 920)
     # official trainer (trainer.py evaluate, RunningScore): ground truth 1000 >= K dropped with its
@@ -440,7 +440,7 @@ def read_shapes(data_root, split=None, **_):
     names = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(data_root, "images")))
     samples = [{"id": i, "name": n, "image": os.path.join(data_root, "images", n + ".png"),
                 "gt": os.path.join(data_root, "labels", n + ".png")} for i, n in enumerate(names)]
-    return B.Bench(samples, load_semantic=lambda s: B.read_png(s["gt"]))
+    return benchmarks.Bench(samples, load_semantic=lambda s: benchmarks.read_png(s["gt"]))
 
 
 def test_a_new_benchmark_without_background(tmp_path, monkeypatch, tiny_clip_path, capsys):
@@ -448,8 +448,8 @@ def test_a_new_benchmark_without_background(tmp_path, monkeypatch, tiny_clip_pat
     change to evaluate.py. Hand-computed: ground-truth 0 and 255 are void; a predicted 0 (the model's
     background text) is a miss of the true class; background and the class absent from both sides (star,
     predicted only on void pixels) are not averaged in."""
-    monkeypatch.setitem(C.BUILTIN, "shapes", ["background", "circle", "square", "star"])
-    monkeypatch.setitem(B.BENCHES, "shapes", B.Benchmark("shapes", read_shapes, "data/shapes", "<root>/{images,labels}/*.png",
+    monkeypatch.setitem(categories.BUILTIN, "shapes", ["background", "circle", "square", "star"])
+    monkeypatch.setitem(benchmarks.BENCHES, "shapes", benchmarks.Benchmark("shapes", read_shapes, "data/shapes", "<root>/{images,labels}/*.png",
                                                          "shapes", ("miou",), background=False))
     gts = {"a": np.array([[1, 1, 2, 2], [0, 1, 2, 255]]), "b": np.array([[2, 2, 2, 2], [2, 2, 1, 1], [0, 0, 0, 0]])}
     preds = {(2, 4): np.array([[1, 0, 2, 2], [3, 1, 1, 2]]), (3, 4): np.array([[2, 2, 2, 0], [2, 2, 1, 1], [1, 0, 0, 0]])}
@@ -457,7 +457,7 @@ def test_a_new_benchmark_without_background(tmp_path, monkeypatch, tiny_clip_pat
         save_jpg(f"{tmp_path}/shapes/images/{name}.png", *gt.shape, k)
         os.makedirs(f"{tmp_path}/shapes/labels", exist_ok=True)
         Image.fromarray(gt.astype(np.uint8)).save(f"{tmp_path}/shapes/labels/{name}.png")
-    m = E.run_benchmark(Fixed(C.BUILTIN["shapes"], preds), "shapes", str(tmp_path / "shapes"), out_dir=str(tmp_path / "o"))
+    m = evaluate.run_benchmark(Fixed(categories.BUILTIN["shapes"], preds), "shapes", str(tmp_path / "shapes"), out_dir=str(tmp_path / "o"))
     # circle: TP 2 + 2, ground truth 3 + 2, predicted 3 + 2 -> 4/6; square: TP 2 + 5, ground truth 3 + 6, predicted 2 + 5 -> 7/9
     assert m["mIoU"] == pytest.approx(100 * (4 / 6 + 7 / 9) / 2) and m["pixel_acc"] == pytest.approx(100 * 11 / 14)
     assert m["per_class_iou"] == {"background": None, "circle": pytest.approx(100 * 4 / 6),
@@ -483,17 +483,17 @@ class TwoRanks:
 
 
 def test_sharded_evaluation_equals_one_process(voc_root, tmp_path, monkeypatch):
-    b, orig, calls = B.read_bench("voc", voc_root), E.infer, []
+    b, orig, calls = benchmarks.read_bench("voc", voc_root), evaluate.infer, []
 
     def keyed(seg, img, *a, **k):
         calls.append(1)
         seg.key = img.float().sum().item()
         return orig(seg, img, *a, **k)
-    monkeypatch.setattr(E, "infer", keyed)
+    monkeypatch.setattr(evaluate, "infer", keyed)
     perm, box = {0: 0, 12: 15, 15: 12}, []
-    assert E.evaluate_bench(Oracle(b, perm), b, str(tmp_path / "o"), dist=TwoRanks(1, box)) == {} and len(calls) == 2
-    m = E.evaluate_bench(Oracle(b, perm), b, str(tmp_path / "o"), dist=TwoRanks(0, box))
-    ref = E.evaluate_bench(Oracle(b, perm), b, None)
+    assert evaluate.evaluate_bench(Oracle(b, perm), b, str(tmp_path / "o"), dist=TwoRanks(1, box)) == {} and len(calls) == 2
+    m = evaluate.evaluate_bench(Oracle(b, perm), b, str(tmp_path / "o"), dist=TwoRanks(0, box))
+    ref = evaluate.evaluate_bench(Oracle(b, perm), b, None)
     assert len(calls) == 8 and m["n_images"] == 4
     assert all(m[k] == ref[k] for k in ("mIoU", "pixel_acc", "per_class_iou", "AP", "AP_agn", "n_gt_instances", "n_detections"))
 
@@ -503,8 +503,8 @@ def test_sharded_evaluation_equals_one_process(voc_root, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tiny_clip_path, tmp_path_factory):
     """A train.py-format checkpoint of a tiny random ZUTIS on the conftest tiny CLIP."""
-    import model as M
-    net = M.ZUTIS(tiny_clip_path, ["background", "person", "dog"], n_queries=8, n_layers=1, n_heads=2, dim_ffn=32, mlp_hidden=16)
+    import model
+    net = model.ZUTIS(tiny_clip_path, ["background", "person", "dog"], n_queries=8, n_layers=1, n_heads=2, dim_ffn=32, mlp_hidden=16)
     path = str(tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
     torch.save({"model": net.state_dict(), "step": 0,
                 "config": {**net.hparams, "arch": tiny_clip_path, "categories": net.categories, "norm": "imagenet",
@@ -514,7 +514,7 @@ def tiny_ckpt(tiny_clip_path, tmp_path_factory):
 
 def run_main(monkeypatch, *argv):
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device", "cpu", *argv])
-    E.main()
+    evaluate.main()
 
 
 def test_cli_zutis_voc(voc_root, tiny_ckpt, tmp_path, monkeypatch):
@@ -534,16 +534,16 @@ def test_cli_maskclip_voc_and_run_benchmark(voc_root, tiny_clip_path, tiny_ckpt,
     m = json.load(open(out / "metrics.json"))
     assert m["n_images"] == 4 and "AP50_agn" in m and list(m["per_class_iou"]) == ["background", "person", "dog"]
     # train.py's path: a raw ZUTIS module, evaluated with its own categories
-    import model as M
-    net = M.load_checkpoint(tiny_ckpt)
-    r = E.run_benchmark(net, "voc", voc_root, max_images=2, save_vis=0)
+    import model
+    net = model.load_checkpoint(tiny_ckpt)
+    r = evaluate.run_benchmark(net, "voc", voc_root, max_images=2, save_vis=0)
     assert r["n_images"] == 2 and net.categories == ["background", "person", "dog"] and "mIoU" in r
 
 
 def test_cub_breed_mode_with_maskclip(tmp_path, tiny_clip):
     test_cub_reader(tmp_path)
-    seg = E.MaskCLIPSegmenter(tiny_clip, ["background", "bird"])
-    m = E.run_benchmark(seg, "cub", str(tmp_path), cub_text="breed")
+    seg = evaluate.MaskCLIPSegmenter(tiny_clip, ["background", "bird"])
+    m = evaluate.run_benchmark(seg, "cub", str(tmp_path), cub_text="breed")
     assert m["n_images"] == 2 and 0 <= m["fg_iou"] <= 100 and m["fg_iou_per_image"] is not None
     assert ("background", "Laysan Albatross") in seg._cache  # each image was segmented with its breed name
 
@@ -607,7 +607,7 @@ class PerfectNet(torch.nn.Module):
         super().__init__()
         self.w, self.patch_size, self.categories, self.table = torch.nn.Parameter(torch.zeros(1)), 1, list(bench.categories), {}
         for s in bench.samples:
-            x = E.to_input(E.image_tensor(Image.open(s["image"]).convert("RGB")), "imagenet", "cpu")
+            x = evaluate.to_input(evaluate.image_tensor(Image.open(s["image"]).convert("RGB")), "imagenet", "cpu")
             sem = torch.from_numpy(bench.load_semantic(s))
             self.table[x.sum().item()] = torch.where(sem == 255, 0, sem)
 
@@ -623,7 +623,7 @@ def write_proposals(path, bench, key="file_name", size=None, extra=()):
     out = []
     for s in bench.samples:
         for m, _ in bench.load_instances(s, bench.load_semantic(s)):
-            rle = B.mask_to_rle(m)
+            rle = benchmarks.mask_to_rle(m)
             rle["size"] = size or rle["size"]
             ident = {"file_name": f"JPEGImages/{s['name']}.jpg"} if key == "file_name" else {"image_id": s["id"]}
             out.append({**ident, "segmentation": rle, "score": 0.9, "category_id": 1})
@@ -634,12 +634,12 @@ def write_proposals(path, bench, key="file_name", size=None, extra=()):
 
 def test_proposals_round_trip_through_pycocotools(voc_root, tmp_path):
     from pycocotools.coco import COCO
-    b = B.read_bench("voc", voc_root)
+    b = benchmarks.read_bench("voc", voc_root)
     written = write_proposals(tmp_path / "p.json", b, extra=[{"image_id": 99, "segmentation": written_rle(), "score": 1}])
-    props, unmatched = E.read_proposals(str(tmp_path / "p.json"), b.samples)
+    props, unmatched = evaluate.read_proposals(str(tmp_path / "p.json"), b.samples)
     assert unmatched == 1 and sum(map(len, props.values())) == len(written) == 6
     s = b.samples[0]
-    masks, scores = E.decode_proposals(props[s["id"]], (32, 48))
+    masks, scores = evaluate.decode_proposals(props[s["id"]], (32, 48))
     assert [m.numpy().tolist() for m in masks] == [m.tolist() for m, _ in b.load_instances(s, b.load_semantic(s))]
     assert scores.tolist() == pytest.approx([0.9, 0.9])
     gt = {"images": [{"id": s["id"], "height": 32, "width": 48} for s in b.samples], "annotations": [], "categories": [{"id": 1}]}
@@ -651,16 +651,16 @@ def test_proposals_round_trip_through_pycocotools(voc_root, tmp_path):
 
 
 def written_rle():
-    return B.mask_to_rle(np.ones((32, 48), bool))
+    return benchmarks.mask_to_rle(np.ones((32, 48), bool))
 
 
 def test_gt_proposals_named_by_a_perfect_semantic_map(voc_root, tmp_path):
     """Ground-truth instances as proposals, named from a perfect semantic map: every instance gets its class
     (class-aware AP 100), background is dropped, and the score is the proposal's times sigmoid(5)."""
-    b = B.read_bench("voc", voc_root)
+    b = benchmarks.read_bench("voc", voc_root)
     write_proposals(tmp_path / "p.json", b, key="image_id")
-    seg = E.ZutisSegmenter(PerfectNet(b))
-    m = E.evaluate_bench(seg, b, str(tmp_path / "o"), proposals=str(tmp_path / "p.json"), n_vis=0)
+    seg = evaluate.ZutisSegmenter(PerfectNet(b))
+    m = evaluate.evaluate_bench(seg, b, str(tmp_path / "o"), proposals=str(tmp_path / "p.json"), n_vis=0)
     assert m["AP"] == pytest.approx(100) and m["n_detections"] == m["n_gt_instances"] == 6
     assert m["proposals"] == {"file": str(tmp_path / "p.json"), "matched": 6, "unmatched": 0}
     scores = [d["score"] for d in json.load(open(tmp_path / "o" / "instances.json"))]
@@ -668,15 +668,15 @@ def test_gt_proposals_named_by_a_perfect_semantic_map(voc_root, tmp_path):
     s = b.samples[0]
     bg = torch.zeros(1, 32, 48, dtype=torch.bool)
     bg[0, 0, :3] = True  # a background proposal is dropped
-    p = seg(E.to_input(E.image_tensor(Image.open(s["image"])), "imagenet", "cpu"), (32, 48), proposals=(bg, torch.ones(1)))
+    p = seg(evaluate.to_input(evaluate.image_tensor(Image.open(s["image"])), "imagenet", "cpu"), (32, 48), proposals=(bg, torch.ones(1)))
     assert len(p["labels"]) == 0
 
 
 def test_proposals_with_maskclip(voc_root, tiny_clip, tmp_path):
-    b = B.read_bench("voc", voc_root)
+    b = benchmarks.read_bench("voc", voc_root)
     write_proposals(tmp_path / "p.json", b)
-    seg = E.MaskCLIPSegmenter(tiny_clip, b.categories, with_decoder=True)
-    m = E.evaluate_bench(seg, b, None, proposals=str(tmp_path / "p.json"))
+    seg = evaluate.MaskCLIPSegmenter(tiny_clip, b.categories, with_decoder=True)
+    m = evaluate.evaluate_bench(seg, b, None, proposals=str(tmp_path / "p.json"))
     assert m["proposals"]["matched"] == 6 and "AP" in m
 
 
@@ -684,8 +684,8 @@ def test_proposals_on_your_images(tiny_ckpt, tmp_path, monkeypatch, capsys):
     save_jpg(f"{tmp_path}/photos/a.jpg", 40, 56, 1)
     m = np.zeros((40, 56), bool)
     m[5:30, 10:40] = True
-    props = [{"file_name": "photos/a.jpg", "segmentation": B.mask_to_rle(m), "score": 0.8},
-             {"file_name": "elsewhere/zzz.jpg", "segmentation": B.mask_to_rle(m), "score": 0.8}]
+    props = [{"file_name": "photos/a.jpg", "segmentation": benchmarks.mask_to_rle(m), "score": 0.8},
+             {"file_name": "elsewhere/zzz.jpg", "segmentation": benchmarks.mask_to_rle(m), "score": 0.8}]
     (tmp_path / "p.json").write_text(json.dumps(props))
     run_main(monkeypatch, "--images", str(tmp_path / "photos"), "--classes", "cat,dog", "--ckpt", tiny_ckpt, "--proposals",
              str(tmp_path / "p.json"), "--proposal_score", "proposal", "--out_dir", str(tmp_path / "d"))
@@ -695,7 +695,7 @@ def test_proposals_on_your_images(tiny_ckpt, tmp_path, monkeypatch, capsys):
 
 
 def test_proposal_errors(voc_root, tiny_ckpt, tmp_path, monkeypatch, capsys):
-    b = B.read_bench("voc", voc_root)
+    b = benchmarks.read_bench("voc", voc_root)
     args = ("--bench", "voc", "--data_root", voc_root, "--ckpt", tiny_ckpt, "--save_vis", "0", "--out_dir", str(tmp_path / "o"))
     (tmp_path / "bad.json").write_text(json.dumps({"not": "results"}))
     assert "is not a COCO results list of RLE masks" in cli_error(monkeypatch, capsys, *args, "--proposals", str(tmp_path / "bad.json"))
@@ -712,7 +712,7 @@ def cli_error(monkeypatch, capsys, *argv):
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device", "cpu", *argv])
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        common.run_main(E.main)
+        common.run_main(evaluate.main)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
@@ -744,9 +744,9 @@ def test_random_bytes_checkpoint_subprocess(voc_root, tmp_path):
 def test_official_layout_file_on_voc(voc_root, tiny_ckpt, tiny_clip_path, tmp_path, monkeypatch):
     """issue 8: `evaluate.py --bench voc --ckpt official-layout-file.pt` end to end (--arch names the
     CLIP of a file that is not one of the released ViT-B files)."""
-    import model as M
+    import model
     path = str(tmp_path / "official_layout.pt")
-    torch.save(M.to_official(M.load_checkpoint(tiny_ckpt)), path)
+    torch.save(model.to_official(model.load_checkpoint(tiny_ckpt)), path)
     run_main(monkeypatch, "--bench", "voc", "--data_root", voc_root, "--ckpt", path, "--arch", tiny_clip_path,
              "--out_dir", str(tmp_path / "o"), "--save_vis", "0", "--max_images", "2", "--nms", "none")
     m = json.load(open(tmp_path / "o" / "metrics.json"))
@@ -754,8 +754,8 @@ def test_official_layout_file_on_voc(voc_root, tiny_ckpt, tiny_clip_path, tmp_pa
 
 
 def test_interrupted_evaluation_resumes(voc_root, tmp_path, monkeypatch):
-    b = B.read_bench("voc", voc_root)
-    orig, calls = E.infer, []
+    b = benchmarks.read_bench("voc", voc_root)
+    orig, calls = evaluate.infer, []
 
     def counting(seg, img, *a, **k):
         calls.append(1)
@@ -763,17 +763,17 @@ def test_interrupted_evaluation_resumes(voc_root, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         seg.key = img.float().sum().item()
         return orig(seg, img, *a, **k)
-    monkeypatch.setattr(E, "infer", counting)
+    monkeypatch.setattr(evaluate, "infer", counting)
     out = str(tmp_path / "r")
     oracle = Oracle(b, {0: 0, 12: 15, 15: 12})
     oracle.stop_at = 4
     with pytest.raises(KeyboardInterrupt):
-        E.evaluate_bench(oracle, b, out, save_every=1)
+        evaluate.evaluate_bench(oracle, b, out, save_every=1)
     assert os.path.isfile(os.path.join(out, ".partial_rank0of1.pt"))
     oracle.stop_at, calls[:] = None, []
-    m = E.evaluate_bench(oracle, b, out, save_every=1)
+    m = evaluate.evaluate_bench(oracle, b, out, save_every=1)
     assert len(calls) == 1 and m["n_images"] == 4 and not os.path.exists(os.path.join(out, ".partial_rank0of1.pt"))
-    ref = E.evaluate_bench(Oracle(b, {0: 0, 12: 15, 15: 12}), b, None)
+    ref = evaluate.evaluate_bench(Oracle(b, {0: 0, 12: 15, 15: 12}), b, None)
     assert all(m[k] == ref[k] for k in ("mIoU", "pixel_acc", "AP", "AP_agn", "n_gt_instances", "n_detections"))
 
 
@@ -781,10 +781,10 @@ def test_legend_layout():
     """with_legend appends 12 px per row of entries below the image, filled row by row into `cols`
     columns; a swatch has its colour, a None colour draws text only."""
     img = np.zeros((10, 100, 3), np.uint8)
-    one = V.with_legend(img, [((255, 0, 0), "a"), ((0, 255, 0), "b"), ((0, 0, 255), "c")])
+    one = visualize.with_legend(img, [((255, 0, 0), "a"), ((0, 255, 0), "b"), ((0, 0, 255), "c")])
     assert one.shape == (10 + 12 * 3 + 4, 100, 3) and (one[:10] == 0).all()
     assert tuple(one[10 + 2 + 12 * 2 + 4, 6]) == (0, 0, 255)  # third swatch, third line
-    two = V.with_legend(img, [((255, 0, 0), "a"), ((0, 255, 0), "b"), (None, "note")], cols=2)
+    two = visualize.with_legend(img, [((255, 0, 0), "a"), ((0, 255, 0), "b"), (None, "note")], cols=2)
     assert two.shape == (10 + 12 * 2 + 4, 100, 3)
     assert tuple(two[10 + 6, 50 + 6]) == (0, 255, 0)  # second entry: first row, second column
     assert two[10 + 2 + 12:10 + 12 + 12, 2:12].mean() > 150  # text-only entry: mostly white, no swatch

@@ -25,9 +25,9 @@ import pytest
 import torch
 from PIL import Image
 
-import categories as C
-import evaluate as E
-import model as M
+import categories
+import evaluate
+import model
 import selfmask
 import conftest
 from conftest import make_tiny_clip
@@ -117,7 +117,7 @@ def write_voc(root):
     scenes = []
     for k, n in enumerate(["2007_000032", "2007_000039", "2008_000002"]):
         cls, obj = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
-        cls[6:24, 10:34], obj[6:24, 10:34] = C.VOC.index("person") if k else C.VOC.index("dog"), 1
+        cls[6:24, 10:34], obj[6:24, 10:34] = categories.VOC.index("person") if k else categories.VOC.index("dog"), 1
         cls[5, 9:35] = obj[5, 9:35] = 255  # VOC's void outline
         scenes.append((n, photo(200 + k), cls, obj))
     conftest.write_voc(root, scenes, n_train=2)
@@ -129,11 +129,11 @@ def coco_json(images, cat_of):
             "annotations": [{"id": k + 1, "image_id": i, "category_id": cat_of[i], "iscrowd": 0,
                              "segmentation": polygon(10, 6, 34, 24), "area": 24.0 * 18, "bbox": [10, 6, 24, 18]}
                             for k, (i, _) in enumerate(images)],
-            "categories": [{"id": c, "name": n} for c, n in zip(C.COCO_IDS[1:], C.COCO[1:])]}
+            "categories": [{"id": c, "name": n} for c, n in zip(categories.COCO_IDS[1:], categories.COCO[1:])]}
 
 
 def cat_id(name):
-    return C.COCO_IDS[C.COCO.index(name)]
+    return categories.COCO_IDS[categories.COCO.index(name)]
 
 
 def write_coco2017(root):
@@ -172,7 +172,7 @@ def write_coca(root):
 
 
 def write_imagenet_s(root):
-    for c, (wnid, label) in enumerate((("n01440764", 1), ("n02085620", C.IMAGENET_S919.index("chihuahua")))):
+    for c, (wnid, label) in enumerate((("n01440764", 1), ("n02085620", categories.IMAGENET_S919.index("chihuahua")))):
         for j in range(2):
             name = f"ILSVRC2012_val_{1000 * c + j + 1:08d}"
             save_img(f"{root}/validation/{wnid}/{name}.JPEG", 600 + 2 * c + j)
@@ -244,7 +244,7 @@ def cpu_argv(cmd, world):
             extra += ["--arch", world["clip"]]
         ckpt = flag(args, "--ckpt", "")
         if ckpt.startswith("official:"):
-            arch = M.OFFICIAL[ckpt.split(":", 1)[1]][2]
+            arch = model.OFFICIAL[ckpt.split(":", 1)[1]][2]
             if arch not in world["trained"]:
                 pytest.skip(f"{ckpt} stands in for a {arch} checkpoint trained by an earlier section: run the whole file")
             extra += ["--ckpt", world["trained"][arch]]
@@ -279,7 +279,7 @@ def check_recipe(argv, root):
     """The per-benchmark defaults (categories.recipe) that the docs rely on instead of flags."""
     args = argv[2:]
     spec = flag(args, "--categories", "voc")
-    want = C.recipe(spec)
+    want = categories.recipe(spec)
     out = os.path.join(root, flag(args, "--out_dir"))
     if argv[1].endswith("build_archive.py"):
         with open(os.path.join(out, "archive.json")) as f:
@@ -287,11 +287,11 @@ def check_recipe(argv, root):
         wanted = [os.path.normpath(os.path.join(root, d)) for d in want["index_dirs"]]
         return None if got == wanted else f"build_archive.py --categories {spec} retrieves from {got}, recipe: {wanted}"
     if argv[1].endswith("train.py"):
-        cfg = E.checkpoint_config(os.path.join(out, "ckpt.pt"))
+        cfg = evaluate.checkpoint_config(os.path.join(out, "ckpt.pt"))
         if flag(args, "--categories") is None:  # the archive's list
             with open(os.path.join(root, flag(args, "--archive"))) as f:
                 spec = json.load(f)["categories"]
-        want_ignore = C.recipe(spec)["ignore_index"]
+        want_ignore = categories.recipe(spec)["ignore_index"]
         if "ignore_index" not in cfg:
             return "train.py's checkpoint config has no ignore_index"
         if cfg["ignore_index"] != want_ignore:

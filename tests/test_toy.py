@@ -64,14 +64,14 @@ def test_generator_is_seeded():
 
 
 def test_voc_layout_readable(tmp_path):
-    import benchmarks as B
+    import benchmarks
     info = toy_world.write_world(str(tmp_path), seed=0, n_index=20, n_eval=12, chunk=8)
     voc = tmp_path / "VOC2012"
     for sub in ("SegmentationClass", "SegmentationObject"):
         im = Image.open(voc / sub / "2026_000000.png")
         assert im.mode == "P" and im.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]  # VOC colour map
     assert len(open(voc / "ImageSets/Segmentation/trainval.txt").read().split()) == 12
-    bench = B.read_bench("voc", str(voc))
+    bench = benchmarks.read_bench("voc", str(voc))
     assert len(bench.samples) == 12
     n = 0
     for s in bench.samples:

@@ -16,9 +16,9 @@ from PIL import Image
 
 import clip_model
 import common
-import evaluate as E
-import model as M
-import visualize as V
+import evaluate
+import model
+import visualize
 from toy.world import CATEGORIES, eval_scene_names
 
 # ----------------------------------------------------------------------------- reporting (hidden labels)
@@ -63,8 +63,8 @@ def proposal_recall(ckpt, world_dir, grid=8, device="cpu"):
     its scene or shared with another instance. Next to two oracles: the best mask drawable on the
     encoder's grid x grid patch grid (majority vote per patch), and the class that the semantic argmax
     gives most pixels inside the true mask ("semantic")."""
-    net = M.load_checkpoint(ckpt, categories=["background"] + CATEGORIES, device=device).eval()
-    norm = E.checkpoint_config(ckpt).get("norm", "imagenet")
+    net = model.load_checkpoint(ckpt, categories=["background"] + CATEGORIES, device=device).eval()
+    norm = evaluate.checkpoint_config(ckpt).get("norm", "imagenet")
     voc = os.path.join(world_dir, "VOC2012")
     keys = ("instances", "recall", "classed", "oracle", "semantic")
     hits = {"unique": dict.fromkeys(keys, 0), "repeated": dict.fromkeys(keys, 0)}
@@ -73,13 +73,13 @@ def proposal_recall(ckpt, world_dir, grid=8, device="cpu"):
         inst = np.asarray(Image.open(os.path.join(voc, "SegmentationObject", name + ".png")))
         sem = np.asarray(Image.open(os.path.join(voc, "SegmentationClass", name + ".png")))
         with torch.no_grad():
-            out = net(E.to_input(E.image_tensor(pil), norm, device))
+            out = net(evaluate.to_input(evaluate.image_tensor(pil), norm, device))
             probs = out["mask_logits"][0, -1].float().sigmoid()  # [Q, 2h, 2w]
             props = (F.interpolate(probs[None], size=inst.shape, mode="bilinear", align_corners=False)[0] > 0.5).cpu().numpy()
             tokens = out["patch_tokens"][0].float().flatten(0, 1)  # [2h, 2w, C_t] -> [2h*2w, C_t]
             binary = (probs > 0.5).flatten(1).float()  # [Q, 2h*2w]
-            prop_cls = M.mean_token_cos(binary, tokens, out["text_emb"].float()).argmax(-1).cpu().numpy()  # [Q]
-            sem_pred = M.semantic_from_outputs(out, inst.shape).cpu().numpy()  # [H, W]
+            prop_cls = model.mean_token_cos(binary, tokens, out["text_emb"].float()).argmax(-1).cpu().numpy()  # [Q]
+            sem_pred = model.semantic_from_outputs(out, inst.shape).cpu().numpy()  # [H, W]
         ids = sorted(set(np.unique(inst).tolist()) - {0, 255})
         cls = [sem[inst == i][0] for i in ids]
         H, W = inst.shape
@@ -101,29 +101,32 @@ def proposal_recall(ckpt, world_dir, grid=8, device="cpu"):
 def picture_grid(path, world_dir, clip_path, ckpt, n=6, device="cpu"):
     """Rows of evaluation scenes: image | ground truth | MaskCLIP | ZUTIS semantic | ZUTIS instances."""
     names = ["background"] + CATEGORIES
-    zutis = E.ZutisSegmenter(M.load_checkpoint(ckpt, categories=names, device=device),
-                             E.checkpoint_config(ckpt).get("norm", "imagenet"))
-    maskclip = E.MaskCLIPSegmenter(clip_model.load(clip_path, device=device)[0], names)
+    zutis = evaluate.ZutisSegmenter(model.load_checkpoint(ckpt, categories=names, device=device),
+                             evaluate.checkpoint_config(ckpt).get("norm", "imagenet"))
+    maskclip = evaluate.MaskCLIPSegmenter(clip_model.load(clip_path, device=device)[0], names)
     voc = os.path.join(world_dir, "VOC2012")
     ids = eval_scene_names(world_dir)[:n]
-    pal, f, rows = V.palette(256), 3, []
+    pal, f, rows = visualize.palette(256), 3, []
     for name in ids:
         pil = common.load_rgb(os.path.join(voc, "JPEGImages", name + ".jpg"))
         img = np.asarray(pil)
         gt = np.asarray(Image.open(os.path.join(voc, "SegmentationClass", name + ".png")))
         with torch.no_grad():
-            pm, pz = (E.infer(s, E.image_tensor(pil)) for s in (maskclip, zutis))
+            pm, pz = (evaluate.infer(s, evaluate.image_tensor(pil)) for s in (maskclip, zutis))
         inst = np.zeros(img.shape[:2], np.int64)
         for i in np.argsort(pz["scores"].numpy()):
             if pz["scores"][i] > 0.1:  # below that the instance view is noise
                 inst[pz["masks"][i].numpy()] = i + 1
-        cells = [img, V.overlay(img, gt, pal, ignore=255), V.overlay(img, pm["semantic"].numpy(), pal),
-                 V.overlay(img, pz["semantic"].numpy(), pal), V.overlay(img, inst, V.palette(64)[1:][::-1])]
-        rows.append(np.concatenate([np.pad(V.zoom(c, f), ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells], 1))
+        cells = [img, visualize.overlay(img, gt, pal, ignore=255), visualize.overlay(img, pm["semantic"].numpy(), pal),
+                 visualize.overlay(img, pz["semantic"].numpy(), pal),
+                 visualize.overlay(img, inst, visualize.palette(64)[1:][::-1])]
+        rows.append(np.concatenate([np.pad(visualize.zoom(c, f), ((2, 2), (2, 2), (0, 0)), constant_values=255)
+                                    for c in cells], 1))
     grid = np.concatenate(rows, 0)
     titles = ["image", "ground truth", "MaskCLIP", "ZUTIS semantic", "ZUTIS instances (score > 0.1)"]
-    header = V.with_legend(np.zeros((0, grid.shape[1], 3), np.uint8), [(None, t) for t in titles], cols=len(titles))
-    legend = V.with_legend(np.full((1, grid.shape[1], 3), 255, np.uint8),
+    header = visualize.with_legend(np.zeros((0, grid.shape[1], 3), np.uint8), [(None, t) for t in titles],
+                                   cols=len(titles))
+    legend = visualize.with_legend(np.full((1, grid.shape[1], 3), 255, np.uint8),
                            [(pal[c], names[c]) for c in range(1, len(names))]
                            + [(None, "background: no overlay"), (None, "instances: a colour each")], cols=len(titles))
     common.save_image(np.concatenate([header, grid, legend], 0), path)
