@@ -172,7 +172,7 @@ def bench_clip(device, argv):
 
 
 def _topk_merge(text_emb, emb, k, block_size, exact=False):
-    """The previous top-k (a float32 product per block, torch.topk, a stable merge), kept here only as
+    """The plain top-k (a float32 product per block, torch.topk, a stable merge), kept here only as
     the A/B baseline of `bench.py retrieval`; with exact=True each block's scores are float64 products
     rounded to float32, which makes it the brute-force definition that topk.topk_stream must equal."""
     T, best_s, best_i = text_emb.float(), torch.empty(len(text_emb), 0), torch.empty(len(text_emb), 0, dtype=torch.long)
@@ -199,7 +199,7 @@ def _cpu_clock(fn):
 
 
 @command("retrieval", "build_archive: embedding img/s (decode, preprocess, CLIP) and the exact top-k's seconds, "
-         "CPU-seconds and memory per prefilter and thread count, with an A/B against the previous top-k")
+         "CPU-seconds and memory per prefilter and thread count, with an A/B against a plain top-k")
 def bench_retrieval(device, argv):
     p = common.ArgumentParser(prog="bench.py retrieval", description=COMMANDS["retrieval"][1])
     p.add_argument("--arch", default="ViT-L/14@336px", help="CLIP for the embedding part (random weights), or tiny.")
@@ -213,7 +213,7 @@ def bench_retrieval(device, argv):
     int_flag(p, "--block_size", 1, default=16384, help="Embeddings per retrieval block.")
     p.add_argument("--prefilters", default="float32,bfloat16", help="Prefilter dtypes to time, comma-separated.")
     p.add_argument("--threads", default="1,2", help="CPU thread counts to time at --n, comma-separated.")
-    int_flag(p, "--ab_n", 0, default=262144, help="Index size of the A/B (previous top-k, "
+    int_flag(p, "--ab_n", 0, default=262144, help="Index size of the A/B (plain top-k, "
                    "each prefilter, interleaved, one thread) and of the check against the brute force; 0 skips it.")
     int_flag(p, "--ab_reps", 1, default=2, help="Rounds of the interleaved A/B.")
     args = p.parse_args(argv)
@@ -266,8 +266,8 @@ def _bench_embed(args, dev, tmp):
 
 
 def _retrieval_ab(args, text, emb, prefilters):
-    """One thread, interleaved rounds: the previous top-k, then each prefilter; every result is checked
-    against the brute-force definition, and the previous one's differences are counted."""
+    """One thread, interleaved rounds: the plain top-k, then each prefilter; every result is checked
+    against the brute-force definition, and the plain one's differences are counted."""
     torch.set_num_threads(1)
     ref_s, ref_i = _topk_merge(text, emb, args.k, args.block_size, exact=True)
     rows, name = {}, f"A/B n={len(emb)}"
