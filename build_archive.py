@@ -364,7 +364,7 @@ def main(argv=None):
     if dist.device.type == "cpu":
         common.set_cpu_threads()
     dtype = ("float16" if dist.device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
-    common.resolve_dtype(dtype, dist.device)  # float16 on a CPU is refused before anything is read
+    autocast_dtype = common.resolve_dtype(dtype, dist.device)  # float16 on a CPU is refused before anything is read
     config = {**{k: v for k, v in vars(args).items() if k != "is_main"}, "categories": spec, "recipe": recipe["name"],
               "index_dirs": dirs, "dtype": dtype, **common.git_info()}
     store = os.path.join(args.out_dir, "embeddings", clip_model.arch_tag(args.arch))
@@ -377,7 +377,7 @@ def main(argv=None):
     model, preprocess = clip_model.load(args.arch, device=dist.device)
     if dtype == "float16":  # the official numerics on CUDA: OpenAI's fp16 weights, not autocast
         clip_model.official_fp16(model)
-    amp = common.autocast(dist.device, torch.bfloat16 if dtype == "bfloat16" else None)
+    amp = common.autocast(dist.device, None if dtype == "float16" else autocast_dtype)
     t0 = time.time()
     if args.import_embeddings and dist.is_main:
         import_embeddings(args, dirs, store)

@@ -204,9 +204,10 @@ def load_selfmask(name_or_path="selfmask_nq20", device="cpu", download_root=None
 # ----------------------------------------------------------------------------- inference protocol
 
 def to_rgb(image):
-    """PIL image (any mode) or uint8 array [H, W], [H, W, 1|3|4] -> uint8 RGB array [H, W, 3]."""
+    """PIL image (any mode, 16-bit included: common.to_rgb) or uint8 array [H, W], [H, W, 1|3|4] -> uint8
+    RGB array [H, W, 3]."""
     if hasattr(image, "convert"):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(common.to_rgb(image))
     a = np.asarray(image)
     if a.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {a.dtype}")

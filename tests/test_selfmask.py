@@ -203,6 +203,9 @@ def test_protocol_returns_original_size_for_odd_gray_rgba_and_1xN():
         assert m.shape == (H, W) and m.dtype == bool
     with pytest.raises(ValueError):
         selfmask.to_rgb(np.zeros((4, 4, 2), np.uint8))
+    gray = rgb[:, :, 0]  # a 16-bit grayscale photo reads as its 8-bit scale, not clipped to white
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
+    assert sixteen.mode.startswith("I") and np.array_equal(selfmask.to_rgb(sixteen), np.dstack([gray] * 3))
 
 
 def official_guide(x):
